@@ -1,0 +1,222 @@
+"""The `wren` command: run and show (more subcommands arrive with the server, quantizer and fine-tuner).
+
+The CLI only translates between the terminal and the engine. Errors a user can cause are printed as one
+line, without a traceback, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import WrenError
+
+GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
+                "ai.google.dev/gemma/terms")
+SAMPLING_FLAGS = [("temperature", float), ("top-k", int), ("top-p", float), ("min-p", float),
+                  ("repeat-penalty", float), ("repeat-last-n", int), ("presence-penalty", float),
+                  ("frequency-penalty", float), ("seed", int), ("num-predict", int), ("num-ctx", int)]
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    for flag, kind in SAMPLING_FLAGS:
+        p.add_argument(f"--{flag}", type=kind, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _options(args) -> dict:
+    opts = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _ in SAMPLING_FLAGS}
+    opts["stop"] = args.stop
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wren", description="Run Gemma models on this machine.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer a prompt, or chat when no prompt is given")
+    run.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]",
+                     help="MODEL is a folder or .gguf path (omit it for the default model)")
+    run.add_argument("--system", help="system prompt")
+    run.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
+    run.add_argument("--think", action="store_true", help="let a Gemma 4 model think before answering")
+    run.add_argument("--verbose", action="store_true", help="print timings after each answer")
+    _add_sampling(run)
+    show = sub.add_parser("show", help="describe a model")
+    show.add_argument("model", nargs="?", default=None)
+    show.add_argument("--license", action="store_true", help="print the licence text only")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+    return f"wren {__version__}"
+
+
+def _split_model_prompt(words: list[str]) -> tuple[str | None, str | None]:
+    """`wren run PROMPT`, `wren run MODEL` or `wren run MODEL PROMPT`: a first word that names an existing
+    path or the default model is the model."""
+    from .weights.load import DEFAULT_MODEL
+
+    if not words:
+        return None, None
+    first = words[0]
+    if first in (DEFAULT_MODEL, "default") or Path(first).expanduser().exists():
+        return first, " ".join(words[1:]) or None
+    if len(words) > 1 and (first.endswith(".gguf") or "/" in first):
+        raise WrenError(f"no model at {first}: give an HF folder, a .gguf file, or omit it for the default")
+    return None, " ".join(words)
+
+
+def cmd_run(args) -> int:
+    import wren
+    from .sampling import Options
+
+    source, prompt = _split_model_prompt(args.words)
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            prompt = f"{prompt}\n\n{piped}" if prompt else piped
+    opts = Options.from_dict(_options(args))
+    t0 = time.perf_counter()
+    model = wren.load(source)
+    load_seconds = time.perf_counter() - t0
+    if model.tokenizer is None:
+        raise WrenError(f"{model.source} has no tokenizer (tokenizer.json or GGUF vocabulary)")
+    if prompt is not None:
+        _answer(model, prompt, opts, args, load_seconds)
+        return 0
+    return _chat_loop(model, opts, args, load_seconds)
+
+
+def _answer(model, prompt, opts, args, load_seconds: float) -> str:
+    from .generation import stream_text
+
+    stats: list = []
+    t0 = time.perf_counter()
+    pieces = []
+    for piece in stream_text(model, prompt, opts, system=args.system, raw=args.raw, think=args.think,
+                             stats_out=stats):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose and stats:
+        _print_timings(stats[0], time.perf_counter() - t0 + load_seconds, load_seconds)
+    return "".join(pieces)
+
+
+def _print_timings(s, total: float, load: float) -> None:
+    lines = [("total duration", f"{total:.3f}s"), ("load duration", f"{load:.3f}s"),
+             ("prompt eval count", f"{s.prompt_tokens} token(s)"),
+             ("prompt eval duration", f"{s.prompt_seconds:.3f}s"),
+             ("prompt eval rate", f"{s.prompt_rate:.2f} tokens/s"),
+             ("eval count", f"{s.generated_tokens} token(s)"), ("eval duration", f"{s.generate_seconds:.3f}s"),
+             ("eval rate", f"{s.eval_rate:.2f} tokens/s")]
+    for name, value in lines:
+        print(f"{name + ':':<22}{value}", file=sys.stderr)
+
+
+def _chat_loop(model, opts, args, load_seconds: float) -> int:
+    history: list[dict] = []
+    print("Send a message (/? for help, /bye to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.startswith('"""'):
+            line = _read_multiline(line[3:])
+        command = line.strip()
+        if command in ("/bye", "/exit"):
+            return 0
+        if command == "/clear":
+            history.clear()
+            print("Cleared session context", file=sys.stderr)
+            continue
+        if command in ("/?", "/help"):
+            print('/bye quit · /clear forget the conversation · """ starts and ends multi-line input',
+                  file=sys.stderr)
+            continue
+        if not command:
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _answer(model, history, opts, args, load_seconds)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+        load_seconds = 0.0
+
+
+def _read_multiline(first: str) -> str:
+    lines = [first] if first else []
+    while True:
+        try:
+            line = input("... ")
+        except EOFError:
+            break
+        if line.endswith('"""'):
+            lines.append(line[:-3])
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cmd_show(args) -> int:
+    import wren
+    from .models.gemma4 import param_count
+
+    model = wren.load(args.model)
+    cfg = model.config
+    license_text = model.license
+    if args.license:
+        print(GEMMA_NOTICE if license_text in (None, "gemma") else license_text)
+        return 0
+    effective, total = param_count(model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = model.embed_tokens_per_layer
+    cache = model.make_cache(batch=1, max_len=min(4096, cfg.max_position_embeddings), device="meta")
+    rows = [
+        ("architecture", cfg.model_type), ("source", str(model.source)),
+        ("parameters", f"{effective / 1e6:.1f}M" + (f" ({total / 1e6:.1f}M with PLE)" if table else "")),
+        ("layers", f"{cfg.num_hidden_layers} ({sum(s.kind == 'full_attention' for s in model.specs)} full, "
+                   f"window {cfg.sliding_window})"),
+        ("embedding length", str(cfg.hidden_size)), ("context length", str(cfg.max_position_embeddings)),
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(model.tensor_types.items()))),
+        ("memory (weights)", _mib(weight_bytes)),
+        ("memory (KV cache, 4096 ctx)", _mib(cache.nbytes())),
+    ]
+    if table is not None:
+        rows.append(("PLE table (mapped)", _mib(table.nbytes())))
+    rows.append(("license", GEMMA_NOTICE if license_text in (None, "gemma") else license_text.splitlines()[0]))
+    for note in model.notes:
+        rows.append(("note", note))
+    width = max(len(k) for k, _ in rows) + 2
+    for key, value in rows:
+        print(f"  {key:<{width}}{value}")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "show": cmd_show}
+    try:
+        return handlers[args.command](args)
+    except WrenError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,103 @@
+"""Gemma 3 text decoder: (1 + w) RMSNorms, query_pre_attn_scalar, local/global RoPE bases, sliding window.
+
+Module names follow the Hugging Face checkpoint (without the leading `model.`), so weights load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from ..config import SLIDING, Gemma3Config, LayerSpec
+from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, rope_cos_sin,
+                     rope_inv_freq, softcap)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma3Config, spec: LayerSpec, index: int):
+        super().__init__()
+        self.spec, self.index = spec, index
+        self.window = cfg.sliding_window if spec.kind == SLIDING else None
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
+        d, h, hkv = spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0)
+
+    def forward(self, x, cos, sin, pos, cache: KVCache | None):
+        b, t, _ = x.shape
+        d = self.spec.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, d)), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(b, t, -1, d)), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+        if cache is None:
+            keys, values, key_pos, key_valid = k, v, pos[0], None
+        else:
+            keys, values, key_pos, key_valid = cache.update(self.index, k, v, pos[0])
+        mask = attention_mask(pos, key_pos.expand(b, -1), self.window, key_valid)
+        return self.o_proj(attend(q, keys, values, mask, self.scale, self.softcap))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma3Config, spec: LayerSpec, index: int):
+        super().__init__()
+        eps, hidden = cfg.rms_norm_eps, cfg.hidden_size
+        self.self_attn = Attention(cfg, spec, index)
+        self.mlp = GatedMLP(hidden, spec.mlp_width)
+        self.input_layernorm = RMSNorm(hidden, eps, offset=1.0)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, offset=1.0)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset=1.0)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset=1.0)
+
+    def forward(self, x, cos, sin, pos, cache):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, pos, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    family = "gemma3"
+
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.config = cfg
+        self.specs = cfg.layer_specs()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, s, i) for i, s in enumerate(self.specs))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.embed_tokens_per_layer = None
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE frequencies; also called after loading on the meta device."""
+        for kind in {s.kind for s in self.specs}:
+            s = next(s for s in self.specs if s.kind == kind)
+            self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(s.head_dim, s.rope_dims, s.rope_theta,
+                                                                   s.rope_factor), persistent=False)
+
+    def make_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(self.specs, batch, max_len or self.config.max_position_embeddings, self.config.sliding_window,
+                       dtype or weight.dtype, device or weight.device)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        b, t = ids.shape
+        weight = self.embed_tokens.weight
+        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, weight.dtype)
+        pos = (cache.positions(t) if cache is not None else torch.arange(t, device=ids.device)).expand(b, t)
+        rope = {kind: rope_cos_sin(pos, getattr(self, f"inv_freq_{kind}"), x.dtype)
+                for kind in {s.kind for s in self.specs}}
+        for spec, layer in zip(self.specs, self.layers):
+            x = layer(x, *rope[spec.kind], pos, cache)
+        if cache is not None:
+            cache.advance(t)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        x = self.norm(x)
+        logits = x @ (weight if self.lm_head is None else self.lm_head.weight).T
+        return softcap(logits, self.config.final_logit_softcapping)

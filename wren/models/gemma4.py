@@ -1,0 +1,200 @@
+"""Gemma 4 text decoder: per-layer embeddings (PLE), KV sharing, K=V full layers, MoE, proportional RoPE.
+
+Module names follow the Hugging Face checkpoint (without the leading `model.`), so weights load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from ..config import SLIDING, Gemma4Config, LayerSpec
+from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, gelu_tanh,
+                     rope_cos_sin, rope_inv_freq, softcap)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma4Config, spec: LayerSpec, index: int):
+        super().__init__()
+        self.spec, self.index = spec, index
+        self.owns_kv = spec.kv_source == index
+        self.window = cfg.sliding_window if spec.kind == SLIDING else None
+        d, h, hkv = spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if self.owns_kv:
+            self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+            self.v_proj = None if spec.k_eq_v else nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
+
+    def forward(self, x, cos, sin, pos, cache: KVCache | None, shared: dict):
+        b, t, _ = x.shape
+        d = self.spec.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, d)), cos, sin).transpose(1, 2)
+        if self.owns_kv:
+            k_raw = self.k_proj(x).view(b, t, -1, d)
+            v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(b, t, -1, d)
+            k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+            v = self.v_norm(v_raw).transpose(1, 2)
+            if cache is None:
+                kv = (k, v, pos[0], None)
+            else:
+                kv = cache.update(self.index, k, v, pos[0])
+            shared[self.index] = kv
+        else:
+            kv = shared[self.spec.kv_source]
+        keys, values, key_pos, key_valid = kv
+        mask = attention_mask(pos, key_pos.expand(b, -1), self.window, key_valid)
+        return self.o_proj(attend(q, keys, values, mask, scale=1.0))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: Gemma4Config):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x):
+        h = self.norm(x) * self.scale * (x.shape[-1] ** -0.5)
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+class Experts(nn.Module):
+    """Expert weights stored as [E, 2I, H] (gate then up) and [E, H, I], as the checkpoint has them."""
+
+    def __init__(self, cfg: Gemma4Config):
+        super().__init__()
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x, weights, experts):
+        out = torch.zeros_like(x)
+        for e in torch.unique(experts).tolist():
+            token, slot = torch.where(experts == e)
+            gate, up = (x[token] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            y = (gelu_tanh(gate) * up) @ self.down_proj[e].T
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma4Config, spec: LayerSpec, index: int):
+        super().__init__()
+        eps, hidden = cfg.rms_norm_eps, cfg.hidden_size
+        self.self_attn = Attention(cfg, spec, index)
+        self.mlp = GatedMLP(hidden, spec.mlp_width)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.moe = cfg.enable_moe_block
+        if self.moe:
+            self.router = Router(cfg)
+            self.experts = Experts(cfg)
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+        self.ple = bool(cfg.hidden_size_per_layer_input)
+        if self.ple:
+            self.per_layer_input_gate = nn.Linear(hidden, cfg.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, hidden, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(hidden, eps)
+
+    def forward(self, x, per_layer_input, cos, sin, pos, cache, shared):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, shared)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.moe:
+            # The experts run beside the dense MLP, routed on the same pre-MLP residual.
+            flat = x.reshape(-1, x.shape[-1])
+            weights, experts = self.router(flat)
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
+        x = x + self.post_feedforward_layernorm(h)
+        if self.ple:
+            h = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(h))
+        return x * self.layer_scalar
+
+
+class Gemma4(nn.Module):
+    family = "gemma4"
+
+    def __init__(self, cfg: Gemma4Config):
+        super().__init__()
+        self.config = cfg
+        self.specs = cfg.layer_specs()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, s, i) for i, s in enumerate(self.specs))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ple_dim = cfg.hidden_size_per_layer_input
+        # The PLE table is a lookup, not a matmul: it stays memory-mapped off the accelerator (a RowTable,
+        # set by the loader) and only the rows a prompt touches are read.
+        self.embed_tokens_per_layer = None
+        if self.ple_dim:
+            n = cfg.num_hidden_layers * self.ple_dim
+            self.per_layer_model_projection = nn.Linear(cfg.hidden_size, n, bias=False)
+            self.per_layer_projection_norm = RMSNorm(self.ple_dim, cfg.rms_norm_eps)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE frequencies; also called after loading on the meta device."""
+        for i, s in enumerate(self.specs):
+            self.register_buffer(f"inv_freq_{i}", rope_inv_freq(s.head_dim, s.rope_dims, s.rope_theta, s.rope_factor),
+                                 persistent=False)
+
+    def make_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(self.specs, batch, max_len or self.config.max_position_embeddings, self.config.sliding_window,
+                       dtype or weight.dtype, device or weight.device)
+
+    def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        n, p = self.config.num_hidden_layers, self.ple_dim
+        proj = self.per_layer_model_projection(embeds) * (self.config.hidden_size ** -0.5)
+        proj = self.per_layer_projection_norm(proj.reshape(b, t, n, p))
+        rows = self.embed_tokens_per_layer.lookup(ids, embeds.device, embeds.dtype)
+        rows = rows * embed_scale(p, rows.dtype)
+        return (proj + rows.reshape(b, t, n, p)) * (2.0 ** -0.5)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        b, t = ids.shape
+        weight = self.embed_tokens.weight
+        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, weight.dtype)
+        ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
+        pos = (cache.positions(t) if cache is not None else torch.arange(t, device=ids.device)).expand(b, t)
+        rope = {}
+        shared: dict = {}
+        for i, layer in enumerate(self.layers):
+            key = (self.specs[i].head_dim, self.specs[i].rope_theta, self.specs[i].rope_dims)
+            if key not in rope:
+                rope[key] = rope_cos_sin(pos, getattr(self, f"inv_freq_{i}"), x.dtype)
+            cos, sin = rope[key]
+            x = layer(x, ple[:, :, i] if ple is not None else None, cos, sin, pos, cache, shared)
+        if cache is not None:
+            cache.advance(t)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        x = self.norm(x)
+        logits = x @ (weight if self.lm_head is None else self.lm_head.weight).T
+        return softcap(logits, self.config.final_logit_softcapping)
+
+
+def param_count(model: Gemma4) -> tuple[int, int]:
+    """(effective parameters, parameters including the PLE table)."""
+    effective = sum(p.numel() for p in model.parameters())
+    table = model.embed_tokens_per_layer
+    return effective, effective + (table.numel() if table is not None else 0)
+

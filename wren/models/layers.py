@@ -1,0 +1,116 @@
+"""Small building blocks shared by the model families: norms, RoPE, attention, the gated MLP.
+
+Functions rather than classes where there is no weight; the family files compose them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. Gemma 3 scales by (1 + w), Gemma 4 by w, weightless norms by 1."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, with_scale: bool = True):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * (self.weight.float() + self.offset)
+        return h.type_as(x)
+
+
+def rope_inv_freq(head_dim: int, rotated_dims: int, theta: float, factor: float = 1.0) -> torch.Tensor:
+    """Inverse frequencies over head_dim/2 slots; slots past rotated_dims/2 get 0 (no rotation), the
+    "proportional" partial RoPE of Gemma 4's full layers."""
+    exponents = torch.arange(0, rotated_dims, 2, dtype=torch.int64).float() / head_dim
+    inv = 1.0 / (theta ** exponents)
+    inv = torch.cat([inv, torch.zeros(head_dim // 2 - inv.numel())])
+    return inv / factor
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape [B, T, head_dim] for the half-split layout."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class GatedMLP(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x)), the Gemma feed-forward."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                   k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, 1, T, S] mask: causal, within the sliding window (which includes the token itself),
+    and only over valid keys (empty cache slots and left padding have k_pos < 0 or k_valid False)."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= k > q - window
+    if k_valid is not None:
+        mask &= k_valid[:, None, :]
+    return mask[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           softcap: float | None = None) -> torch.Tensor:
+    """Grouped-query attention. q: [B, H, T, D]; k, v: [B, Hkv, S, D]; mask: bool [B, 1, T, S].
+    Returns [B, T, H*D]. Softmax in fp32."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    if softcap is None:
+        # SDPA needs the kv heads repeated for grouped queries; the expand is a view until SDPA copies.
+        rep = h // hkv
+        if rep > 1:
+            k = k[:, :, None].expand(b, hkv, rep, *k.shape[2:]).reshape(b, h, *k.shape[2:])
+            v = v[:, :, None].expand(b, hkv, rep, *v.shape[2:]).reshape(b, h, *v.shape[2:])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        # A query row with every key masked (a left-pad position) yields NaN; zero it.
+        out = torch.nan_to_num(out) if not mask.any(-1).all() else out
+    else:
+        qg = q.reshape(b, hkv, h // hkv * t, d)
+        scores = (qg @ k.transpose(-1, -2)).reshape(b, h, t, -1) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).nan_to_num().to(q.dtype)
+        out = (probs.reshape(b, hkv, h // hkv * t, -1) @ v).reshape(b, h, t, d)
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def embed_scale(hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """sqrt(hidden) rounded to the weight dtype, as the reference does (55.4256 becomes 55.5 in bf16)."""
+    return torch.tensor(math.sqrt(hidden), dtype=dtype)

@@ -1,0 +1,53 @@
+"""Row tables: embedding tables that stay memory-mapped where they lie; a lookup reads only its rows.
+
+Gemma 4's per-layer embedding (PLE) table is as large as the rest of a small model, yet each token needs
+one row of it. Keeping it mapped (and, on CUDA, in host memory) means only the rows a prompt touches ever
+become resident; the gathered rows alone move to the accelerator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelFormatError
+from .gguf_quants import dequantize, tensor_nbytes
+
+
+class RowTable:
+    def __init__(self, rows: int, width: int, *, tensor: torch.Tensor | None = None,
+                 raw: np.ndarray | None = None, ggml_type: int | None = None):
+        self.rows, self.width = rows, width
+        self.tensor = tensor  # a mapped [rows, width] tensor of any float dtype
+        self.ggml_type = ggml_type
+        if raw is not None:
+            row_bytes = tensor_nbytes(ggml_type, (1, width))
+            if raw.nbytes != rows * row_bytes:
+                raise ModelFormatError(f"row table holds {raw.nbytes} bytes, expected {rows * row_bytes}")
+            self.raw = raw.reshape(rows, row_bytes)
+        else:
+            self.raw = None
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "RowTable":
+        if t.dim() != 2:
+            raise ModelFormatError(f"an embedding table must be 2-D, got shape {tuple(t.shape)}")
+        return cls(t.shape[0], t.shape[1], tensor=t)
+
+    def numel(self) -> int:
+        return self.rows * self.width
+
+    def nbytes(self) -> int:
+        return self.raw.nbytes if self.raw is not None else self.tensor.numel() * self.tensor.element_size()
+
+    def lookup(self, ids: torch.Tensor, device, dtype) -> torch.Tensor:
+        flat = ids.reshape(-1).cpu()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.rows):
+            raise ModelFormatError(f"token id outside the table's {self.rows} rows")
+        if self.raw is not None:
+            picked = np.take(self.raw, flat.numpy(), axis=0)
+            rows = dequantize(picked.reshape(-1), self.ggml_type, (flat.numel(), self.width))
+        else:
+            rows = F.embedding(flat, self.tensor)
+        return rows.to(device=device, dtype=dtype, non_blocking=True).reshape(*ids.shape, self.width)
