@@ -125,6 +125,12 @@ def test_tensor_nbytes():
     assert tensor_nbytes(QT.Q6_K, (0, 256)) == 0
 
 
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+def test_empty_tensor(qtype):
+    out = dequantize(np.zeros(0, np.uint8), qtype, (0, 256))
+    assert out.shape == (0, 256) and out.dtype == torch.float32
+
+
 def test_short_and_long_buffers():
     raw = random_blocks(QT.Q5_0, 4, np.random.default_rng(0))
     with pytest.raises(ModelFormatError, match="Q5_0.*needs 88 bytes.*87"):

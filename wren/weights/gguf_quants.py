@@ -238,7 +238,7 @@ def dequantize(raw, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
 
     block_size, type_size = GGML_QUANT_SIZES[QT(ggml_type)]
     decode = _BLOCK_DECODERS[ggml_type]
-    blocks = src.view(-1, type_size)
+    blocks = src.view(expected // type_size, type_size)
     out = torch.empty(blocks.shape[0], block_size, dtype=torch.float32)
     step = max(1, _CHUNK_WEIGHTS // block_size)
     for i in range(0, blocks.shape[0], step):

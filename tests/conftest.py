@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny seeded random models (HF folders and GGUF files) and the real default model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gguf_writer import save_hf, write_gguf  # noqa: E402
+from tiny_models import GEMMA4_SHAPES, gemma3_hf, gemma4_hf  # noqa: E402
+
+TINY = ["gemma3", *[f"gemma4-{s}" for s in GEMMA4_SHAPES]]
+
+
+def _hf(name: str):
+    return gemma3_hf() if name == "gemma3" else gemma4_hf(name.split("-", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """name -> (HF reference model, HF folder, GGUF path), built once per session."""
+    out = {}
+    root = tmp_path_factory.mktemp("tiny")
+    for name in TINY:
+        hf = _hf(name)
+        folder = root / name
+        save_hf(hf, folder)
+        gguf_path = root / f"{name}.gguf"
+        write_gguf(hf, gguf_path, name.split("-")[0])
+        out[name] = (hf, folder, gguf_path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    import wren
+
+    return wren.load()
