@@ -178,6 +178,7 @@ def main() -> None:
         engines.remove("llama.cpp")
         notes.append("llama-cpp-python is absent (pip install llama-cpp-python): only wren was run")
 
+    load_before = os.getloadavg()[0]
     ids = prompt_ids(args.model, args.prompt_tokens, args.file)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ids, f)
@@ -187,9 +188,14 @@ def main() -> None:
         os.unlink(f.name)
 
     same = agreement(results)
+    load_after = os.getloadavg()[0]
+    if max(load_before, load_after) > 0.5 * (os.cpu_count() or 1):
+        notes.append(f"1-minute load average was {load_before:.1f} before and {load_after:.1f} after on "
+                     f"{os.cpu_count()} CPUs: other processes shared them, so these numbers are noisy")
     machine = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                "llama_cpp": llama_version, "threads": args.threads, "prompt_tokens": len(ids),
-               "decode_tokens": args.decode_tokens, "repeat": args.repeat, "model": str(args.model)}
+               "decode_tokens": args.decode_tokens, "repeat": args.repeat, "model": str(args.model),
+               "loadavg_before": load_before, "loadavg_after": load_after}
     if args.json:
         print(json.dumps({"machine": machine, "results": [{k: v for k, v in r.items() if k != "tokens"}
                                                           for r in results], "greedy_agree": same, "notes": notes}))
