@@ -11,13 +11,14 @@ import math
 import mmap
 import os
 import re
+import reprlib
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from .gguf_quants import tensor_nbytes
+from .gguf_quants import dequantize, tensor_nbytes
 
 MAGIC = b"GGUF"
 # value type id -> (struct format, size) for scalars; 8 = string, 9 = array
@@ -93,6 +94,8 @@ class GGUFFile:
             raise ModelNotFoundError(f"{self.path} does not exist") from None
         except IsADirectoryError:
             raise ModelFormatError(f"{self.path} is a directory, not a GGUF file") from None
+        except OSError as exc:
+            raise ModelNotFoundError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         cur = _Cursor(self._map, self.path)
         if self._map[:4] != MAGIC:
             raise ModelFormatError(f"{self.path} is not a GGUF file (bad magic bytes)")
@@ -122,9 +125,9 @@ class GGUFFile:
             if any(d <= 0 or d > 1 << 40 for d in dims) or math.prod(dims) > 1 << 40:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} has an absurd shape {dims}")
             infos.append((name, tuple(reversed(dims)), ggml_type, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise ModelFormatError(f"{self.path}: general.alignment {alignment} is not a power of two")
+        alignment = self.metadata.get("general.alignment", 32)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise ModelFormatError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
         self.data_start = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, shape, ggml_type, offset in infos:
@@ -132,7 +135,15 @@ class GGUFFile:
             if self.data_start + offset + nbytes > cur.size:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} lies past the end of the file "
                                        "(truncated or corrupt)")
+            if name in self.tensors:
+                raise ModelFormatError(f"{self.path}: tensor {name!r} is listed twice (corrupt)")
             self.tensors[name] = GGUFTensorInfo(name, shape, ggml_type, self.data_start + offset, nbytes)
+        # Tensors sharing bytes would let a small file pose as a huge model (every layer dequantized from
+        # the same bytes); with no overlap, what is decoded stays proportional to the file's size.
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ModelFormatError(f"{self.path}: tensors {a!r} and {b!r} overlap (corrupt)")
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view of the mapped file."""
@@ -185,13 +196,29 @@ def wren_name(gguf_name: str) -> str | None:
     return None
 
 
-def _get(meta: dict, key: str, default=None, required: bool = False):
-    if key in meta:
-        value = meta[key]
-        return value.tolist() if isinstance(value, np.ndarray) else value
-    if required:
-        raise ModelFormatError(f"GGUF metadata lacks {key!r}")
-    return default
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+# What a metadata value must be; config_dict's values reach model code that trusts their types.
+_KINDS = {
+    "a count": _count,
+    "a positive count": lambda v: _count(v) and v > 0,
+    "a count or a list of counts": lambda v: _count(v) or (isinstance(v, list) and all(map(_count, v))),
+    "a number": lambda v: type(v) in (int, float),
+}
+
+
+def _get(meta: dict, key: str, default=None, required: bool = False, kind: str | None = None):
+    if key not in meta:
+        if required:
+            raise ModelFormatError(f"GGUF metadata lacks {key!r}")
+        return default
+    value = meta[key]
+    value = value.tolist() if isinstance(value, np.ndarray) else value
+    if kind and not _KINDS[kind](value):
+        raise ModelFormatError(f"GGUF metadata {key} = {reprlib.repr(value)} is not {kind} (corrupt file?)")
+    return value
 
 
 def config_dict(gf: GGUFFile) -> dict:
@@ -203,33 +230,35 @@ def config_dict(gf: GGUFFile) -> dict:
     m, a = gf.metadata, arch
     if "token_embd.weight" not in gf.tensors:
         raise ModelFormatError(f"{gf.path}: no token_embd.weight tensor")
+    size, count, number = "a positive count", "a count", "a number"
     d = {
         "model_type": arch,
         "vocab_size": gf.tensors["token_embd.weight"].shape[0],
-        "hidden_size": _get(m, f"{a}.embedding_length", required=True),
-        "num_hidden_layers": _get(m, f"{a}.block_count", required=True),
-        "num_attention_heads": _get(m, f"{a}.attention.head_count", required=True),
-        "max_position_embeddings": _get(m, f"{a}.context_length", 8192),
-        "rms_norm_eps": _get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
-        "sliding_window": _get(m, f"{a}.attention.sliding_window", 512),
-        "final_logit_softcapping": _get(m, f"{a}.final_logit_softcapping"),
+        "hidden_size": _get(m, f"{a}.embedding_length", required=True, kind=size),
+        "num_hidden_layers": _get(m, f"{a}.block_count", required=True, kind=size),
+        "num_attention_heads": _get(m, f"{a}.attention.head_count", required=True, kind=size),
+        "max_position_embeddings": _get(m, f"{a}.context_length", 8192, kind=size),
+        "rms_norm_eps": _get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=number),
+        "sliding_window": _get(m, f"{a}.attention.sliding_window", 512, kind=size),
+        "final_logit_softcapping": _get(m, f"{a}.final_logit_softcapping", kind=number),
         "tie_word_embeddings": "output.weight" not in gf.tensors,
-        "bos_token_id": _get(m, "tokenizer.ggml.bos_token_id", 2),
-        "eos_token_id": _get(m, "tokenizer.ggml.eos_token_id", 1),
-        "pad_token_id": _get(m, "tokenizer.ggml.padding_token_id", 0),
+        "bos_token_id": _get(m, "tokenizer.ggml.bos_token_id", 2, kind=count),
+        "eos_token_id": _get(m, "tokenizer.ggml.eos_token_id", 1, kind=count),
+        "pad_token_id": _get(m, "tokenizer.ggml.padding_token_id", 0, kind=count),
     }
-    ff = _get(m, f"{a}.feed_forward_length", required=True)
-    kv = _get(m, f"{a}.attention.head_count_kv", 1)
+    per_layer = count if arch == "gemma3" else "a count or a list of counts"
+    ff = _get(m, f"{a}.feed_forward_length", required=True, kind=per_layer)
+    kv = _get(m, f"{a}.attention.head_count_kv", 1, kind=per_layer)
     n = d["num_hidden_layers"]
     if arch == "gemma3":
-        head_dim = _get(m, f"{a}.attention.key_length", 256)
+        head_dim = _get(m, f"{a}.attention.key_length", 256, kind=size)
         d.update(intermediate_size=ff, num_key_value_heads=kv, head_dim=head_dim,
-                 rope_theta=_get(m, f"{a}.rope.freq_base", 1e6),
+                 rope_theta=_get(m, f"{a}.rope.freq_base", 1e6, kind=number),
                  # llama.cpp hard-codes the local base, and the query scale except for the 62-layer 27B.
                  rope_local_base_freq=10_000.0,
                  query_pre_attn_scalar=d["hidden_size"] // d["num_attention_heads"] if n == 62 else head_dim)
         if _get(m, f"{a}.rope.scaling.type") == "linear":
-            d["rope_scaling"] = {"factor": _get(m, f"{a}.rope.scaling.factor", 1.0)}
+            d["rope_scaling"] = {"factor": _get(m, f"{a}.rope.scaling.factor", 1.0, kind=number)}
         return d
     return _gemma4_dict(gf, d, ff, kv)
 
@@ -240,40 +269,47 @@ def _gemma4_dict(gf: GGUFFile, d: dict, ff, kv) -> dict:
     if not isinstance(swa, list) or len(swa) != n:
         raise ModelFormatError(f"{gf.path}: sliding_window_pattern must list one flag per layer")
     kinds = ["sliding_attention" if s else "full_attention" for s in swa]
-    shared = int(_get(m, f"{a}.attention.shared_kv_layers", 0))
+    shared = _get(m, f"{a}.attention.shared_kv_layers", 0, kind="a count")
     ffs = ff if isinstance(ff, list) else [ff] * n
     kvs = kv if isinstance(kv, list) else [kv] * n
     if len(ffs) != n or len(kvs) != n:
         raise ModelFormatError(f"{gf.path}: per-layer arrays must have {n} entries")
     full = [i for i, k in enumerate(kinds) if k == "full_attention"]
+    if not full:
+        raise ModelFormatError(f"{gf.path}: sliding_window_pattern marks no layer as full attention (corrupt)")
     slide = [i for i, k in enumerate(kinds) if k == "sliding_attention"] or full
-    global_dim = _get(m, f"{a}.attention.key_length", 512)
+    global_dim = _get(m, f"{a}.attention.key_length", 512, kind="a positive count")
     # rope_freqs holds 1 for each rotated frequency of the full layers and 1e30 for the rest.
     factor = 1.0
     if "rope_freqs.weight" in gf.tensors:
-        freqs = np.frombuffer(gf.raw("rope_freqs.weight").tobytes(), dtype="<f4")
+        info = gf.tensors["rope_freqs.weight"]
+        freqs = dequantize(gf.raw(info.name), info.ggml_type, info.shape).reshape(-1)
+        if freqs.numel() > global_dim // 2:
+            raise ModelFormatError(f"{gf.path}: rope_freqs has {freqs.numel()} entries, more than the "
+                                   f"{global_dim // 2} frequencies of a {global_dim}-wide head")
         factor = float((freqs < 1e3).sum() * 2) / global_dim
     k_eq_v = any(f"blk.{i}.attn_v.weight" not in gf.tensors and f"blk.{i}.attn_k.weight" in gf.tensors
                  for i in full)
     d.update(
         layer_types=kinds, intermediate_size=ffs[0], use_double_wide_mlp=ffs[-1] == 2 * ffs[0] and shared > 0,
         num_key_value_heads=kvs[slide[0]], num_global_key_value_heads=kvs[full[0]] if full else None,
-        head_dim=_get(m, f"{a}.attention.key_length_swa", 256), global_head_dim=global_dim,
+        head_dim=_get(m, f"{a}.attention.key_length_swa", 256, kind="a positive count"), global_head_dim=global_dim,
         num_kv_shared_layers=shared, attention_k_eq_v=k_eq_v,
-        hidden_size_per_layer_input=_get(m, f"{a}.embedding_length_per_layer_input", 0),
+        hidden_size_per_layer_input=_get(m, f"{a}.embedding_length_per_layer_input", 0, kind="a count"),
         rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": _get(m, f"{a}.rope.freq_base_swa", 1e4)},
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": _get(m, f"{a}.rope.freq_base_swa", 1e4, kind="a number")},
             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": factor,
-                               "rope_theta": _get(m, f"{a}.rope.freq_base", 1e6)}},
+                               "rope_theta": _get(m, f"{a}.rope.freq_base", 1e6, kind="a number")}},
     )
     if not k_eq_v and kvs[full[0]] != kvs[slide[0]]:
         d["per_layer_config"] = {str(i): {"head_dim": global_dim, "num_key_value_heads": kvs[i]} for i in full}
     if "per_layer_token_embd.weight" in gf.tensors:
         d["vocab_size_per_layer_input"] = gf.tensors["per_layer_token_embd.weight"].shape[0]
-    if _get(m, f"{a}.expert_count"):
+    if _get(m, f"{a}.expert_count", kind="a count"):
         d.update(enable_moe_block=True, num_experts=_get(m, f"{a}.expert_count"),
-                 top_k_experts=_get(m, f"{a}.expert_used_count", required=True),
-                 moe_intermediate_size=_get(m, f"{a}.expert_feed_forward_length", required=True))
+                 top_k_experts=_get(m, f"{a}.expert_used_count", required=True, kind="a count"),
+                 moe_intermediate_size=_get(m, f"{a}.expert_feed_forward_length", required=True, kind="a count"))
     return d
 
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..config import config_from_dict
+from ..config import FULL, SLIDING, config_from_dict
 from ..errors import ModelFormatError, ModelNotFoundError, WrenError
 from ..models import ARCHITECTURES
 from ..tokenizer import Tokenizer
 from .gguf import GGUFFile, config_dict, tokenizer_metadata, wren_name
 from .gguf_quants import dequantize
-from .safetensors import open_checkpoint
+from .safetensors import json_object, open_checkpoint
 from .tables import RowTable
 
 DEFAULT_MODEL = "gemma3:270m"
@@ -79,21 +80,74 @@ def load(source=None, *, dtype: torch.dtype = torch.float32, device: str | torch
     return model.to(device)
 
 
+def _make_config(d: dict, source):
+    try:
+        return config_from_dict(d)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a field of the wrong type or form
+        raise ModelFormatError(f"{source}: the model config is corrupt ({exc})") from None
+
+
+def _check_config(cfg, specs) -> None:
+    """Reject config values that would only fail (or allocate wildly) later, while the model runs."""
+    def bad(name, value, want):
+        raise ModelFormatError(f"config {name}={reprlib.repr(value)} is not {want}; the config is corrupt")
+
+    for name in ("rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
+        value = getattr(cfg, name, None)
+        if value is not None and type(value) not in (int, float):
+            bad(name, value, "a number")
+    if getattr(cfg, "query_pre_attn_scalar", 1) <= 0:
+        bad("query_pre_attn_scalar", cfg.query_pre_attn_scalar, "positive")
+    for name in ("sliding_window", "max_position_embeddings"):
+        if type(getattr(cfg, name)) is not int or getattr(cfg, name) <= 0:
+            bad(name, getattr(cfg, name), "a positive integer")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, name)
+        ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+        if value is not None and not all(type(i) is int and 0 <= i < cfg.vocab_size for i in ids):
+            bad(name, value, f"a token id below vocab_size={cfg.vocab_size}")
+    if getattr(cfg, "enable_moe_block", False):
+        k, e = cfg.top_k_experts, cfg.num_experts
+        if not (type(k) is int and type(e) is int and 0 < k <= e):
+            bad("top_k_experts", k, f"between 1 and num_experts={e!r}")
+    heads = cfg.num_attention_heads
+    for i, s in enumerate(specs):
+        if s.kind not in (SLIDING, FULL):
+            bad(f"layer_types[{i}]", s.kind, f"{SLIDING!r} or {FULL!r}")
+        if type(s.head_dim) is not int or s.head_dim <= 0 or s.head_dim % 2:
+            bad(f"head_dim (layer {i})", s.head_dim, "a positive even integer")
+        if type(s.num_kv_heads) is not int or s.num_kv_heads <= 0 or heads % s.num_kv_heads:
+            bad(f"num_key_value_heads (layer {i})", s.num_kv_heads, f"a divisor of num_attention_heads={heads}")
+        if not 0 <= s.rope_dims <= s.head_dim:
+            bad(f"rotary dims (layer {i})", s.rope_dims, f"between 0 and head_dim={s.head_dim}")
+        if type(s.rope_theta) not in (int, float) or type(s.rope_factor) not in (int, float):
+            bad(f"rope theta/factor (layer {i})", (s.rope_theta, s.rope_factor), "a number")
+
+
 def _build(cfg, tensors: dict, dtype: torch.dtype, table: RowTable | None) -> torch.nn.Module:
-    cls = ARCHITECTURES[cfg.model_type]
-    with torch.device("meta"):
-        model = cls(cfg)
+    """tensors: wren name -> (shape, getter). A tensor is read only once its shape matches the config, so a
+    hostile config or header fails here instead of allocating."""
+    n = cfg.num_hidden_layers
+    gap = next((i for i in range(n) if f"layers.{i}.self_attn.q_proj.weight" not in tensors), None)
+    if gap is not None:  # checked first: building millions of (meta) layers would take minutes
+        raise ModelFormatError(f"the config has {n} layers but the checkpoint has no weights for layer {gap}")
+    try:
+        _check_config(cfg, cfg.layer_specs())
+        with torch.device("meta"):
+            model = ARCHITECTURES[cfg.model_type](cfg)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        # A value of the wrong type or range reached the model code (e.g. a negative size on the meta device).
+        raise ModelFormatError(f"the model config is corrupt ({exc})") from None
     expected = model.state_dict()
     state = {}
-    for name, get in tensors.items():
+    for name, (shape, get) in tensors.items():
         if name not in expected:
             continue  # e.g. K/V weights that KV-shared layers never use
-        t = get()
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise ModelFormatError(f"tensor {name} has shape {tuple(t.shape)}, the config implies "
+        if tuple(shape) != tuple(expected[name].shape):
+            raise ModelFormatError(f"tensor {name} has shape {tuple(shape)}, the config implies "
                                    f"{tuple(expected[name].shape)}")
-        state[name] = t.to(dtype)
-    missing = [k for k in expected if k not in state and k != "lm_head.weight" and not k.endswith("layer_scalar")]
+        state[name] = get().to(dtype)
+    missing = [k for k in expected if k not in state and not k.endswith("layer_scalar")]
     if missing:
         raise ModelFormatError(f"checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False, assign=True)
@@ -116,10 +170,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise ModelNotFoundError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        cfg = config_from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"{cfg_path} is not valid JSON ({exc})") from None
+    cfg = _make_config(json_object(cfg_path.read_bytes(), str(cfg_path)), cfg_path)
     files = open_checkpoint(folder)
     tensors, table, skipped = {}, None, 0
     for hf_name, st in files.items():
@@ -130,7 +181,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
         if name == "embed_tokens_per_layer.weight":
             table = RowTable.from_tensor(st.tensor(hf_name))
             continue
-        tensors[name] = (lambda st=st, n=hf_name: st.tensor(n))
+        tensors[name] = (st.shape(hf_name), lambda st=st, n=hf_name: st.tensor(n))
     model = _build(cfg, tensors, dtype, table)
     if skipped:
         model.notes.append(f"ignored {skipped} vision/audio tensors: wren runs the text decoder")
@@ -144,12 +195,12 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
 def _hf_chat_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
-        return jinja.read_text()
+        return jinja.read_text(errors="replace")
     tok_cfg = folder / "tokenizer_config.json"
     if tok_cfg.exists():
         try:
-            template = json.loads(tok_cfg.read_text()).get("chat_template")
-        except (json.JSONDecodeError, AttributeError):
+            template = json.loads(tok_cfg.read_bytes()).get("chat_template")
+        except (ValueError, RecursionError, AttributeError):  # not JSON, not UTF-8, not an object
             return None
         return template if isinstance(template, str) else None
     return None
@@ -157,7 +208,7 @@ def _hf_chat_template(folder: Path) -> str | None:
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     gf = GGUFFile(path)
-    cfg = config_from_dict(config_dict(gf))
+    cfg = _make_config(config_dict(gf), path)
     norm_shift = 1.0 if cfg.model_type == "gemma3" else 0.0  # llama.cpp stores Gemma 3 norms as 1 + w
 
     def getter(info, name):
@@ -170,12 +221,22 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     for info in gf.tensors.values():
         name = wren_name(info.name)
         if name == "embed_tokens_per_layer":
+            if len(info.shape) != 2:
+                raise ModelFormatError(f"{path}: {info.name} must be 2-D, not of shape {info.shape}")
             table = RowTable(info.shape[0], info.shape[1], raw=gf.raw(info.name), ggml_type=info.ggml_type)
         elif name is not None:
-            tensors[name] = getter(info, name)
+            tensors[name] = (info.shape, getter(info, name))
     model = _build(cfg, tensors, dtype, table)
     model.tensor_types = Counter(GGUF_TYPE_NAMES.get(i.ggml_type, str(i.ggml_type)) for i in gf.tensors.values())
-    model.tokenizer = Tokenizer.from_gguf_metadata(tokenizer_metadata(gf))
+    try:
+        model.tokenizer = Tokenizer.from_gguf_metadata(tokenizer_metadata(gf))
+    except WrenError:
+        raise
+    except Exception as exc:  # metadata of the wrong type or form; `tokenizers` raises bare Exceptions
+        raise ModelFormatError(f"{path}: the tokenizer in the GGUF metadata is corrupt ({exc})") from None
+    if model.tokenizer.vocab_size > cfg.vocab_size:
+        raise ModelFormatError(f"{path}: the tokenizer has {model.tokenizer.vocab_size} tokens but token_embd "
+                               f"only {cfg.vocab_size} rows (corrupt)")
     template = gf.metadata.get("tokenizer.chat_template")
     model.chat_template = template if isinstance(template, str) else None
     license_text = gf.metadata.get("general.license")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelFormatError, ModelNotFoundError
+from ..errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,23 +40,29 @@ class SafetensorsFile:
             raise ModelNotFoundError(f"{self.path} does not exist") from None
         except IsADirectoryError:
             raise ModelFormatError(f"{self.path} is a directory, not a safetensors file") from None
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFormatError(f"{self.path}: header is not valid JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise ModelFormatError(f"{self.path}: header is not a JSON object")
+        except OSError as exc:
+            raise ModelNotFoundError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        header = json_object(raw, f"{self.path}: header")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + header_len
         self.entries = {name: self._check(name, e, size - self.data_start) for name, e in header.items()}
+        # Tensors sharing bytes would let a small file pose as a huge model; see GGUFFile.
+        spans = sorted((begin, begin + math.prod(shape) * dtype.itemsize, name)
+                       for name, (dtype, shape, begin) in self.entries.items())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise ModelFormatError(f"{self.path}: tensors {a!r} and {b!r} overlap (corrupt)")
 
     def _check(self, name: str, entry, data_size: int):
         bad = f"{self.path}: tensor {name!r} has a corrupt header entry"
         if not isinstance(entry, dict):
             raise ModelFormatError(bad)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise ModelFormatError(f"{bad}: dtype {dtype!r}")
         if dtype not in DTYPES:
-            raise ModelFormatError(f"{bad}: dtype {dtype!r} is not supported")
+            raise UnsupportedModelError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, which wren does not "
+                                        f"read (it reads {', '.join(DTYPES)})")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
             raise ModelFormatError(f"{bad}: shape {shape!r}")
@@ -85,16 +91,28 @@ class SafetensorsFile:
         return flat.view(shape)
 
 
+def json_object(raw: bytes, what: str) -> dict:
+    """Parse JSON that must be an object; any failure is a ModelFormatError naming `what`."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:  # also bad UTF-8 and over-long integers
+        raise ModelFormatError(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ModelFormatError(f"{what} is JSON nested too deeply to be real (corrupt)") from None
+    if not isinstance(value, dict):
+        raise ModelFormatError(f"{what} is not a JSON object")
+    return value
+
+
 def open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
     """Map every tensor name of a (possibly sharded) HF checkpoint folder to the file that holds it."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelFormatError(f"{index} is not a valid safetensors index ({exc})") from None
-        files = [folder / s for s in shards]
+        weight_map = json_object(index.read_bytes(), str(index)).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ModelFormatError(f"{index} is not a valid safetensors index: its weight_map must map "
+                                   "tensor names to shard file names")
+        files = [folder / s for s in sorted(set(weight_map.values()))]
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
