@@ -105,3 +105,14 @@ def test_raw_global_config_keys_resolve_like_per_layer_config():
     spec = raw.layer_specs()[3]
     assert (spec.head_dim, spec.num_kv_heads, spec.k_eq_v, spec.rope_dims) == (32, 1, True, 8)
     assert raw.layer_specs()[0].head_dim == 16
+
+
+def test_bfloat16_runs_close_to_float32(tiny):
+    model32 = wren.load(tiny["gemma4-e2b"][2])
+    model16 = wren.load(tiny["gemma4-e2b"][2], dtype=torch.bfloat16)
+    ids = ids_for(4)
+    with torch.no_grad():
+        a, b = model32(ids), model16(ids)
+    assert b.dtype == torch.bfloat16
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (a - b.float()).abs().max() < 3.0  # bf16 keeps ~3 significant digits of logits up to 30
