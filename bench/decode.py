@@ -173,6 +173,8 @@ def main() -> None:
     import torch
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if unknown := set(engines) - {"wren", "llama.cpp"}:
+        ap.error(f"unknown engine(s) {', '.join(sorted(unknown))}: choose from wren, llama.cpp")
     notes = []
     if "llama.cpp" in engines and llama_version is None:
         engines.remove("llama.cpp")
@@ -189,9 +191,10 @@ def main() -> None:
 
     same = agreement(results)
     load_after = os.getloadavg()[0]
-    if max(load_before, load_after) > 0.5 * (os.cpu_count() or 1):
+    # The run itself lifts the load by up to `threads`; more than that, or a busy start, means company.
+    if load_before > 0.5 * (os.cpu_count() or 1) or load_after - load_before > args.threads:
         notes.append(f"1-minute load average was {load_before:.1f} before and {load_after:.1f} after on "
-                     f"{os.cpu_count()} CPUs: other processes shared them, so these numbers are noisy")
+                     f"{os.cpu_count()} CPUs: other processes may have shared them, so the numbers may be noisy")
     machine = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                "llama_cpp": llama_version, "threads": args.threads, "prompt_tokens": len(ids),
                "decode_tokens": args.decode_tokens, "repeat": args.repeat, "model": str(args.model),

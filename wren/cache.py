@@ -71,6 +71,12 @@ class KVCache:
         ring_pos[slots] = keep
         return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
 
+    @classmethod
+    def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> "KVCache":
+        weight = model.embed_tokens.weight
+        return cls(model.specs, batch, max_len or model.config.max_position_embeddings, model.config.sliding_window,
+                   dtype or weight.dtype, device or weight.device)
+
     def reset(self) -> None:
         self.length = 0
         self.valid.fill_(True)

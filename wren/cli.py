@@ -171,7 +171,7 @@ def _read_multiline(first: str) -> str:
 
 def cmd_show(args) -> int:
     import wren
-    from .models.gemma4 import param_count
+    from .models import param_count
 
     model = wren.load(args.model)
     cfg = model.config

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import SLIDING, Gemma3Config, LayerSpec
-from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, rope_cos_sin,
-                     rope_inv_freq, softcap)
+from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, output_logits, positions,
+                     rope_cos_sin, rope_inv_freq)
 
 
 class Attention(nn.Module):
@@ -81,23 +81,15 @@ class Gemma3(nn.Module):
                                                                    s.rope_factor), persistent=False)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
-        weight = self.embed_tokens.weight
-        return KVCache(self.specs, batch, max_len or self.config.max_position_embeddings, self.config.sliding_window,
-                       dtype or weight.dtype, device or weight.device)
+        return KVCache.for_model(self, batch, max_len, dtype, device)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        b, t = ids.shape
-        weight = self.embed_tokens.weight
-        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, weight.dtype)
-        pos = (cache.positions(t) if cache is not None else torch.arange(t, device=ids.device)).expand(b, t)
+        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, self.embed_tokens.weight.dtype)
+        pos = positions(ids, cache)
         rope = {kind: rope_cos_sin(pos, getattr(self, f"inv_freq_{kind}"), x.dtype)
                 for kind in {s.kind for s in self.specs}}
         for spec, layer in zip(self.specs, self.layers):
             x = layer(x, *rope[spec.kind], pos, cache)
         if cache is not None:
-            cache.advance(t)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        x = self.norm(x)
-        logits = x @ (weight if self.lm_head is None else self.lm_head.weight).T
-        return softcap(logits, self.config.final_logit_softcapping)
+            cache.advance(ids.shape[1])
+        return output_logits(self, x, logits_to_keep)

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import SLIDING, Gemma4Config, LayerSpec
-from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, gelu_tanh,
-                     rope_cos_sin, rope_inv_freq, softcap)
+from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, gelu_tanh, output_logits,
+                     positions, rope_cos_sin, rope_inv_freq)
 
 
 class Attention(nn.Module):
@@ -156,9 +156,7 @@ class Gemma4(nn.Module):
                                  persistent=False)
 
     def make_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
-        weight = self.embed_tokens.weight
-        return KVCache(self.specs, batch, max_len or self.config.max_position_embeddings, self.config.sliding_window,
-                       dtype or weight.dtype, device or weight.device)
+        return KVCache.for_model(self, batch, max_len, dtype, device)
 
     def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
@@ -170,11 +168,9 @@ class Gemma4(nn.Module):
         return (proj + rows.reshape(b, t, n, p)) * (2.0 ** -0.5)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        b, t = ids.shape
-        weight = self.embed_tokens.weight
-        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, weight.dtype)
+        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, self.embed_tokens.weight.dtype)
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
-        pos = (cache.positions(t) if cache is not None else torch.arange(t, device=ids.device)).expand(b, t)
+        pos = positions(ids, cache)
         rope = {}
         shared: dict = {}
         for i, layer in enumerate(self.layers):
@@ -184,17 +180,5 @@ class Gemma4(nn.Module):
             cos, sin = rope[key]
             x = layer(x, ple[:, :, i] if ple is not None else None, cos, sin, pos, cache, shared)
         if cache is not None:
-            cache.advance(t)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        x = self.norm(x)
-        logits = x @ (weight if self.lm_head is None else self.lm_head.weight).T
-        return softcap(logits, self.config.final_logit_softcapping)
-
-
-def param_count(model: Gemma4) -> tuple[int, int]:
-    """(effective parameters, parameters including the PLE table)."""
-    effective = sum(p.numel() for p in model.parameters())
-    table = model.embed_tokens_per_layer
-    return effective, effective + (table.numel() if table is not None else 0)
-
+            cache.advance(ids.shape[1])
+        return output_logits(self, x, logits_to_keep)

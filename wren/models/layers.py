@@ -106,6 +106,21 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
+def positions(ids: torch.Tensor, cache) -> torch.Tensor:
+    """[B, T] positions of the new tokens: after what the cache holds, or from 0 without one."""
+    b, t = ids.shape
+    return (cache.positions(t) if cache is not None else torch.arange(t, device=ids.device)).expand(b, t)
+
+
+def output_logits(model, x: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """Final norm, the (usually tied) LM head and soft-capping, on the last `logits_to_keep` positions
+    only (0 = all): prefill chunks whose logits nobody reads skip the vocabulary-wide matmul."""
+    if logits_to_keep:
+        x = x[:, -logits_to_keep:]
+    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    return softcap(model.norm(x) @ head.T, model.config.final_logit_softcapping)
+
+
 def embed_scale(hidden: int, dtype: torch.dtype) -> torch.Tensor:
     """sqrt(hidden) rounded to the weight dtype, as the reference does (55.4256 becomes 55.5 in bf16)."""
     return torch.tensor(math.sqrt(hidden), dtype=dtype)
