@@ -73,7 +73,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> "KVCache":
-        weight = model.embed_tokens.weight
+        weight = model.norm.weight  # always dense, in the model's dtype (embeddings may be quantized)
         return cls(model.specs, batch, max_len or model.config.max_position_embeddings, model.config.sliding_window,
                    dtype or weight.dtype, device or weight.device)
 

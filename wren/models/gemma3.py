@@ -10,7 +10,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import SLIDING, Gemma3Config, LayerSpec
-from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, output_logits, positions,
+from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed, output_logits, positions,
                      rope_cos_sin, rope_inv_freq)
 
 
@@ -84,7 +84,7 @@ class Gemma3(nn.Module):
         return KVCache.for_model(self, batch, max_len, dtype, device)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, self.embed_tokens.weight.dtype)
+        x = embed(self, ids)
         pos = positions(ids, cache)
         rope = {kind: rope_cos_sin(pos, getattr(self, f"inv_freq_{kind}"), x.dtype)
                 for kind in {s.kind for s in self.specs}}

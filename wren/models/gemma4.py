@@ -10,8 +10,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import SLIDING, Gemma4Config, LayerSpec
-from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed_scale, gelu_tanh, output_logits,
-                     positions, rope_cos_sin, rope_inv_freq)
+from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed, embed_scale, gelu_tanh,
+                     output_logits, positions, rope_cos_sin, rope_inv_freq)
 
 
 class Attention(nn.Module):
@@ -168,7 +168,7 @@ class Gemma4(nn.Module):
         return (proj + rows.reshape(b, t, n, p)) * (2.0 ** -0.5)
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        x = self.embed_tokens(ids) * embed_scale(self.config.hidden_size, self.embed_tokens.weight.dtype)
+        x = embed(self, ids)
         ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
         pos = positions(ids, cache)
         rope = {}

@@ -117,8 +117,16 @@ def output_logits(model, x: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
     only (0 = all): prefill chunks whose logits nobody reads skip the vocabulary-wide matmul."""
     if logits_to_keep:
         x = x[:, -logits_to_keep:]
-    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    return softcap(model.norm(x) @ head.T, model.config.final_logit_softcapping)
+    head = model.embed_tokens if model.lm_head is None else model.lm_head
+    x = model.norm(x)
+    logits = head.linear(x) if hasattr(head, "linear") else x @ head.weight.T  # TurboQuant heads: rotated matmul
+    return softcap(logits, model.config.final_logit_softcapping)
+
+
+def embed(model, ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings scaled by sqrt(hidden) in the model's dtype (that of its dense norms)."""
+    dtype = model.norm.weight.dtype
+    return model.embed_tokens(ids).to(dtype) * embed_scale(model.config.hidden_size, dtype)
 
 
 def embed_scale(hidden: int, dtype: torch.dtype) -> torch.Tensor:

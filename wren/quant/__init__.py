@@ -1,0 +1,1 @@
+"""Quantizers for vectors and caches (see `wren.quant.turboquant`)."""
