@@ -1,4 +1,4 @@
-"""The `wren` command: run and show (more subcommands arrive with the server, quantizer and fine-tuner).
+"""The `wren` command: run, show, quantize, perplexity (more arrive with the server and the fine-tuner).
 
 The CLI only translates between the terminal and the engine. Errors a user can cause are printed as one
 line, without a traceback, and exit non-zero.
@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="describe a model")
     show.add_argument("model", nargs="?", default=None)
     show.add_argument("--license", action="store_true", help="print the licence text only")
+    quant = sub.add_parser("quantize", help="compress a model's weights with TurboQuant (no calibration data)")
+    quant.add_argument("model", nargs="?", default=None)
+    quant.add_argument("--bits", type=float, required=True, help="bits per weight of the linear layers (1-8)")
+    quant.add_argument("--group-size", type=int, default=128, help="weights per scale along the input dim")
+    quant.add_argument("--embed-bits", type=float, default=8, help="bits of the embedding / tied LM head")
+    quant.add_argument("--seed", type=int, default=0, help="rotation seed (stored in the output)")
+    quant.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
+    quant.add_argument("--quiet", action="store_true")
+    ppl = sub.add_parser("perplexity", help="perplexity over a text file, as llama.cpp measures it")
+    ppl.add_argument("model", nargs="?", default=None)
+    ppl.add_argument("--file", required=True, help="a UTF-8 text file")
+    ppl.add_argument("--ctx", type=int, default=512)
+    ppl.add_argument("--chunks", type=int, default=None, help="evaluate only the first N windows")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -204,13 +218,78 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import wren
+    from .quant import folder
+
+    model = wren.load(args.model)
+    out = Path(args.output)
+    with _progress(args.quiet, "quantizing") as update:
+        recipe = folder.quantize_model(model, args.bits, args.group_size, args.embed_bits, args.seed, update)
+    folder.save(model, out)
+    n_modules = len(recipe["modules"])
+    print(f"wrote {out}: {n_modules} tensors at {args.bits:g} bits (group {args.group_size}), "
+          f"{folder.linear_bits_per_weight(model):.3f} bits/weight in the linear layers, "
+          f"{_mib(folder.file_bytes(out))} on disk")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    import json
+
+    import wren
+    from .perplexity import perplexity
+    from .quant import folder
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WrenError(f"cannot read {args.file} as UTF-8 text: {exc}") from None
+    model = wren.load(args.model)
+    ids = model.tokenizer.encode(text)
+    with _progress(args.json, "perplexity") as update:
+        result = perplexity(model, ids, ctx=args.ctx, chunks=args.chunks,
+                            progress=lambda i, n, p: update(i, n, f"ppl {p:.3f}"))
+    if args.json:
+        out = result.as_dict() | {"bits_per_weight": folder.linear_bits_per_weight(model),
+                                  "file_bytes": folder.file_bytes(model.source)}
+        print(json.dumps(out))
+    else:
+        print(f"Final estimate: PPL = {result.perplexity:.4f} +/- {result.error:.5f} "
+              f"({result.tokens} tokens scored, {result.chunks} chunks of {result.ctx})")
+    return 0
+
+
+class _progress:
+    """A rich progress bar on stderr, or nothing when quiet; yields update(done, total, label)."""
+
+    def __init__(self, quiet: bool, title: str):
+        self.quiet, self.title, self.bar = quiet, title, None
+
+    def __enter__(self):
+        if self.quiet:
+            return lambda *a: None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.title, total=None)
+        return lambda done, total, label="": self.bar.update(task, completed=done, total=total,
+                                                               description=f"{self.title} {label}")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "show": cmd_show}
+    handlers = {"run": cmd_run, "show": cmd_show, "quantize": cmd_quantize, "perplexity": cmd_perplexity}
     try:
         return handlers[args.command](args)
     except WrenError as exc:

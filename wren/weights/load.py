@@ -9,6 +9,7 @@ float32 checkpoint is used in place (memory-mapped) rather than copied.
 from __future__ import annotations
 
 import json
+import math
 import os
 import reprlib
 from collections import Counter
@@ -19,6 +20,7 @@ import torch
 from ..config import FULL, SLIDING, config_from_dict
 from ..errors import ModelFormatError, ModelNotFoundError, WrenError
 from ..models import ARCHITECTURES
+from ..quant import folder as quant_folder
 from ..tokenizer import Tokenizer
 from .gguf import GGUFFile, config_dict, tokenizer_metadata, wren_name
 from .gguf_quants import dequantize
@@ -92,15 +94,18 @@ def _check_config(cfg, specs) -> None:
     def bad(name, value, want):
         raise ModelFormatError(f"config {name}={reprlib.repr(value)} is not {want}; the config is corrupt")
 
+    def number(v):  # what torch takes as a scalar: a float, or an int that fits int64
+        return type(v) is float or (type(v) is int and -(1 << 63) <= v < 1 << 63)
+
     for name in ("rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
         value = getattr(cfg, name, None)
-        if value is not None and type(value) not in (int, float):
+        if value is not None and not number(value):
             bad(name, value, "a number")
     if getattr(cfg, "query_pre_attn_scalar", 1) <= 0:
         bad("query_pre_attn_scalar", cfg.query_pre_attn_scalar, "positive")
     for name in ("sliding_window", "max_position_embeddings"):
-        if type(getattr(cfg, name)) is not int or getattr(cfg, name) <= 0:
-            bad(name, getattr(cfg, name), "a positive integer")
+        if type(getattr(cfg, name)) is not int or not 0 < getattr(cfg, name) < 1 << 31:
+            bad(name, getattr(cfg, name), "a positive integer below 2**31")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(cfg, name)
         ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
@@ -120,22 +125,25 @@ def _check_config(cfg, specs) -> None:
             bad(f"num_key_value_heads (layer {i})", s.num_kv_heads, f"a divisor of num_attention_heads={heads}")
         if not 0 <= s.rope_dims <= s.head_dim:
             bad(f"rotary dims (layer {i})", s.rope_dims, f"between 0 and head_dim={s.head_dim}")
-        if type(s.rope_theta) not in (int, float) or type(s.rope_factor) not in (int, float):
+        if not (number(s.rope_theta) and number(s.rope_factor)):
             bad(f"rope theta/factor (layer {i})", (s.rope_theta, s.rope_factor), "a number")
 
 
-def _build(cfg, tensors: dict, dtype: torch.dtype, table: RowTable | None) -> torch.nn.Module:
+def _build(cfg, tensors: dict, dtype: torch.dtype, table: RowTable | None, recipe: dict | None = None) -> torch.nn.Module:
     """tensors: wren name -> (shape, getter). A tensor is read only once its shape matches the config, so a
     hostile config or header fails here instead of allocating."""
     n = cfg.num_hidden_layers
-    gap = next((i for i in range(n) if f"layers.{i}.self_attn.q_proj.weight" not in tensors), None)
+    present = {name.split(".", 2)[1] for name in tensors if name.startswith("layers.")}
+    gap = next((i for i in range(n) if str(i) not in present), None)
     if gap is not None:  # checked first: building millions of (meta) layers would take minutes
         raise ModelFormatError(f"the config has {n} layers but the checkpoint has no weights for layer {gap}")
     try:
         _check_config(cfg, cfg.layer_specs())
         with torch.device("meta"):
             model = ARCHITECTURES[cfg.model_type](cfg)
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+            if recipe is not None:  # a TurboQuant folder: its modules load codes and scales by name
+                quant_folder.install(model, recipe)
+    except (TypeError, ValueError, AttributeError, LookupError, ArithmeticError, RuntimeError) as exc:
         # A value of the wrong type or range reached the model code (e.g. a negative size on the meta device).
         raise ModelFormatError(f"the model config is corrupt ({exc})") from None
     expected = model.state_dict()
@@ -146,7 +154,9 @@ def _build(cfg, tensors: dict, dtype: torch.dtype, table: RowTable | None) -> to
         if tuple(shape) != tuple(expected[name].shape):
             raise ModelFormatError(f"tensor {name} has shape {tuple(shape)}, the config implies "
                                    f"{tuple(expected[name].shape)}")
-        state[name] = get().to(dtype)
+        # Dense weights take the model's dtype; quantized codes and scales keep their own.
+        want = expected[name].dtype
+        state[name] = get().to(dtype if want == torch.float32 else want)
     missing = [k for k in expected if k not in state and not k.endswith("layer_scalar")]
     if missing:
         raise ModelFormatError(f"checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}")
@@ -163,6 +173,7 @@ def _build(cfg, tensors: dict, dtype: torch.dtype, table: RowTable | None) -> to
                                    f"{cfg.num_hidden_layers * cfg.hidden_size_per_layer_input}")
         model.embed_tokens_per_layer = table
     model.notes = []
+    model.quant_recipe = recipe
     return model.eval().requires_grad_(False)
 
 
@@ -172,9 +183,10 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
         raise ModelNotFoundError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     cfg = _make_config(json_object(cfg_path.read_bytes(), str(cfg_path)), cfg_path)
     files = open_checkpoint(folder)
+    recipe = _quant_recipe(files)
     tensors, table, skipped = {}, None, 0
     for hf_name, st in files.items():
-        name = hf_name.replace("model.language_model.", "", 1).removeprefix("model.")
+        name = _wren_name(hf_name)
         if name.startswith(_TOWERS):
             skipped += 1
             continue
@@ -182,7 +194,8 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
             table = RowTable.from_tensor(st.tensor(hf_name))
             continue
         tensors[name] = (st.shape(hf_name), lambda st=st, n=hf_name: st.tensor(n))
-    model = _build(cfg, tensors, dtype, table)
+    model = _build(cfg, tensors, dtype, table, recipe)
+    model.storage_bits = {_wren_name(n): files[n].entries[n][0].itemsize * 8 for n in files}
     if skipped:
         model.notes.append(f"ignored {skipped} vision/audio tensors: wren runs the text decoder")
     model.tensor_types = Counter(str(files[n].entries[n][0]).removeprefix("torch.") for n in files)
@@ -190,6 +203,25 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     model.chat_template = _hf_chat_template(folder)
     model.license = (folder / "LICENSE").read_text(errors="replace") if (folder / "LICENSE").exists() else None
     return model
+
+
+def _wren_name(hf_name: str) -> str:
+    """HF checkpoint name -> wren's: drop `model.` (and a multimodal checkpoint's `language_model.`)."""
+    return hf_name.replace("model.language_model.", "", 1).removeprefix("model.")
+
+
+def _quant_recipe(files: dict) -> dict | None:
+    """The TurboQuant recipe a wren quantized folder carries in its safetensors metadata, if any."""
+    raw = next((st.metadata["wren_quant"] for st in files.values() if "wren_quant" in st.metadata), None)
+    if raw is None:
+        return None
+    try:
+        recipe = json.loads(raw)
+    except ValueError:
+        raise ModelFormatError("the quantization metadata in model.safetensors is not valid JSON") from None
+    if not isinstance(recipe, dict):
+        raise ModelFormatError("the quantization metadata in model.safetensors is not a JSON object")
+    return recipe
 
 
 def _hf_chat_template(folder: Path) -> str | None:
@@ -227,6 +259,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         elif name is not None:
             tensors[name] = (info.shape, getter(info, name))
     model = _build(cfg, tensors, dtype, table)
+    model.storage_bits = {wren_name(i.name): i.nbytes * 8 / max(1, math.prod(i.shape)) for i in gf.tensors.values()}
     model.tensor_types = Counter(GGUF_TYPE_NAMES.get(i.ggml_type, str(i.ggml_type)) for i in gf.tensors.values())
     try:
         model.tokenizer = Tokenizer.from_gguf_metadata(tokenizer_metadata(gf))

@@ -1,0 +1,141 @@
+"""A TurboQuant model folder: `model.safetensors` (codes, scales and the small dense tensors, with the
+quantization recipe as JSON metadata), `config.json`, `tokenizer.json` and the chat template; a folder
+that `wren.load` and `wren run` open like any other. Written to a temp folder and renamed into place, so an
+interrupted quantize never leaves a half model that later loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import BadOptionError, ModelFormatError
+from ..weights.tables import RowTable
+from .linear import TQEmbedding, TQLinear, TQWeight
+
+FORMAT = "wren-turboquant/1"
+MIN_GROUP = 8
+
+
+def _linear_names(model) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_model(model, bits: float, group: int, embed_bits: float | None, seed: int = 0, progress=None) -> dict:
+    """Swap every linear layer (and the embedding / tied LM head) for TurboQuant modules, in place.
+    Returns the recipe: which module got how many bits."""
+    names = _linear_names(model)
+    recipe = {}
+    total = len(names) + (embed_bits is not None)
+    for i, name in enumerate(names):
+        parent, child = _split(model, name)
+        dense = getattr(parent, child)
+        # A width the group does not divide takes the largest common divisor; tiny ones stay dense.
+        g = math.gcd(dense.in_features, group)
+        if g >= MIN_GROUP:
+            setattr(parent, child, TQLinear.from_dense(dense.weight.data, bits, g, seed))
+            recipe[name] = {"bits": bits, "group": g, "kind": "linear"}
+        if progress:
+            progress(i + 1, total, name)
+    g = math.gcd(model.config.hidden_size, group)
+    if embed_bits is not None and g >= MIN_GROUP:
+        model.embed_tokens = TQEmbedding.from_dense(model.embed_tokens.weight.data, embed_bits, g, seed)
+        recipe["embed_tokens"] = {"bits": embed_bits, "group": g, "kind": "embedding"}
+        if progress:
+            progress(total, total, "embed_tokens")
+    table = model.embed_tokens_per_layer
+    if table is not None:
+        # The PLE table is kept in fp16 for now (row-wise TurboQuant of it is still to come); converting
+        # here makes the model in memory the one that `save` writes.
+        dense = table.tensor if table.tensor is not None else table.lookup(torch.arange(table.rows), "cpu",
+                                                                           torch.float32)
+        model.embed_tokens_per_layer = RowTable.from_tensor(dense.to(torch.float16))
+    model.quant_recipe = {"format": FORMAT, "seed": seed, "modules": recipe}
+    return model.quant_recipe
+
+
+def _split(model, name: str):
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def install(model, recipe: dict) -> None:
+    """Before loading a quantized folder: put empty TurboQuant modules where the recipe says (on the
+    meta device, like the rest of the model) so the codes and scales load by name."""
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+        raise ModelFormatError(f"unknown quantization format {recipe.get('format') if isinstance(recipe, dict) else recipe!r}")
+    seed = recipe.get("seed", 0)
+    for name, spec in recipe.get("modules", {}).items():
+        try:
+            parent, child = _split(model, name)
+            old = getattr(parent, child)
+        except AttributeError:
+            raise ModelFormatError(f"quantization recipe names {name!r}, which the model does not have") from None
+        shape = old.weight.shape
+        cls = TQEmbedding if spec.get("kind") == "embedding" else TQLinear
+        try:
+            setattr(parent, child, cls(shape[0], shape[1], spec["bits"], spec["group"], seed))
+        except (KeyError, BadOptionError) as exc:
+            raise ModelFormatError(f"bad quantization recipe for {name}: {exc}") from None
+
+
+def linear_bits_per_weight(model) -> float:
+    """Average stored bits per weight of the decoder's linear layers (embeddings excluded)."""
+    bits = n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, TQLinear):
+            bits += m.bits_per_weight() * m.out_features * m.in_features
+            n += m.out_features * m.in_features
+        elif isinstance(m, nn.Linear):
+            per = model.storage_bits.get(f"{name}.weight", m.weight.element_size() * 8)
+            bits += per * m.weight.numel()
+            n += m.weight.numel()
+    return bits / n if n else 0.0
+
+
+def save(model, out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BadOptionError(f"{out} exists and is not empty; choose a new output folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.embed_tokens_per_layer is not None:
+            tensors["embed_tokens_per_layer.weight"] = model.embed_tokens_per_layer.tensor.contiguous()
+        save_file(tensors, tmp / "model.safetensors", metadata={"wren_quant": json.dumps(model.quant_recipe)})
+        config = dataclasses.asdict(model.config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if model.tokenizer is not None:
+            model.tokenizer.save(tmp / "tokenizer.json")
+        if model.chat_template:
+            (tmp / "chat_template.jinja").write_text(model.chat_template)
+        if model.license:
+            (tmp / "LICENSE").write_text(model.license)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def file_bytes(path: Path) -> int:
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+__all__ = ["quantize_model", "install", "save", "linear_bits_per_weight", "file_bytes", "TQWeight"]
