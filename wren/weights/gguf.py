@@ -201,11 +201,12 @@ def _count(v) -> bool:
 
 
 # What a metadata value must be; config_dict's values reach model code that trusts their types.
+COUNT, SIZE, COUNTS, NUMBER = "a count", "a positive count", "a count or a list of counts", "a number"
 _KINDS = {
-    "a count": _count,
-    "a positive count": lambda v: _count(v) and v > 0,
-    "a count or a list of counts": lambda v: _count(v) or (isinstance(v, list) and all(map(_count, v))),
-    "a number": lambda v: type(v) in (int, float),
+    COUNT: _count,
+    SIZE: lambda v: _count(v) and v > 0,
+    COUNTS: lambda v: _count(v) or (isinstance(v, list) and all(map(_count, v))),
+    NUMBER: lambda v: type(v) in (int, float),
 }
 
 
@@ -230,35 +231,34 @@ def config_dict(gf: GGUFFile) -> dict:
     m, a = gf.metadata, arch
     if "token_embd.weight" not in gf.tensors:
         raise ModelFormatError(f"{gf.path}: no token_embd.weight tensor")
-    size, count, number = "a positive count", "a count", "a number"
     d = {
         "model_type": arch,
         "vocab_size": gf.tensors["token_embd.weight"].shape[0],
-        "hidden_size": _get(m, f"{a}.embedding_length", required=True, kind=size),
-        "num_hidden_layers": _get(m, f"{a}.block_count", required=True, kind=size),
-        "num_attention_heads": _get(m, f"{a}.attention.head_count", required=True, kind=size),
-        "max_position_embeddings": _get(m, f"{a}.context_length", 8192, kind=size),
-        "rms_norm_eps": _get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=number),
-        "sliding_window": _get(m, f"{a}.attention.sliding_window", 512, kind=size),
-        "final_logit_softcapping": _get(m, f"{a}.final_logit_softcapping", kind=number),
+        "hidden_size": _get(m, f"{a}.embedding_length", required=True, kind=SIZE),
+        "num_hidden_layers": _get(m, f"{a}.block_count", required=True, kind=SIZE),
+        "num_attention_heads": _get(m, f"{a}.attention.head_count", required=True, kind=SIZE),
+        "max_position_embeddings": _get(m, f"{a}.context_length", 8192, kind=SIZE),
+        "rms_norm_eps": _get(m, f"{a}.attention.layer_norm_rms_epsilon", 1e-6, kind=NUMBER),
+        "sliding_window": _get(m, f"{a}.attention.sliding_window", 512, kind=SIZE),
+        "final_logit_softcapping": _get(m, f"{a}.final_logit_softcapping", kind=NUMBER),
         "tie_word_embeddings": "output.weight" not in gf.tensors,
-        "bos_token_id": _get(m, "tokenizer.ggml.bos_token_id", 2, kind=count),
-        "eos_token_id": _get(m, "tokenizer.ggml.eos_token_id", 1, kind=count),
-        "pad_token_id": _get(m, "tokenizer.ggml.padding_token_id", 0, kind=count),
+        "bos_token_id": _get(m, "tokenizer.ggml.bos_token_id", 2, kind=COUNT),
+        "eos_token_id": _get(m, "tokenizer.ggml.eos_token_id", 1, kind=COUNT),
+        "pad_token_id": _get(m, "tokenizer.ggml.padding_token_id", 0, kind=COUNT),
     }
-    per_layer = count if arch == "gemma3" else "a count or a list of counts"
+    per_layer = COUNT if arch == "gemma3" else COUNTS
     ff = _get(m, f"{a}.feed_forward_length", required=True, kind=per_layer)
     kv = _get(m, f"{a}.attention.head_count_kv", 1, kind=per_layer)
     n = d["num_hidden_layers"]
     if arch == "gemma3":
-        head_dim = _get(m, f"{a}.attention.key_length", 256, kind=size)
+        head_dim = _get(m, f"{a}.attention.key_length", 256, kind=SIZE)
         d.update(intermediate_size=ff, num_key_value_heads=kv, head_dim=head_dim,
-                 rope_theta=_get(m, f"{a}.rope.freq_base", 1e6, kind=number),
+                 rope_theta=_get(m, f"{a}.rope.freq_base", 1e6, kind=NUMBER),
                  # llama.cpp hard-codes the local base, and the query scale except for the 62-layer 27B.
                  rope_local_base_freq=10_000.0,
                  query_pre_attn_scalar=d["hidden_size"] // d["num_attention_heads"] if n == 62 else head_dim)
         if _get(m, f"{a}.rope.scaling.type") == "linear":
-            d["rope_scaling"] = {"factor": _get(m, f"{a}.rope.scaling.factor", 1.0, kind=number)}
+            d["rope_scaling"] = {"factor": _get(m, f"{a}.rope.scaling.factor", 1.0, kind=NUMBER)}
         return d
     return _gemma4_dict(gf, d, ff, kv)
 
@@ -269,7 +269,7 @@ def _gemma4_dict(gf: GGUFFile, d: dict, ff, kv) -> dict:
     if not isinstance(swa, list) or len(swa) != n:
         raise ModelFormatError(f"{gf.path}: sliding_window_pattern must list one flag per layer")
     kinds = ["sliding_attention" if s else "full_attention" for s in swa]
-    shared = _get(m, f"{a}.attention.shared_kv_layers", 0, kind="a count")
+    shared = _get(m, f"{a}.attention.shared_kv_layers", 0, kind=COUNT)
     ffs = ff if isinstance(ff, list) else [ff] * n
     kvs = kv if isinstance(kv, list) else [kv] * n
     if len(ffs) != n or len(kvs) != n:
@@ -278,7 +278,7 @@ def _gemma4_dict(gf: GGUFFile, d: dict, ff, kv) -> dict:
     if not full:
         raise ModelFormatError(f"{gf.path}: sliding_window_pattern marks no layer as full attention (corrupt)")
     slide = [i for i, k in enumerate(kinds) if k == "sliding_attention"] or full
-    global_dim = _get(m, f"{a}.attention.key_length", 512, kind="a positive count")
+    global_dim = _get(m, f"{a}.attention.key_length", 512, kind=SIZE)
     # rope_freqs holds 1 for each rotated frequency of the full layers and 1e30 for the rest.
     factor = 1.0
     if "rope_freqs.weight" in gf.tensors:
@@ -292,24 +292,24 @@ def _gemma4_dict(gf: GGUFFile, d: dict, ff, kv) -> dict:
                  for i in full)
     d.update(
         layer_types=kinds, intermediate_size=ffs[0], use_double_wide_mlp=ffs[-1] == 2 * ffs[0] and shared > 0,
-        num_key_value_heads=kvs[slide[0]], num_global_key_value_heads=kvs[full[0]] if full else None,
-        head_dim=_get(m, f"{a}.attention.key_length_swa", 256, kind="a positive count"), global_head_dim=global_dim,
+        num_key_value_heads=kvs[slide[0]], num_global_key_value_heads=kvs[full[0]],
+        head_dim=_get(m, f"{a}.attention.key_length_swa", 256, kind=SIZE), global_head_dim=global_dim,
         num_kv_shared_layers=shared, attention_k_eq_v=k_eq_v,
-        hidden_size_per_layer_input=_get(m, f"{a}.embedding_length_per_layer_input", 0, kind="a count"),
+        hidden_size_per_layer_input=_get(m, f"{a}.embedding_length_per_layer_input", 0, kind=COUNT),
         rope_parameters={
             "sliding_attention": {"rope_type": "default",
-                                  "rope_theta": _get(m, f"{a}.rope.freq_base_swa", 1e4, kind="a number")},
+                                  "rope_theta": _get(m, f"{a}.rope.freq_base_swa", 1e4, kind=NUMBER)},
             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": factor,
-                               "rope_theta": _get(m, f"{a}.rope.freq_base", 1e6, kind="a number")}},
+                               "rope_theta": _get(m, f"{a}.rope.freq_base", 1e6, kind=NUMBER)}},
     )
     if not k_eq_v and kvs[full[0]] != kvs[slide[0]]:
         d["per_layer_config"] = {str(i): {"head_dim": global_dim, "num_key_value_heads": kvs[i]} for i in full}
     if "per_layer_token_embd.weight" in gf.tensors:
         d["vocab_size_per_layer_input"] = gf.tensors["per_layer_token_embd.weight"].shape[0]
-    if _get(m, f"{a}.expert_count", kind="a count"):
+    if _get(m, f"{a}.expert_count", kind=COUNT):
         d.update(enable_moe_block=True, num_experts=_get(m, f"{a}.expert_count"),
-                 top_k_experts=_get(m, f"{a}.expert_used_count", required=True, kind="a count"),
-                 moe_intermediate_size=_get(m, f"{a}.expert_feed_forward_length", required=True, kind="a count"))
+                 top_k_experts=_get(m, f"{a}.expert_used_count", required=True, kind=COUNT),
+                 moe_intermediate_size=_get(m, f"{a}.expert_feed_forward_length", required=True, kind=COUNT))
     return d
 
 
