@@ -7,6 +7,7 @@ Each config resolves to a list of `LayerSpec`s: everything a decoder layer needs
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,3 +221,43 @@ def _check_sizes(cfg) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or not 0 < value < 1 << 24:
             raise ModelFormatError(f"config field {name}={value!r} is not a sane positive integer")
+
+
+def validate_config(cfg, specs: list[LayerSpec]) -> None:
+    """Reject config values that would only fail (or allocate wildly) later, while the model runs."""
+    def bad(name, value, want):
+        raise ModelFormatError(f"config {name}={reprlib.repr(value)} is not {want}; the config is corrupt")
+
+    def number(v):  # what torch takes as a scalar: a float, or an int that fits int64
+        return type(v) is float or (type(v) is int and -(1 << 63) <= v < 1 << 63)
+
+    for name in ("rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
+        value = getattr(cfg, name, None)
+        if value is not None and not number(value):
+            bad(name, value, "a number")
+    if getattr(cfg, "query_pre_attn_scalar", 1) <= 0:
+        bad("query_pre_attn_scalar", cfg.query_pre_attn_scalar, "positive")
+    for name in ("sliding_window", "max_position_embeddings"):
+        if type(getattr(cfg, name)) is not int or not 0 < getattr(cfg, name) < 1 << 31:
+            bad(name, getattr(cfg, name), "a positive integer below 2**31")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, name)
+        ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+        if value is not None and not all(type(i) is int and 0 <= i < cfg.vocab_size for i in ids):
+            bad(name, value, f"a token id below vocab_size={cfg.vocab_size}")
+    if getattr(cfg, "enable_moe_block", False):
+        k, e = cfg.top_k_experts, cfg.num_experts
+        if not (type(k) is int and type(e) is int and 0 < k <= e):
+            bad("top_k_experts", k, f"between 1 and num_experts={e!r}")
+    heads = cfg.num_attention_heads
+    for i, s in enumerate(specs):
+        if s.kind not in (SLIDING, FULL):
+            bad(f"layer_types[{i}]", s.kind, f"{SLIDING!r} or {FULL!r}")
+        if type(s.head_dim) is not int or s.head_dim <= 0 or s.head_dim % 2:
+            bad(f"head_dim (layer {i})", s.head_dim, "a positive even integer")
+        if type(s.num_kv_heads) is not int or s.num_kv_heads <= 0 or heads % s.num_kv_heads:
+            bad(f"num_key_value_heads (layer {i})", s.num_kv_heads, f"a divisor of num_attention_heads={heads}")
+        if not 0 <= s.rope_dims <= s.head_dim:
+            bad(f"rotary dims (layer {i})", s.rope_dims, f"between 0 and head_dim={s.head_dim}")
+        if not (number(s.rope_theta) and number(s.rope_factor)):
+            bad(f"rope theta/factor (layer {i})", (s.rope_theta, s.rope_factor), "a number")

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import reprlib
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..config import FULL, SLIDING, config_from_dict
+from ..config import config_from_dict, validate_config
 from ..errors import ModelFormatError, ModelNotFoundError, WrenError
 from ..models import ARCHITECTURES
 from ..quant import folder as quant_folder
@@ -89,46 +88,6 @@ def _make_config(d: dict, source):
         raise ModelFormatError(f"{source}: the model config is corrupt ({exc})") from None
 
 
-def _check_config(cfg, specs) -> None:
-    """Reject config values that would only fail (or allocate wildly) later, while the model runs."""
-    def bad(name, value, want):
-        raise ModelFormatError(f"config {name}={reprlib.repr(value)} is not {want}; the config is corrupt")
-
-    def number(v):  # what torch takes as a scalar: a float, or an int that fits int64
-        return type(v) is float or (type(v) is int and -(1 << 63) <= v < 1 << 63)
-
-    for name in ("rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
-        value = getattr(cfg, name, None)
-        if value is not None and not number(value):
-            bad(name, value, "a number")
-    if getattr(cfg, "query_pre_attn_scalar", 1) <= 0:
-        bad("query_pre_attn_scalar", cfg.query_pre_attn_scalar, "positive")
-    for name in ("sliding_window", "max_position_embeddings"):
-        if type(getattr(cfg, name)) is not int or not 0 < getattr(cfg, name) < 1 << 31:
-            bad(name, getattr(cfg, name), "a positive integer below 2**31")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(cfg, name)
-        ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
-        if value is not None and not all(type(i) is int and 0 <= i < cfg.vocab_size for i in ids):
-            bad(name, value, f"a token id below vocab_size={cfg.vocab_size}")
-    if getattr(cfg, "enable_moe_block", False):
-        k, e = cfg.top_k_experts, cfg.num_experts
-        if not (type(k) is int and type(e) is int and 0 < k <= e):
-            bad("top_k_experts", k, f"between 1 and num_experts={e!r}")
-    heads = cfg.num_attention_heads
-    for i, s in enumerate(specs):
-        if s.kind not in (SLIDING, FULL):
-            bad(f"layer_types[{i}]", s.kind, f"{SLIDING!r} or {FULL!r}")
-        if type(s.head_dim) is not int or s.head_dim <= 0 or s.head_dim % 2:
-            bad(f"head_dim (layer {i})", s.head_dim, "a positive even integer")
-        if type(s.num_kv_heads) is not int or s.num_kv_heads <= 0 or heads % s.num_kv_heads:
-            bad(f"num_key_value_heads (layer {i})", s.num_kv_heads, f"a divisor of num_attention_heads={heads}")
-        if not 0 <= s.rope_dims <= s.head_dim:
-            bad(f"rotary dims (layer {i})", s.rope_dims, f"between 0 and head_dim={s.head_dim}")
-        if not (number(s.rope_theta) and number(s.rope_factor)):
-            bad(f"rope theta/factor (layer {i})", (s.rope_theta, s.rope_factor), "a number")
-
-
 def _build(cfg, tensors: dict, dtype: torch.dtype, table: RowTable | None, recipe: dict | None = None) -> torch.nn.Module:
     """tensors: wren name -> (shape, getter). A tensor is read only once its shape matches the config, so a
     hostile config or header fails here instead of allocating."""
@@ -138,7 +97,7 @@ def _build(cfg, tensors: dict, dtype: torch.dtype, table: RowTable | None, recip
     if gap is not None:  # checked first: building millions of (meta) layers would take minutes
         raise ModelFormatError(f"the config has {n} layers but the checkpoint has no weights for layer {gap}")
     try:
-        _check_config(cfg, cfg.layer_specs())
+        validate_config(cfg, cfg.layer_specs())
         with torch.device("meta"):
             model = ARCHITECTURES[cfg.model_type](cfg)
             if recipe is not None:  # a TurboQuant folder: its modules load codes and scales by name
