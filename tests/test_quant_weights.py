@@ -32,14 +32,14 @@ def test_group_must_divide_width():
         quantize_weight(torch.randn(4, 100), 4, 64, 0)
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gemma4-e2b", "gemma4-26b"])
-def test_quantized_folder_round_trip(tiny, tmp_path, name):
+@pytest.mark.parametrize("name,group", [("gemma3", 32), ("gemma4-e2b", 32), ("gemma4-26b", 32), ("gemma3", 0)])
+def test_quantized_folder_round_trip(tiny, tmp_path, name, group):
     _, hf_folder, gguf_path = tiny[name]
     model = wren.load(gguf_path)
     ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = model(ids)
-    folder.quantize_model(model, bits=8, group=32, embed_bits=8)
+    folder.quantize_model(model, bits=8, group=group, embed_bits=8)
     with torch.no_grad():
         in_memory = model(ids)
     out = folder.save(model, tmp_path / "q")
@@ -49,7 +49,7 @@ def test_quantized_folder_round_trip(tiny, tmp_path, name):
         reloaded = loaded(ids)
     assert torch.allclose(reloaded, in_memory, atol=1e-4)
     assert (reloaded.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9  # 8 bits: nearly lossless
-    assert folder.linear_bits_per_weight(loaded) == pytest.approx(8 + 16 / 32, abs=0.6)
+    assert folder.linear_bits_per_weight(loaded) == pytest.approx(8 + 16 / (group or 64), abs=0.6)
     assert wren.generate(loaded, "the tea", temperature=0, num_predict=4) is not None
 
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="compress a model's weights with TurboQuant (no calibration data)")
     quant.add_argument("model", nargs="?", default=None)
     quant.add_argument("--bits", type=float, required=True, help="bits per weight of the linear layers (1-8)")
-    quant.add_argument("--group-size", type=int, default=128, help="weights per scale along the input dim")
+    quant.add_argument("--group-size", type=int, default=0,
+                       help="weights per scale along the input dim; 0 (default) = a whole row")
     quant.add_argument("--embed-bits", type=float, default=8, help="bits of the embedding / tied LM head")
     quant.add_argument("--seed", type=int, default=0, help="rotation seed (stored in the output)")
     quant.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
@@ -228,7 +229,8 @@ def cmd_quantize(args) -> int:
         recipe = folder.quantize_model(model, args.bits, args.group_size, args.embed_bits, args.seed, update)
     folder.save(model, out)
     n_modules = len(recipe["modules"])
-    print(f"wrote {out}: {n_modules} tensors at {args.bits:g} bits (group {args.group_size}), "
+    group = args.group_size or "row"
+    print(f"wrote {out}: {n_modules} tensors at {args.bits:g} bits (group {group}), "
           f"{folder.linear_bits_per_weight(model):.3f} bits/weight in the linear layers, "
           f"{_mib(folder.file_bytes(out))} on disk")
     return 0
