@@ -81,3 +81,22 @@ def test_cli_quantize_then_perplexity(tiny, tmp_path):
     assert human.stdout.startswith("Final estimate: PPL = ")
     bad = run("perplexity", str(src), "--file", str(tmp_path / "missing.txt"))
     assert bad.returncode == 1 and bad.stderr.startswith("Error: ")
+
+
+@pytest.mark.slow
+def test_quantized_default_model_stays_within_measured_error(tmp_path):
+    """The real 270M at 4 bits (row-wise, 8-bit embedding) loads from its folder, generates, and its
+    perplexity on real prose stays within the loss measured for it (x1.31 on Pride and Prejudice)."""
+    from real_text import stdlib_prose
+    from wren.perplexity import perplexity
+
+    model = wren.load()
+    ids = model.tokenizer.encode(stdlib_prose(20_000))
+    ref = perplexity(model, ids, ctx=512, chunks=2).perplexity
+    folder.quantize_model(model, bits=4, group=0, embed_bits=8)
+    loaded = wren.load(folder.save(model, tmp_path / "tq4"))
+    assert folder.linear_bits_per_weight(loaded) < 4.05
+    ratio = perplexity(loaded, ids, ctx=512, chunks=2).perplexity / ref
+    print(f"TQ4 row-wise perplexity ratio {ratio:.3f}")
+    assert ratio < 1.5
+    assert wren.generate(loaded, "The capital of France is", raw=True, temperature=0, num_predict=8).strip()
