@@ -150,8 +150,9 @@ class Tokenizer:
         vocab = {t: i for i, t in enumerate(tokens)}
         if len(vocab) != n:
             raise ModelFormatError(f"GGUF tokenizer vocabulary repeats {n - len(vocab)} token(s)")
-        if meta.get("tokenizer.ggml.merges"):
-            merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        listed = meta.get("tokenizer.ggml.merges")
+        if listed is not None and len(listed):  # may be a list or an array: no truth test
+            merges = [tuple(str(m).split(" ", 1)) for m in listed]
         else:
             scores = _meta_array(meta, "tokenizer.ggml.scores", n, np.float32)
             if scores is None:  # no scores: the vocabulary's order is the merge order
@@ -173,10 +174,10 @@ class Tokenizer:
     @staticmethod
     def _byte_level(meta, tokens) -> _HFTokenizer:
         merges = meta.get("tokenizer.ggml.merges")
-        if not merges:
+        if merges is None or not len(merges):
             raise ModelFormatError("GGUF byte-level (gpt2) tokenizer lists no tokenizer.ggml.merges")
         vocab = {t: i for i, t in enumerate(tokens)}
-        hf = _HFTokenizer(BPE(vocab, [tuple(m.split(" ", 1)) for m in merges]))
+        hf = _HFTokenizer(BPE(vocab, [tuple(str(m).split(" ", 1)) for m in merges]))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
         return hf
