@@ -44,6 +44,8 @@ class SafetensorsFile:
             raise ModelNotFoundError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         header = json_object(raw, f"{self.path}: header")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise ModelFormatError(f"{self.path}: __metadata__ must map names to strings (corrupt header)")
         self.data_start = 8 + header_len
         self.entries = {name: self._check(name, e, size - self.data_start) for name, e in header.items()}
         # Tensors sharing bytes would let a small file pose as a huge model; see GGUFFile.
