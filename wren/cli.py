@@ -90,7 +90,7 @@ def cmd_run(args) -> int:
     from .sampling import Options
 
     source, prompt = _split_model_prompt(args.words)
-    if not sys.stdin.isatty():
+    if sys.stdin is not None and not sys.stdin.isatty():
         piped = sys.stdin.read()
         if piped.strip():
             prompt = f"{prompt}\n\n{piped}" if prompt else piped
