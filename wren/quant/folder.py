@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import BadOptionError, ModelFormatError
 from ..weights.tables import RowTable
-from .linear import TQEmbedding, TQLinear, TQWeight
+from .linear import TQEmbedding, TQLinear
 
 FORMAT = "wren-turboquant/1"
 MIN_GROUP = 8
@@ -142,6 +142,3 @@ def save(model, out: Path) -> Path:
 def file_bytes(path: Path) -> int:
     path = Path(path)
     return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
-
-
-__all__ = ["quantize_model", "install", "save", "linear_bits_per_weight", "file_bytes", "TQWeight"]

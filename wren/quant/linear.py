@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadOptionError
-from .turboquant import TQConfig, _runs, decode_rotated, packed_size, quantize_mse, rotate, unrotate
+from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
 
 ROW_CHUNK = 8192  # rows quantized at a time: bounds the float32 temporaries of a 262k-row embedding
 
@@ -54,8 +54,7 @@ class TQWeight(nn.Module):
         self.bits, self.group, self.seed = bits, group, seed
         self.cfg = group_config(bits, group, seed)
         groups = in_features // group
-        n_bytes = sum(packed_size(stop - start, b) for start, stop, b in _runs(bits, group))
-        self.register_buffer("codes", torch.zeros(out_features, groups, n_bytes, dtype=torch.uint8))
+        self.register_buffer("codes", torch.zeros(out_features, groups, codes_nbytes(self.cfg), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
         self._rotated = None
 

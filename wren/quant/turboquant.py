@@ -356,6 +356,11 @@ def _decode(codes: Tensor, bits: float, cfg: TQConfig) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def codes_nbytes(cfg: TQConfig) -> int:
+    """Bytes of packed TQ_mse codes per vector (a fractional rate packs each run of bits on its own)."""
+    return sum(packed_size(stop - start, b) for start, stop, b in _runs(cfg.bits, cfg.dim))
+
+
 def decode_rotated(codes: Tensor, cfg: TQConfig) -> Tensor:
     """The rotated unit vectors (codebook values) that packed TQ_mse codes stand for: what a quantized
     matmul multiplies a rotated activation by, without ever de-rotating the weight."""
