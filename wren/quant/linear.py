@@ -3,9 +3,12 @@ is stored as TQ_mse codes (a seeded Hadamard rotation, Lloyd-Max codebook) and o
 
 The modules keep the call signatures of nn.Linear / nn.Embedding. A matmul rotates the activation once,
 per group, and multiplies it by the codebook values: W x = sum_g s_g <c_g, R x_g>, so the weight is never
-de-rotated. This is the reference path: it materialises the rotated codebook matrix once, on first use,
-and runs a dense matmul on it (a codebook-lookup kernel that keeps only the codes resident is the
-performance issue's work).
+de-rotated. Three paths compute it:
+* the reference: the rotated codebook matrix in float32, built once, and a dense matmul (exact; tests);
+* CPU: int8 levels and the int8 weight-only kernel (`cpu_kernels.py`, within ~0.5% of the reference);
+* CUDA: a Triton kernel that reads the packed codes and looks the codebook up in registers
+  (`triton_kernels.py`), when Triton is installed.
+`reference_path()` forces the first everywhere, for parity tests.
 """
 
 from __future__ import annotations
@@ -14,10 +17,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import contextlib
+
 from ..errors import BadOptionError
+from . import cpu_kernels, triton_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
 
 ROW_CHUNK = 8192  # rows quantized at a time: bounds the float32 temporaries of a 262k-row embedding
+_fast_paths = True
+# The last fast rotation: (input, key, rotated input). q/k/v, and gate/up, take the very same input tensor,
+# so each rotation is computed once per layer, not three times. Identity plus the version counter keep it
+# exact: a new or modified tensor never matches.
+_last_rotation: tuple | None = None
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Within this block every TurboQuant matmul takes the exact float32 reference path."""
+    global _fast_paths
+    saved, _fast_paths = _fast_paths, False
+    try:
+        yield
+    finally:
+        _fast_paths = saved
 
 
 def group_config(bits: float, group: int, seed: int) -> TQConfig:
@@ -45,6 +67,13 @@ def quantize_weight(w: torch.Tensor, bits: float, group: int, seed: int) -> tupl
     return torch.cat(codes), torch.cat(scales)
 
 
+def _version(x: torch.Tensor) -> int | None:
+    try:
+        return x._version
+    except RuntimeError:  # inference-mode tensors keep no version counter (and are not modified in place)
+        return None
+
+
 class TQWeight(nn.Module):
     """Codes and scales of a [out, in] matrix, and the two things a model does with one."""
 
@@ -56,7 +85,8 @@ class TQWeight(nn.Module):
         groups = in_features // group
         self.register_buffer("codes", torch.zeros(out_features, groups, codes_nbytes(self.cfg), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
-        self._rotated = None
+        self._rotated = None  # the reference path's float32 matrix
+        self._int8 = None  # the CPU fast path's (levels, row scales)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, bits: float, group: int, seed: int) -> "TQWeight":
@@ -74,12 +104,31 @@ class TQWeight(nn.Module):
             self._rotated = c.reshape(self.out_features, self.in_features).to(dtype)
         return self._rotated
 
-    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+    def rotate_input(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        global _last_rotation
         shape = x.shape
+        if fast:
+            key = (self.cfg, _version(x))
+            if _last_rotation is not None and _last_rotation[0] is x and _last_rotation[1] == key:
+                return _last_rotation[2]
         xg = x.float().reshape(*shape[:-1], self.in_features // self.group, self.group)
+        if fast:
+            xr = cpu_kernels.rotate_fast(xg, self.cfg).reshape(shape).to(x.dtype)
+            _last_rotation = (x, key, xr)
+            return xr
         return rotate(xg, self.cfg.seed, self.cfg.rotation, self.cfg.block).reshape(shape).to(x.dtype)
 
+    def int8_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._int8 is None:
+            self._int8 = cpu_kernels.int8_levels(self.codes, self.scales, self.cfg, self.in_features)
+        return self._int8
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        fast = _fast_paths and self.cfg.rotation == "hadamard"
+        if fast and x.is_cuda and triton_kernels.available():
+            return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
+        if fast and x.device.type == "cpu":
+            return cpu_kernels.int8_matmul(self.rotate_input(x, fast=True), *self.int8_levels())
         return F.linear(self.rotate_input(x), self.rotated_weight(x.dtype))
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

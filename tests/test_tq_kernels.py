@@ -1,0 +1,128 @@
+"""The fast TurboQuant paths agree with the exact reference: the matmul Hadamard rotation, the CPU int8
+path (within its documented ~1%), and the Triton kernel (in Triton's interpreter on CPU when Triton is
+installed, and on the GPU when there is one)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from wren.quant import cpu_kernels
+from wren.quant.linear import TQLinear, reference_path
+from wren.quant.turboquant import TQConfig, rotate, unrotate
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+CASES = [(4, 0, 640), (3, 128, 640), (2.5, 128, 256), (8, 0, 128), (3.5, 0, 640), (2, 0, 2048), (4, 64, 1152), (4, 8, 24)]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dim", [96, 128, 640, 2048, 4096, 1152])
+def test_matmul_rotation_equals_butterflies(dim):
+    cfg = TQConfig(bits=4, dim=dim, seed=7)
+    x = torch.randn(3, 5, dim, generator=_gen(dim))
+    fast = cpu_kernels.rotate_fast(x, cfg)
+    assert torch.allclose(fast, rotate(x, cfg.seed, block=cfg.block), atol=2e-5)
+    assert torch.allclose(cpu_kernels.unrotate_fast(fast, cfg), x, atol=2e-5)
+    assert torch.allclose(unrotate(fast, cfg.seed), x, atol=2e-5)
+
+
+def _layer(bits, group, width, rows=96):
+    w = torch.randn(rows, width, generator=_gen(width + rows))
+    return TQLinear.from_dense(w, bits, group or width, seed=1)
+
+
+@pytest.mark.parametrize("bits,group,width", CASES)
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_cpu_int8_path_stays_near_the_reference(bits, group, width, batch):
+    layer = _layer(bits, group, width)
+    x = torch.randn(batch, width, generator=_gen(batch))
+    with reference_path():
+        ref = layer(x)
+    fast = layer(x)
+    # bf16 activations and int8 levels: the documented tolerance is 1% of the output's scale.
+    assert (fast - ref).norm() / ref.norm() < 0.01
+    assert layer._int8 is not None and layer._int8[0].dtype == torch.int8
+
+
+def test_int8_levels_fit_the_codebook_values():
+    layer = _layer(4, 0, 640, rows=256)
+    levels, scales = layer.int8_levels()
+    with reference_path():
+        exact = layer.rotated_weight(torch.float32)
+    approx = levels.float() * scales.float().unsqueeze(-1)
+    assert levels.abs().max() <= 127
+    # Against the 4-bit quantization error itself (~0.0095 of the row's energy) this adds well under 1%.
+    assert ((approx - exact).norm() / exact.norm()) ** 2 < 0.0095 * 0.01
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_triton_kernel_in_the_interpreter():
+    """The kernel's bit unpacking and codebook lookup, run by Triton's CPU interpreter."""
+    script = textwrap.dedent(f"""
+        import torch
+        from wren.quant import triton_kernels
+        from wren.quant.linear import TQLinear, reference_path
+        for bits, group, width in {CASES!r}:
+            w = torch.randn(80, width, generator=torch.Generator().manual_seed(width))
+            layer = TQLinear.from_dense(w, bits, group or width, seed=1)
+            for batch in (1, 3, 20):  # the reduction path, and tl.dot
+                x = torch.randn(batch, width, generator=torch.Generator().manual_seed(1))
+                with reference_path():
+                    ref = layer(x)
+                y = triton_kernels.tq_linear(layer.rotate_input(x, fast=True), layer.codes, layer.scales, layer.cfg)
+                err = ((y - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-5, (bits, group, width, batch, err)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("bits,group,width", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_triton_kernel_on_the_gpu(bits, group, width, dtype, batch):
+    from wren.quant import triton_kernels
+
+    assert triton_kernels.available()
+    w = torch.randn(300, width, generator=_gen(width + 300))
+    layer = TQLinear.from_dense(w, bits, group or width, seed=1)
+    x = torch.randn(batch, width, generator=_gen(2))
+    with reference_path():
+        ref = layer(x)
+    # Codes quantized on the GPU are the CPU's codes bit for bit (Hadamard rotation, float64 norms).
+    gpu = TQLinear.from_dense(w.cuda(), bits, group or width, seed=1)
+    assert torch.equal(gpu.codes.cpu(), layer.codes) and torch.equal(gpu.scales.cpu(), layer.scales)
+    y = gpu(x.cuda().to(dtype)).float().cpu()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((y - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["gemma3", "gemma4-e2b", "gemma4-26b"])
+def test_quantized_tiny_model_on_the_gpu(tiny, name):
+    import wren
+    from wren.quant import folder
+
+    model = wren.load(tiny[name][2])
+    folder.quantize_model(model, bits=4, group=0, embed_bits=8)
+    ids = torch.randint(0, 384, (2, 12), generator=_gen(3))
+    with torch.no_grad(), reference_path():
+        ref = model(ids)
+    model.to("cuda")
+    with torch.no_grad():
+        got = model(ids.cuda()).cpu()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-3
+    assert wren.generate(model, "the tea", temperature=0, num_predict=4) is not None

@@ -1,0 +1,184 @@
+"""The CUDA path for TurboQuant weights: Triton kernels that multiply rotated activations by packed codes.
+
+Only the packed codes cross memory (0.5 byte per weight at 4 bits); the weight is never de-rotated, the
+caller rotates the activation once (`cpu_kernels.rotate_fast` runs on any device).
+
+* `_tq_aligned`: 1, 2, 4 or 8 bits, where every byte holds whole codes, so a row's groups are one
+  contiguous byte stream. Each program reads a [rows, bytes] tile with wide loads, splits each byte into
+  its codes with shifts, looks each code up in the (L1-resident) codebook and accumulates: a reduction
+  for one activation row, `tl.dot` for more. Programs also split the input dimension when there are too
+  few row blocks to fill the GPU, and add their partial sums atomically.
+* `_tq_generic`: any rate (3 bits, fractional rates' two runs): finds every code's bits in the packed
+  stream one coordinate at a time. Correct everywhere, slower.
+
+Without Triton (or without a GPU) `available()` is False and the module costs nothing but this import.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .turboquant import TQConfig, _centroids, _runs, packed_size
+
+try:  # Triton is optional: CUDA machines have it, the CPU wheels of PyTorch do not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(cfg: TQConfig, device: torch.device):
+    """(codebook table, coordinates in the high run, high bits, low bits, first byte of the low run,
+    table entries before the low codebook)."""
+    runs = _runs(cfg.bits, cfg.dim)
+    if len(runs) == 2:
+        (_, k_high, hb), (_, _, lb) = runs
+    else:
+        k_high, (_, _, lb) = 0, runs[0]
+        hb = lb
+    tables = []
+    if k_high:
+        tables.append(_centroids(hb, cfg.dim, cfg.codebook, device)[0])
+    tables.append(_centroids(lb, cfg.dim, cfg.codebook, device)[0])
+    high_levels = (1 << hb) if k_high else 0
+    return torch.cat(tables).contiguous(), k_high, hb, lb, packed_size(k_high, hb), high_levels
+
+
+_TARGET_PROGRAMS = 2 * 132  # enough programs to keep every SM of an H100 busy twice over
+
+if triton is not None:
+
+    @triton.jit
+    def _tq_generic(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, M, N, M_BUCKET, K: tl.constexpr,
+                   GROUP: tl.constexpr, NBYTES: tl.constexpr, K_HIGH: tl.constexpr, HB: tl.constexpr,
+                   LB: tl.constexpr, LOW_BYTE0: tl.constexpr, HIGH_LEVELS: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        groups = K // GROUP
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            g = rk // GROUP
+            kk = rk % GROUP
+            high = kk < K_HIGH
+            bit = tl.where(high, kk * HB, LOW_BYTE0 * 8 + (kk - K_HIGH) * LB)
+            byte = bit >> 3
+            ok = (rn[:, None] < N) & (rk[None, :] < K)
+            where = codes_ptr + rn[:, None] * (groups * NBYTES) + (g * NBYTES + byte)[None, :]
+            b0 = tl.load(where, mask=ok, other=0).to(tl.int32)
+            b1 = tl.load(where + 1, mask=ok & ((byte + 1) < NBYTES)[None, :], other=0).to(tl.int32)
+            width_mask = tl.where(high, (1 << HB) - 1, (1 << LB) - 1)
+            code = ((b0 | (b1 << 8)) >> (bit & 7)[None, :]) & width_mask[None, :]
+            value = tl.load(table_ptr + tl.where(high[None, :], code, HIGH_LEVELS + code))
+            scale = tl.load(scales_ptr + rn[:, None] * groups + g[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            w = (value * scale).to(x.dtype)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _tq_aligned(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, M, N, M_BUCKET, K: tl.constexpr,
+                    GROUP: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLITS: tl.constexpr):
+        PER_BYTE: tl.constexpr = 8 // BITS
+        ROW_BYTES: tl.constexpr = K * BITS // 8
+        GROUPS: tl.constexpr = K // GROUP
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok_n = rn < N
+        ok_m = rm < M
+        PER_SPLIT: tl.constexpr = (ROW_BYTES + SPLITS * BLOCK_B - 1) // (SPLITS * BLOCK_B) * BLOCK_B
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(0, PER_SPLIT, BLOCK_B):
+            rb = pid_k * PER_SPLIT + i + tl.arange(0, BLOCK_B)
+            ok_b = rb < ROW_BYTES
+            packed = tl.load(codes_ptr + rn[:, None] * ROW_BYTES + rb[None, :],
+                             mask=ok_n[:, None] & ok_b[None, :], other=0).to(tl.int32)
+            for p in tl.static_range(PER_BYTE):
+                k = rb * PER_BYTE + p
+                w = tl.load(table_ptr + ((packed >> (p * BITS)) & ((1 << BITS) - 1)))
+                if GROUPS > 1:
+                    w = w * tl.load(scales_ptr + rn[:, None] * GROUPS + (k // GROUP)[None, :],
+                                    mask=ok_n[:, None] & ok_b[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=ok_m[:, None] & ok_b[None, :], other=0.0)
+                if BLOCK_M == 1:
+                    acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
+                elif IEEE:
+                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if GROUPS == 1:
+            acc = acc * tl.load(scales_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=ok_m[:, None] & ok_n[None, :])
+
+    _ALIGNED_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w)
+                        for n, b, w in ((64, 64, 4), (128, 32, 4), (32, 128, 4), (16, 128, 2), (128, 64, 8))]
+    # Split the input dimension only as far as needed for ~_TARGET_PROGRAMS programs: fewer atomics.
+    _tq_aligned_split = triton.heuristics({"SPLITS": lambda a: max(1, min(
+        triton.cdiv(a["K"] * a["BITS"] // 8, a["BLOCK_B"]), _TARGET_PROGRAMS // triton.cdiv(a["N"], a["BLOCK_N"])))})(
+        _tq_aligned)
+    _tq_aligned_tuned = triton.autotune(configs=_ALIGNED_CONFIGS, key=["N", "K", "M_BUCKET"],
+                                        reset_to_zero=["out_ptr"])(_tq_aligned_split)
+
+    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                for n, k, w in ((64, 128, 4), (128, 128, 4), (32, 256, 4), (128, 64, 8))]
+    _tq_generic_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "M_BUCKET"])(_tq_generic)
+
+
+def _aligned(cfg: TQConfig) -> bool:
+    return cfg.bits in (1, 2, 4, 8) and (cfg.dim * int(cfg.bits)) % 8 == 0
+
+
+def tq_linear(x_rotated: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQConfig) -> torch.Tensor:
+    """x_rotated [..., in] times the TurboQuant weight (codes [out, in/group, bytes], scales [out, in/group])."""
+    shape = x_rotated.shape
+    k = shape[-1]
+    n = codes.shape[0]
+    x2 = x_rotated.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter (tests on CPU) cannot autotune
+    bucket = 1 << max(0, math.ceil(math.log2(m)))
+    ieee = x2.dtype == torch.float32
+    codes, scales = codes.contiguous(), scales.contiguous()
+    if _aligned(cfg):
+        table = _layout(cfg, x2.device)[0]
+        out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+        block_m = 1 if m == 1 else 16
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"], triton.cdiv(m, block_m))  # noqa: E731
+        args = (x2, codes, scales, table, out, m, n, bucket)
+        meta = dict(K=k, GROUP=cfg.dim, BITS=int(cfg.bits), IEEE=ieee, BLOCK_M=block_m)
+        if interpret:
+            _tq_aligned_split[grid](*args, **meta, BLOCK_N=16, BLOCK_B=32)
+        else:
+            _tq_aligned_tuned[grid](*args, **meta)
+        return out.to(x_rotated.dtype).reshape(*shape[:-1], n)
+    table, k_high, hb, lb, low_byte0, high_levels = _layout(cfg, x2.device)
+    out = torch.empty(m, n, device=x2.device, dtype=torch.float32)
+    block_m = 16 if m <= 16 else 64
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+    args = (x2, codes, scales, table, out, m, n, bucket)
+    meta = dict(K=k, GROUP=cfg.dim, NBYTES=codes.shape[-1], K_HIGH=k_high, HB=hb, LB=lb, LOW_BYTE0=low_byte0,
+                HIGH_LEVELS=high_levels, IEEE=ieee, BLOCK_M=block_m)
+    if interpret:
+        _tq_generic[grid](*args, **meta, BLOCK_N=32, BLOCK_K=64)
+    else:
+        _tq_generic_tuned[grid](*args, **meta)
+    return out.to(x_rotated.dtype).reshape(*shape[:-1], n)
