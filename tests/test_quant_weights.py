@@ -14,6 +14,7 @@ import wren
 from wren.errors import BadOptionError
 from wren.quant import folder
 from wren.quant.linear import TQLinear, quantize_weight, reference_path
+from wren.quant.tables import TQRowTable
 
 
 def test_tq_linear_matches_its_dequantized_weight():
@@ -52,6 +53,27 @@ def test_quantized_folder_round_trip(tiny, tmp_path, name, group):
     assert (reloaded.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9  # 8 bits: nearly lossless
     assert folder.linear_bits_per_weight(loaded) == pytest.approx(8 + 16 / (group or 64), abs=0.6)
     assert wren.generate(loaded, "the tea", temperature=0, num_predict=4) is not None
+    if name == "gemma4-e2b":  # the PLE table is stored as codes too, and looked up row by row
+        table = loaded.embed_tokens_per_layer
+        assert isinstance(table, TQRowTable) and table.bits == 8
+        rows = table.lookup(ids[:1, :3], "cpu", torch.float32)
+        assert rows.shape == (1, 3, table.width)
+
+
+def test_input_scales_lower_the_output_error(tiny):
+    """The data-free column scales (importance.py) must not make a model worse than plain TurboQuant."""
+    model = wren.load(tiny["gemma3"][2])
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(ids)
+    errors = {}
+    for scaled in (False, True):
+        m = wren.load(tiny["gemma3"][2])
+        recipe = folder.quantize_model(m, bits=3, group=0, embed_bits=8, input_scales=scaled)
+        assert any(spec.get("input_scale") for spec in recipe["modules"].values()) == scaled
+        with torch.no_grad():
+            errors[scaled] = ((m(ids) - ref).norm() / ref.norm()).item()
+    assert 0 < errors[True] < errors[False] * 1.1, errors
 
 
 def test_output_folder_must_be_new(tiny, tmp_path):

@@ -82,3 +82,111 @@ class KVCache:
         self.valid.fill_(True)
         for p in self.slot_pos.values():
             p.fill_(-1)
+
+
+class SlotCache:
+    """A cache whose rows ("slots") are independent sequences, for continuous batching in the server.
+
+    Each row has its own length; a forward runs on any subset of rows (`select`), so a new sequence is
+    prefilled into a free row while the others keep decoding, and a finished row is truncated to a prefix
+    and reused. Key positions are kept per row (-1 = empty), so rows never need padding. The model calls
+    `positions`, `update` and `advance` exactly as on a KVCache; `update` ignores the positions it is
+    handed (the model passes row 0's) and uses the per-row ones that `positions` returned.
+    """
+
+    def __init__(self, specs: list[LayerSpec], slots: int, max_len: int, window: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.max_len, self.batch, self.device = max_len, slots, device
+        self.lengths = [0] * slots
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.slot_pos: dict[int, torch.Tensor] = {}
+        self.ring: dict[int, bool] = {}
+        self.window = None  # the smallest ring, or None when no layer wraps
+        for i, spec in enumerate(specs):
+            if spec.kv_source != i:
+                continue
+            ring = spec.kind == SLIDING and window < max_len
+            n = window if ring else max_len
+            shape = (slots, spec.num_kv_heads, n, spec.head_dim)
+            self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.slot_pos[i] = torch.full((slots, n), -1, dtype=torch.long, device=device)
+            self.ring[i] = ring
+            if ring:
+                self.window = n if self.window is None else min(self.window, n)
+        self.select(list(range(slots)))
+
+    @classmethod
+    def for_model(cls, model, slots: int, max_len: int | None = None) -> "SlotCache":
+        weight = model.norm.weight
+        return cls(model.specs, slots, max_len or model.config.max_position_embeddings,
+                   model.config.sliding_window, weight.dtype, weight.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    def select(self, rows: list[int]) -> None:
+        """The rows the next forward runs on, in the order of its batch dimension."""
+        self.rows = list(rows)
+        first = self.rows[0] if self.rows else 0
+        if self.rows == list(range(first, first + len(self.rows))):
+            self._index = slice(first, first + len(self.rows))  # a view: no gather, no scatter
+        else:
+            self._index = torch.tensor(self.rows, device=self.device)
+        self._pos = None
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep only the first `length` positions of a row (0 frees it)."""
+        self.lengths[row] = length
+        for p in self.slot_pos.values():
+            p[row].masked_fill_(p[row] >= length, -1)
+
+    def positions(self, n_new: int) -> torch.Tensor:
+        starts = [self.lengths[r] for r in self.rows]
+        if max(starts) + n_new > self.max_len:
+            raise ContextLengthError(f"{max(starts) + n_new} tokens do not fit the context of {self.max_len}; "
+                                     "shorten the prompt or raise num_ctx")
+        base = torch.tensor(starts, device=self.device)[:, None]
+        self._pos = base + torch.arange(n_new, device=self.device)
+        return self._pos
+
+    def advance(self, n_new: int) -> None:
+        for r in self.rows:
+            self.lengths[r] += n_new
+
+    def _rows(self, t: torch.Tensor, end: int | None = None) -> torch.Tensor:
+        """The selected rows of t ([B, H, S, D] or [B, S]), up to slot `end`: cut before gathering."""
+        if end is not None:
+            t = t[:, :, :end] if t.dim() == 4 else t[:, :end]
+        return t[self._index]
+
+    def _write(self, t: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+        # t: [B, H, S, D] (or [B, S]); slots: [b, n]; new: [b, n, H, D] (or [b, n])
+        idx = self._index
+        rows = (torch.arange(slots.shape[0], device=self.device) if isinstance(idx, slice) else idx)[:, None]
+        target = t[idx] if isinstance(idx, slice) else t
+        if t.dim() == 4:
+            target[rows, :, slots] = new
+        else:
+            target[rows, slots] = new
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, _pos=None):
+        pos = self._pos  # [b, T]
+        K, V, P = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        if not self.ring[layer]:
+            self._write(K, pos, k.transpose(1, 2))
+            self._write(V, pos, v.transpose(1, 2))
+            self._write(P, pos, pos)
+            end = int(pos.max()) + 1
+            return self._rows(K, end), self._rows(V, end), self._rows(P, end), None
+        keys = torch.cat([self._rows(K), k], dim=2)
+        values = torch.cat([self._rows(V), v], dim=2)
+        key_pos = torch.cat([self._rows(P), pos], dim=1)
+        window = P.shape[1]
+        keep = pos[:, -window:]
+        slots = keep % window
+        self._write(K, slots, k[:, :, -window:].transpose(1, 2))
+        self._write(V, slots, v[:, :, -window:].transpose(1, 2))
+        self._write(P, slots, keep)
+        return keys, values, key_pos, None

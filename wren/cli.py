@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import WrenError
+from .store import commands as store_commands
 
 GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
                 "ai.google.dev/gemma/terms")
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a prompt, or chat when no prompt is given")
     run.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]",
-                     help="MODEL is a folder or .gguf path (omit it for the default model)")
+                     help="MODEL is a model name, a folder or a .gguf path (omit it for the default model)")
     run.add_argument("--system", help="system prompt")
     run.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
     run.add_argument("--think", action="store_true", help="let a Gemma 4 model think before answering")
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="describe a model")
     show.add_argument("model", nargs="?", default=None)
     show.add_argument("--license", action="store_true", help="print the licence text only")
+    store_commands.add_show_flags(show)
     quant = sub.add_parser("quantize", help="compress a model's weights with TurboQuant (no calibration data)")
     quant.add_argument("model", nargs="?", default=None)
     quant.add_argument("--bits", type=float, required=True, help="bits per weight of the linear layers (1-8)")
@@ -54,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights per scale along the input dim; 0 (default) = a whole row")
     quant.add_argument("--embed-bits", type=float, default=8, help="bits of the embedding / tied LM head")
     quant.add_argument("--seed", type=int, default=0, help="rotation seed (stored in the output)")
+    quant.add_argument("--module-bits", action="append", default=[], metavar="PATTERN=BITS",
+                       help="other bits for the layers whose name matches (e.g. '*.v_proj=5'; repeatable)")
+    quant.add_argument("--no-input-scales", action="store_true",
+                       help="skip the data-free column scaling (plain TurboQuant)")
     quant.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
     quant.add_argument("--quiet", action="store_true")
     ppl = sub.add_parser("perplexity", help="perplexity over a text file, as llama.cpp measures it")
@@ -62,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=512)
     ppl.add_argument("--chunks", type=int, default=None, help="evaluate only the first N windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    store_commands.add_parsers(sub)
+    serve = sub.add_parser("serve", help="Ollama- and OpenAI-compatible HTTP API (default 127.0.0.1:11435)")
+    serve.add_argument("--host", help="address[:port] to bind (env WREN_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 11435)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY (env WREN_API_KEY)")
+    serve.add_argument("--cors-origin", action="append", help="an extra allowed CORS origin (repeatable)")
+    serve.add_argument("--max-queue", type=int, help="requests that may wait for a slot before 503 (512)")
+    serve.add_argument("--parallel", type=int, help="sequences decoded together per model (4)")
+    serve.add_argument("--max-loaded-models", type=int, help="models kept in memory at once (3)")
+    serve.add_argument("--keep-alive", help="how long an idle model stays loaded (5m; -1 forever)")
+    serve.add_argument("--kv-cache", help="KV cache type (reserved: only the dense cache for now)")
     return parser
 
 
@@ -78,7 +95,8 @@ def _split_model_prompt(words: list[str]) -> tuple[str | None, str | None]:
     if not words:
         return None, None
     first = words[0]
-    if first in (DEFAULT_MODEL, "default") or Path(first).expanduser().exists():
+    if (first in (DEFAULT_MODEL, "default") or Path(first).expanduser().exists()
+            or store_commands.stored_model(first)):
         return first, " ".join(words[1:]) or None
     if len(words) > 1 and (first.endswith(".gguf") or "/" in first):
         raise WrenError(f"no model at {first}: give an HF folder, a .gguf file, or omit it for the default")
@@ -98,6 +116,12 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     model = wren.load(source)
     load_seconds = time.perf_counter() - t0
+    if getattr(model, "defaults", None):  # a stored model's PARAMETERs; flags given here win
+        opts = Options.from_dict({**model.defaults, **_options(args)})
+    if args.system is None:
+        args.system = getattr(model, "system", None)
+    if prompt is not None and getattr(model, "messages", None) and not args.raw:
+        prompt = [*model.messages, {"role": "user", "content": prompt}]
     if model.tokenizer is None:
         raise WrenError(f"{model.source} has no tokenizer (tokenizer.json or GGUF vocabulary)")
     if prompt is not None:
@@ -136,7 +160,7 @@ def _print_timings(s, total: float, load: float) -> None:
 
 
 def _chat_loop(model, opts, args, load_seconds: float) -> int:
-    history: list[dict] = []
+    history: list[dict] = list(getattr(model, "messages", None) or [])
     print("Send a message (/? for help, /bye to quit)", file=sys.stderr)
     while True:
         try:
@@ -150,7 +174,7 @@ def _chat_loop(model, opts, args, load_seconds: float) -> int:
         if command in ("/bye", "/exit"):
             return 0
         if command == "/clear":
-            history.clear()
+            history[:] = list(getattr(model, "messages", None) or [])
             print("Cleared session context", file=sys.stderr)
             continue
         if command in ("/?", "/help"):
@@ -188,6 +212,8 @@ def cmd_show(args) -> int:
     import wren
     from .models import param_count
 
+    if store_commands.wants_store_view(args):
+        return store_commands.cmd_show_store(args)
     model = wren.load(args.model)
     cfg = model.config
     license_text = model.license
@@ -223,10 +249,20 @@ def cmd_quantize(args) -> int:
     import wren
     from .quant import folder
 
+    module_bits = {}
+    for item in args.module_bits:
+        pattern, _, bits = item.rpartition("=")
+        try:
+            module_bits[pattern] = float(bits)
+        except ValueError:
+            raise WrenError(f"--module-bits takes PATTERN=BITS, e.g. '*.v_proj=5'; got {item!r}") from None
+        if not pattern:
+            raise WrenError(f"--module-bits takes PATTERN=BITS, e.g. '*.v_proj=5'; got {item!r}")
     model = wren.load(args.model)
     out = Path(args.output)
     with _progress(args.quiet, "quantizing") as update:
-        recipe = folder.quantize_model(model, args.bits, args.group_size, args.embed_bits, args.seed, update)
+        recipe = folder.quantize_model(model, args.bits, args.group_size, args.embed_bits, args.seed, update,
+                                       input_scales=not args.no_input_scales, module_bits=module_bits)
     folder.save(model, out)
     n_modules = len(recipe["modules"])
     group = args.group_size or "row"
@@ -291,7 +327,8 @@ def _mib(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "show": cmd_show, "quantize": cmd_quantize, "perplexity": cmd_perplexity}
+    handlers = {"run": cmd_run, "show": cmd_show, "quantize": cmd_quantize, "perplexity": cmd_perplexity,
+                **store_commands.HANDLERS, "serve": lambda a: __import__("wren.server").server.serve(a)}
     try:
         return handlers[args.command](args)
     except WrenError as exc:

@@ -6,6 +6,7 @@ interrupted quantize never leaves a half model that later loads."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -19,9 +20,12 @@ from torch import nn
 
 from ..errors import BadOptionError, ModelFormatError
 from ..weights.tables import RowTable
+from .importance import column_scales, input_loudness
 from .linear import TQEmbedding, TQLinear
+from .tables import TQRowTable
 
 FORMAT = "wren-turboquant/1"
+PLE = "embed_tokens_per_layer"
 MIN_GROUP = 8
 
 
@@ -29,10 +33,15 @@ def _linear_names(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def quantize_model(model, bits: float, group: int, embed_bits: float | None, seed: int = 0, progress=None) -> dict:
+def quantize_model(model, bits: float, group: int, embed_bits: float | None, seed: int = 0, progress=None,
+                   input_scales: bool = True, module_bits: dict[str, float] | None = None) -> dict:
     """Swap every linear layer (and the embedding / tied LM head) for TurboQuant modules, in place.
-    Returns the recipe: which module got how many bits."""
+    With `input_scales`, columns are first scaled by the data-free estimate of their inputs' loudness
+    (importance.py). `module_bits` overrides the rate of the layers whose name matches a pattern
+    (fnmatch, e.g. {"*.v_proj": 5}; the last matching pattern wins). Returns the recipe: which module got
+    how many bits."""
     names = _linear_names(model)
+    scales = _column_scales(model, names) if input_scales else {}
     recipe = {}
     total = len(names) + (embed_bits is not None)
     for i, name in enumerate(names):
@@ -40,8 +49,10 @@ def quantize_model(model, bits: float, group: int, embed_bits: float | None, see
         dense = getattr(parent, child)
         g = _group_for(dense.in_features, group)
         if g >= MIN_GROUP:
-            setattr(parent, child, TQLinear.from_dense(dense.weight.data, bits, g, seed))
-            recipe[name] = {"bits": bits, "group": g, "kind": "linear"}
+            s = scales.get(name)
+            b = _bits_for(name, bits, module_bits)
+            setattr(parent, child, TQLinear.from_dense(dense.weight.data, b, g, seed, column_scale=s))
+            recipe[name] = {"bits": b, "group": g, "kind": "linear", **({"input_scale": True} if s is not None else {})}
         if progress:
             progress(i + 1, total, name)
     g = _group_for(model.config.hidden_size, group)
@@ -51,14 +62,41 @@ def quantize_model(model, bits: float, group: int, embed_bits: float | None, see
         if progress:
             progress(total, total, "embed_tokens")
     table = model.embed_tokens_per_layer
-    if table is not None:
-        # The PLE table is kept in fp16 for now (row-wise TurboQuant of it is still to come); converting
-        # here makes the model in memory the one that `save` writes.
+    if table is not None and embed_bits is not None:
+        # The PLE table: row-wise codes, one group per decoder layer's slice of a row (a lookup decodes
+        # only its rows, from the mapped file).
+        g = _group_for(table.width, model.config.hidden_size_per_layer_input)
+        model.embed_tokens_per_layer = TQRowTable.from_dense(table, embed_bits, g, seed)
+        recipe[PLE] = {"bits": embed_bits, "group": g, "kind": "row_table"}
+    elif table is not None:
         dense = table.tensor if table.tensor is not None else table.lookup(torch.arange(table.rows), "cpu",
                                                                            torch.float32)
         model.embed_tokens_per_layer = RowTable.from_tensor(dense.to(torch.float16))
     model.quant_recipe = {"format": FORMAT, "seed": seed, "modules": recipe}
     return model.quant_recipe
+
+
+def _bits_for(name: str, bits: float, module_bits: dict[str, float] | None) -> float:
+    for pattern, b in (module_bits or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            bits = b
+    return bits
+
+
+def _column_scales(model, names: list[str]) -> dict[str, torch.Tensor]:
+    """{name: s} for the linear layers whose input loudness importance.py can estimate; layers fed the
+    same input (q/k/v, gate/up: the same σ object) get one shared s."""
+    sigma = input_loudness(model)
+    by_input: dict[int, list[str]] = {}
+    for name in names:
+        if name in sigma:
+            by_input.setdefault(id(sigma[name]), []).append(name)
+    out = {}
+    for members in by_input.values():
+        weights = [model.get_submodule(n).weight for n in members]
+        s = column_scales(weights, sigma[members[0]])
+        out.update({n: s for n in members})
+    return out
 
 
 def _group_for(width: int, group: int) -> int:
@@ -80,6 +118,8 @@ def install(model, recipe: dict) -> None:
         raise ModelFormatError(f"unknown quantization format {recipe.get('format') if isinstance(recipe, dict) else recipe!r}")
     seed = recipe.get("seed", 0)
     for name, spec in recipe.get("modules", {}).items():
+        if name == PLE:
+            continue  # a row table, not a module: the loader builds it from its codes (`ple_table`)
         try:
             parent, child = _split(model, name)
             old = getattr(parent, child)
@@ -88,7 +128,8 @@ def install(model, recipe: dict) -> None:
         shape = old.weight.shape
         cls = TQEmbedding if spec.get("kind") == "embedding" else TQLinear
         try:
-            setattr(parent, child, cls(shape[0], shape[1], spec["bits"], spec["group"], seed))
+            module = cls(shape[0], shape[1], spec["bits"], spec["group"], seed, bool(spec.get("input_scale")))
+            setattr(parent, child, module)
         except (KeyError, BadOptionError) as exc:
             raise ModelFormatError(f"bad quantization recipe for {name}: {exc}") from None
 
@@ -114,8 +155,11 @@ def save(model, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if model.embed_tokens_per_layer is not None:
-            tensors["embed_tokens_per_layer.weight"] = model.embed_tokens_per_layer.tensor.contiguous()
+        table = model.embed_tokens_per_layer
+        if isinstance(table, TQRowTable):
+            tensors.update(table.tensors(PLE))
+        elif table is not None:
+            tensors[f"{PLE}.weight"] = table.tensor.contiguous()
         save_file(tensors, tmp / "model.safetensors", metadata={"wren_quant": json.dumps(model.quant_recipe)})
         config = dataclasses.asdict(model.config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -142,3 +186,15 @@ def save(model, out: Path) -> Path:
 def file_bytes(path: Path) -> int:
     path = Path(path)
     return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+def ple_table(recipe: dict | None, tensors: dict):
+    """The quantized PLE table a recipe describes, from its mapped codes and scales; None if not quantized."""
+    spec = (recipe or {}).get("modules", {}).get(PLE)
+    if spec is None:
+        return None
+    try:
+        return TQRowTable(tensors[f"{PLE}.codes"], tensors[f"{PLE}.scales"], spec["bits"], spec["group"],
+                          recipe.get("seed", 0))
+    except (KeyError, BadOptionError) as exc:
+        raise ModelFormatError(f"bad quantized PLE table: {exc}") from None

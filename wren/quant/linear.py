@@ -74,10 +74,18 @@ def _version(x: torch.Tensor) -> int | None:
         return None
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two input-scale vectors are equal (q/k/v hold equal copies of one)."""
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+
+
 class TQWeight(nn.Module):
     """Codes and scales of a [out, in] matrix, and the two things a model does with one."""
 
-    def __init__(self, out_features: int, in_features: int, bits: float, group: int, seed: int):
+    def __init__(self, out_features: int, in_features: int, bits: float, group: int, seed: int,
+                 input_scaled: bool = False):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.bits, self.group, self.seed = bits, group, seed
@@ -85,17 +93,26 @@ class TQWeight(nn.Module):
         groups = in_features // group
         self.register_buffer("codes", torch.zeros(out_features, groups, codes_nbytes(self.cfg), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
+        # 1/s per input channel when the columns were scaled by s before quantizing (importance.py)
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16) if input_scaled else None)
         self._rotated = None  # the reference path's float32 matrix
         self._int8 = None  # the CPU fast path's (levels, row scales)
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor, bits: float, group: int, seed: int) -> "TQWeight":
-        module = cls(w.shape[0], w.shape[1], bits, group, seed)
+    def from_dense(cls, w: torch.Tensor, bits: float, group: int, seed: int,
+                   column_scale: torch.Tensor | None = None) -> "TQWeight":
+        """Quantize w; with `column_scale` s, quantize w·diag(s) and divide inputs by s at run time."""
+        module = cls(w.shape[0], w.shape[1], bits, group, seed, input_scaled=column_scale is not None)
+        if column_scale is not None:
+            inverse = (1 / column_scale.float()).half()  # the inverse is what is stored: fit to it
+            w = w.float() / inverse.float().to(w.device)
+            module.input_scale = inverse.to(w.device)
         module.codes, module.scales = quantize_weight(w, bits, group, seed)
         return module
 
     def bits_per_weight(self) -> float:
-        return (self.codes.numel() * 8 + self.scales.numel() * 16) / (self.out_features * self.in_features)
+        extra = 0 if self.input_scale is None else self.input_scale.numel() * 16
+        return (self.codes.numel() * 8 + self.scales.numel() * 16 + extra) / (self.out_features * self.in_features)
 
     def rotated_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """[out, in] codebook values times scales, in the rotated space; built once."""
@@ -105,16 +122,19 @@ class TQWeight(nn.Module):
         return self._rotated
 
     def rotate_input(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """The input as the codes see it: divided by the column scales (if any), then rotated per group."""
         global _last_rotation
         shape = x.shape
         if fast:
             key = (self.cfg, _version(x))
-            if _last_rotation is not None and _last_rotation[0] is x and _last_rotation[1] == key:
-                return _last_rotation[2]
-        xg = x.float().reshape(*shape[:-1], self.in_features // self.group, self.group)
+            last = _last_rotation
+            if last is not None and last[0] is x and last[1] == key and _same(last[2], self.input_scale):
+                return last[3]
+        xs = x.float() if self.input_scale is None else x.float() * self.input_scale.float()
+        xg = xs.reshape(*shape[:-1], self.in_features // self.group, self.group)
         if fast:
             xr = cpu_kernels.rotate_fast(xg, self.cfg).reshape(shape).to(x.dtype)
-            _last_rotation = (x, key, xr)
+            _last_rotation = (x, key, self.input_scale, xr)
             return xr
         return rotate(xg, self.cfg.seed, self.cfg.rotation, self.cfg.block).reshape(shape).to(x.dtype)
 
@@ -139,7 +159,9 @@ class TQWeight(nn.Module):
         return w.to(dtype).reshape(*ids.shape, self.in_features)
 
     def dense(self) -> torch.Tensor:
-        return self.rows(torch.arange(self.out_features), torch.float32)
+        """The weight this module multiplies by, de-rotated (input scales folded back in)."""
+        w = self.rows(torch.arange(self.out_features, device=self.codes.device), torch.float32)
+        return w if self.input_scale is None else w * self.input_scale.float()
 
 
 class TQLinear(TQWeight):

@@ -72,12 +72,17 @@ def resolve(source: str | os.PathLike | None) -> Path:
 def load(source=None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a model; the returned module maps [B, T] token ids to [B, T, V] logits and carries
     `.tokenizer`, `.chat_template`, `.source`, `.tensor_types` and `.notes`."""
-    path = resolve(source)
+    from ..store.hook import attach, lookup  # a model name such as gemma3:270m, and the default model
+
+    stored = lookup(source)
+    path = stored.model_path if stored is not None else resolve(source)
     if path.is_dir():
         model = _load_hf_folder(path, dtype)
     else:
         model = _load_gguf(path, dtype)
     model.source = path
+    if stored is not None:
+        attach(model, stored)
     return model.to(device)
 
 
@@ -143,7 +148,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     cfg = _make_config(json_object(cfg_path.read_bytes(), str(cfg_path)), cfg_path)
     files = open_checkpoint(folder)
     recipe = _quant_recipe(files)
-    tensors, table, skipped = {}, None, 0
+    tensors, table, ple_parts, skipped = {}, None, {}, 0
     for hf_name, st in files.items():
         name = _wren_name(hf_name)
         if name.startswith(_TOWERS):
@@ -152,7 +157,13 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
         if name == "embed_tokens_per_layer.weight":
             table = RowTable.from_tensor(st.tensor(hf_name))
             continue
+        if name.startswith("embed_tokens_per_layer."):  # a TurboQuant PLE table's codes and scales
+            ple_parts[name] = st.tensor(hf_name)
+            continue
         tensors[name] = (st.shape(hf_name), lambda st=st, n=hf_name: st.tensor(n))
+    if ple_parts:
+        from ..quant import folder as quant_folder
+        table = quant_folder.ple_table(recipe, ple_parts)
     model = _build(cfg, tensors, dtype, table, recipe)
     model.storage_bits = {_wren_name(n): files[n].entries[n][0].itemsize * 8 for n in files}
     if skipped:
