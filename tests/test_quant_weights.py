@@ -14,6 +14,7 @@ import wren
 from wren.errors import BadOptionError
 from wren.quant import folder
 from wren.quant.linear import TQLinear, quantize_weight, reference_path
+from wren.quant.experts import TQExperts
 from wren.quant.tables import TQRowTable
 
 
@@ -53,6 +54,8 @@ def test_quantized_folder_round_trip(tiny, tmp_path, name, group):
     assert (reloaded.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9  # 8 bits: nearly lossless
     assert folder.linear_bits_per_weight(loaded) == pytest.approx(8 + 16 / (group or 64), abs=0.6)
     assert wren.generate(loaded, "the tea", temperature=0, num_predict=4) is not None
+    if name == "gemma4-26b":  # the MoE experts are codes too
+        assert isinstance(loaded.layers[0].experts, TQExperts)
     if name == "gemma4-e2b":  # the PLE table is stored as codes too, and looked up row by row
         table = loaded.embed_tokens_per_layer
         assert isinstance(table, TQRowTable) and table.bits == 8

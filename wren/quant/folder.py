@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import BadOptionError, ModelFormatError
 from ..weights.tables import RowTable
+from .experts import TQExperts
 from .importance import column_scales, input_loudness
 from .linear import TQEmbedding, TQLinear
 from .tables import TQRowTable
@@ -55,6 +56,14 @@ def quantize_model(model, bits: float, group: int, embed_bits: float | None, see
             recipe[name] = {"bits": b, "group": g, "kind": "linear", **({"input_scale": True} if s is not None else {})}
         if progress:
             progress(i + 1, total, name)
+    for name in _expert_names(model):
+        parent, child = _split(model, name)
+        dense = getattr(parent, child)
+        g, g_down = _group_for(dense.gate_up_proj.shape[2], group), _group_for(dense.down_proj.shape[2], group)
+        b = _bits_for(name, bits, module_bits)
+        if min(g, g_down) >= MIN_GROUP:
+            setattr(parent, child, TQExperts.from_dense(dense, b, g, g_down, seed))
+            recipe[name] = {"bits": b, "group": g, "down_group": g_down, "kind": "experts"}
     g = _group_for(model.config.hidden_size, group)
     if embed_bits is not None and g >= MIN_GROUP:
         model.embed_tokens = TQEmbedding.from_dense(model.embed_tokens.weight.data, embed_bits, g, seed)
@@ -74,6 +83,12 @@ def quantize_model(model, bits: float, group: int, embed_bits: float | None, see
         model.embed_tokens_per_layer = RowTable.from_tensor(dense.to(torch.float16))
     model.quant_recipe = {"format": FORMAT, "seed": seed, "modules": recipe}
     return model.quant_recipe
+
+
+def _expert_names(model) -> list[str]:
+    """MoE expert stacks: modules holding [E, 2I, H] gate_up and [E, H, I] down parameters."""
+    return [name for name, m in model.named_modules()
+            if isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) and getattr(m, "down_proj", None) is not None]
 
 
 def _bits_for(name: str, bits: float, module_bits: dict[str, float] | None) -> float:
@@ -125,10 +140,14 @@ def install(model, recipe: dict) -> None:
             old = getattr(parent, child)
         except AttributeError:
             raise ModelFormatError(f"quantization recipe names {name!r}, which the model does not have") from None
-        shape = old.weight.shape
-        cls = TQEmbedding if spec.get("kind") == "embedding" else TQLinear
         try:
-            module = cls(shape[0], shape[1], spec["bits"], spec["group"], seed, bool(spec.get("input_scale")))
+            if spec.get("kind") == "experts":
+                e, two_i, h = old.gate_up_proj.shape
+                module = TQExperts(e, h, two_i // 2, spec["bits"], spec["group"], spec["down_group"], seed)
+            else:
+                shape = old.weight.shape
+                cls = TQEmbedding if spec.get("kind") == "embedding" else TQLinear
+                module = cls(shape[0], shape[1], spec["bits"], spec["group"], seed, bool(spec.get("input_scale")))
             setattr(parent, child, module)
         except (KeyError, BadOptionError) as exc:
             raise ModelFormatError(f"bad quantization recipe for {name}: {exc}") from None
@@ -138,7 +157,10 @@ def linear_bits_per_weight(model) -> float:
     """Average stored bits per weight of the decoder's linear layers (embeddings excluded)."""
     bits = n = 0
     for name, m in model.named_modules():
-        if isinstance(m, TQLinear):
+        if isinstance(m, TQExperts):
+            b, w = m.bits_and_weights()
+            bits, n = bits + b, n + w
+        elif isinstance(m, TQLinear):
             bits += m.bits_per_weight() * m.out_features * m.in_features
             n += m.out_features * m.in_features
         elif isinstance(m, nn.Linear):

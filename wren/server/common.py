@@ -21,6 +21,7 @@ from ..sampling import Options
 from ..tokenizer import StreamDetokenizer
 from .constrained import Constraint, TokenTable
 from .engine import Job, JobStats, QueueFullError
+from .thinking import ThoughtSplitter
 
 MAX_BODY = 64 << 20
 
@@ -141,8 +142,9 @@ async def make_constraint(loaded, root, opts: Options):
 
 
 async def generate(app, loaded, ids: list[int], opts: Options, *, root=None, request: Request | None = None,
-                   result: Result | None = None):
+                   result: Result | None = None, split_thinking: bool = False):
     """Yield text pieces of the reply; `result` is filled in as it goes (stats, done_reason at the end).
+    With `split_thinking`, pieces of Gemma 4's thought channel come as `thinking.Thinking` strings.
     Cancels the job when the consumer stops early (client gone, stop string)."""
     result = result if result is not None else Result()
     loop = asyncio.get_running_loop()
@@ -162,6 +164,7 @@ async def generate(app, loaded, ids: list[int], opts: Options, *, root=None, req
     metrics.prompt_tokens(len(ids))
     detok = StreamDetokenizer(model.tokenizer)
     stops = StopStrings(opts.stop)
+    thoughts = ThoughtSplitter(model.tokenizer) if split_thinking else None
     try:
         while True:
             event = await _next_event(events, request)
@@ -171,7 +174,11 @@ async def generate(app, loaded, ids: list[int], opts: Options, *, root=None, req
                     result.first_token = time.perf_counter()
                     metrics.first_token(result.first_token - result.started)
                 result.tokens.append(event[1])
+                if thoughts is not None:
+                    thoughts.token(event[1])
                 text, hit = stops.push(detok.push(event[1]))
+                if thoughts is not None and text:
+                    text = thoughts.text(text)
                 if text:
                     result.text += text
                     yield text

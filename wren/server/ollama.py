@@ -23,6 +23,7 @@ from .constrained import root_for_format
 from ..sampling import Options
 from .engine import Job
 from .manager import parse_keep_alive
+from .thinking import Thinking
 from .tools import check_tools, maybe_tool_call, parse_tool_calls, render_messages
 
 NDJSON = "application/x-ndjson"
@@ -194,11 +195,13 @@ async def api_generate(request: Request) -> Response:
 
     async def run():
         async for piece in generate(request.app, loaded, ids, opts, root=root, result=result,
-                                    request=None if stream else request):
+                                    request=None if stream else request, split_thinking=bool(think)):
             yield piece
 
     def shape(pieces, final):
-        out = {"model": name, "created_at": now_rfc3339(), "response": "".join(pieces), "done": final}
+        out = {"model": name, "created_at": now_rfc3339(), "response": _text(pieces), "done": final}
+        if _thinking(pieces):
+            out["thinking"] = _thinking(pieces)
         if final:
             out["done_reason"] = result.done_reason or "stop"
             if not raw:
@@ -244,8 +247,8 @@ async def api_chat(request: Request) -> Response:
         held = ""  # text that may be a tool call, not yet streamed
         streaming = not functions
         async for piece in generate(request.app, loaded, ids, opts, root=root, result=result,
-                                    request=None if stream else request):
-            if streaming:
+                                    request=None if stream else request, split_thinking=bool(think)):
+            if streaming or isinstance(piece, Thinking):
                 yield piece
                 continue
             held += piece
@@ -258,7 +261,9 @@ async def api_chat(request: Request) -> Response:
 
     def shape(pieces, final):
         calls = [c for p in pieces if isinstance(p, _ToolCalls) for c in p.calls]
-        message = {"role": "assistant", "content": "".join(p for p in pieces if isinstance(p, str))}
+        message = {"role": "assistant", "content": _text(pieces)}
+        if _thinking(pieces):
+            message["thinking"] = _thinking(pieces)
         if calls:
             message["tool_calls"] = [{"function": {"index": i, "name": c["name"], "arguments": c["arguments"]}}
                                      for i, c in enumerate(calls)]
@@ -269,6 +274,14 @@ async def api_chat(request: Request) -> Response:
         return out
 
     return await _respond(session, body, run, shape)
+
+
+def _text(pieces) -> str:
+    return "".join(p for p in pieces if isinstance(p, str) and not isinstance(p, Thinking))
+
+
+def _thinking(pieces) -> str:
+    return "".join(p for p in pieces if isinstance(p, Thinking))
 
 
 class _ToolCalls:
