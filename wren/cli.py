@@ -33,6 +33,10 @@ def _options(args) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
+KV_HELP = ("KV cache type: f32, f16, bf16, q8, tq4, tq3.5, tq3, tq2.5, tq2, or KEYS/VALUES such as tq4/tq3 "
+           "(default: the model's PARAMETER kv_cache, else $WREN_KV_CACHE, else dense in the model's dtype)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wren", description="Run Gemma models on this machine.")
     parser.add_argument("--version", action="version", version=_version())
@@ -44,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
     run.add_argument("--think", action="store_true", help="let a Gemma 4 model think before answering")
     run.add_argument("--verbose", action="store_true", help="print timings after each answer")
+    run.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP)
     _add_sampling(run)
     show = sub.add_parser("show", help="describe a model")
     show.add_argument("model", nargs="?", default=None)
@@ -68,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=512)
     ppl.add_argument("--chunks", type=int, default=None, help="evaluate only the first N windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP)
     store_commands.add_parsers(sub)
     serve = sub.add_parser("serve", help="Ollama- and OpenAI-compatible HTTP API (default 127.0.0.1:11435)")
     serve.add_argument("--host", help="address[:port] to bind (env WREN_HOST)")
@@ -137,7 +143,7 @@ def _answer(model, prompt, opts, args, load_seconds: float) -> str:
     t0 = time.perf_counter()
     pieces = []
     for piece in stream_text(model, prompt, opts, system=args.system, raw=args.raw, think=args.think,
-                             stats_out=stats):
+                             stats_out=stats, kv_cache=getattr(args, "kv_cache", None)):
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -286,7 +292,7 @@ def cmd_perplexity(args) -> int:
     model = wren.load(args.model)
     ids = model.tokenizer.encode(text)
     with _progress(args.json, "perplexity") as update:
-        result = perplexity(model, ids, ctx=args.ctx, chunks=args.chunks,
+        result = perplexity(model, ids, ctx=args.ctx, chunks=args.chunks, kv_cache=args.kv_cache,
                             progress=lambda i, n, p: update(i, n, f"ppl {p:.3f}"))
     if args.json:
         out = result.as_dict() | {"bits_per_weight": folder.linear_bits_per_weight(model),

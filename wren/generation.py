@@ -13,6 +13,7 @@ import torch
 
 from . import chat
 from .errors import BadOptionError, ContextLengthError
+from .kv import make_kv_cache, resolve_types
 from .sampling import Options, make_sampler
 from .tokenizer import StreamDetokenizer
 
@@ -47,7 +48,7 @@ class Generation:
     """Iterate to get, per step, one new token id per sequence (None once that sequence has stopped)."""
 
     def __init__(self, model, prompts: list[list[int]], opts: Options, stop_ids: set[int],
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, kv_cache: str | None = None):
         if not prompts or any(not p for p in prompts):
             raise BadOptionError("every prompt needs at least one token")
         self.model, self.opts, self.stop_ids = model, opts, set(stop_ids)
@@ -58,6 +59,8 @@ class Generation:
             raise ContextLengthError(f"the prompt has {longest} tokens but the context holds {self.ctx}; "
                                      "shorten it or raise num_ctx")
         self.prefill_chunk = prefill_chunk
+        # The cache type: this call's, else the stored model's PARAMETER kv_cache, else $WREN_KV_CACHE.
+        self.kv_types = resolve_types(model, kv_cache if kv_cache is not None else getattr(model, "kv_cache", None))
         self.stats = Stats(prompt_tokens=sum(len(p) for p in prompts))
         seeds = [None if opts.seed is None else opts.seed + i for i in range(len(prompts))]
         self.samplers = [make_sampler(Options(**{**opts.__dict__, "seed": s})) for s in seeds]
@@ -80,7 +83,7 @@ class Generation:
         alive = [True] * batch
         limit = opts.num_predict if opts.num_predict >= 0 else None
         with torch.inference_mode():
-            cache = model.make_cache(batch=batch, max_len=self.ctx)
+            cache = make_kv_cache(model, batch=batch, max_len=self.ctx, spec=self.kv_types)
             t0 = time.perf_counter()
             logits = self._prefill(cache)
             self.stats.prompt_seconds = time.perf_counter() - t0
@@ -162,11 +165,11 @@ def prompt_ids(model, prompt, *, system: str | None = None, raw: bool = False, t
 
 
 def stream_text(model, prompt, opts: Options, *, system: str | None = None, raw: bool = False,
-                think: bool = False, stats_out: list | None = None):
+                think: bool = False, stats_out: list | None = None, kv_cache: str | None = None):
     """Yield text pieces of the model's reply. The Stats object is appended to `stats_out` at the end."""
     ids = prompt_ids(model, prompt, system=system, raw=raw, think=think)
     stops = chat.stop_ids(model.tokenizer, chat.template_for(model))
-    gen = Generation(model, [ids], opts, stops)
+    gen = Generation(model, [ids], opts, stops, kv_cache=kv_cache)
     detok = StreamDetokenizer(model.tokenizer)
     stop_strings = StopStrings(opts.stop)
     try:

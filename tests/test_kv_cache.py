@@ -1,0 +1,167 @@
+"""Compressed KV caches (wren.kv): type specs, byte formulas, every type through prefill, decode, sliding
+windows, KV sharing and batches on the tiny models, and attention from codes against the dense reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import wren
+from conftest import TINY
+from wren.errors import BadOptionError
+from wren.kv import (TYPES, CompressedKVCache, codec_for, kv_bytes_per_token, kv_cache_bytes, kv_cache_types,
+                     make_kv_cache)
+
+QUANTIZED = ["q8", "tq4", "tq3.5", "tq3", "tq2.5", "tq2"]
+ALL = [*TYPES, "tq4/tq3", "q8/tq2.5"]
+
+
+def ids_for(seed: int, batch: int = 2, length: int = 20, vocab: int = 384) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    return {name: wren.load(tiny[name][1]) for name in TINY}
+
+
+def test_parse_types(monkeypatch):
+    monkeypatch.delenv("WREN_KV_CACHE", raising=False)
+    assert kv_cache_types("tq4") == ("tq4", "tq4")
+    assert kv_cache_types("TQ4/q8") == ("tq4", "q8")
+    assert kv_cache_types("tq3.5/tq2.5") == ("tq3.5", "tq2.5")
+    assert kv_cache_types(None) == ("auto", "auto")
+    monkeypatch.setenv("WREN_KV_CACHE", "q8/tq3")
+    assert kv_cache_types(None) == ("q8", "tq3")
+    assert kv_cache_types("f16") == ("f16", "f16")  # an explicit type beats the environment
+    for bad in ["", "q4", "tq5", "tq4/", "tq4/tq3/q8", "fp8", "tq2.25", 4]:
+        with pytest.raises(BadOptionError):
+            kv_cache_types(bad)
+
+
+def test_codec_distortion_matches_turboquant():
+    """Relative MSE per head vector: q8 near lossless, tqB at (or under: the least-squares scale) the paper's
+    Lloyd–Max distortion."""
+    x = torch.randn(2000, 256, generator=torch.Generator().manual_seed(0))
+    expected = {"tq4": 0.0095, "tq3": 0.0345, "tq2": 0.117}
+    for name in QUANTIZED:
+        c = codec_for(name, 256)
+        y = c.decode(c.encode(x), torch.float32)
+        mse = ((y - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean().item()
+        assert mse <= expected.get(name, 0.12) * 1.05, (name, mse)
+        assert mse <= (1e-4 if name == "q8" else 1.0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_measured_bytes_match_the_formula(models, name):
+    model = models[name]
+    for spec in ["auto", *ALL]:
+        cache = make_kv_cache(model, batch=2, max_len=40, spec=spec)
+        assert cache.nbytes() == kv_cache_bytes(model, spec, batch=2, max_len=40), spec
+        with torch.inference_mode():
+            model(ids_for(0), cache)  # allocated up front: writing changes nothing
+        assert cache.nbytes() == kv_cache_bytes(model, spec, batch=2, max_len=40), spec
+        short = make_kv_cache(model, batch=3, max_len=model.config.sliding_window, spec=spec)  # no ring
+        assert short.nbytes() == 3 * model.config.sliding_window * kv_bytes_per_token(model, spec), spec
+    dense = kv_bytes_per_token(model, "f32")
+    assert kv_bytes_per_token(model, "f16") * 2 == dense
+    assert kv_bytes_per_token(model, "tq4") < kv_bytes_per_token(model, "q8") < dense / 3
+    assert kv_bytes_per_token(model, "tq2") < kv_bytes_per_token(model, "tq2.5") < kv_bytes_per_token(model, "tq3")
+    assert isinstance(make_kv_cache(model, 1, 16, "q8"), CompressedKVCache)
+    assert not isinstance(make_kv_cache(model, 1, 16, "f32"), CompressedKVCache)  # the model's own dtype
+
+
+# relative L2 error of the logits against the dense cache (tiny random models amplify errors)
+REL_TOL = {"f16": 0.01, "bf16": 0.03, "f32": 1e-6, "q8": 0.03, "tq4": 0.15, "tq4/tq3": 0.2}
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("spec", ALL)
+def test_every_type_prefill_decode_window_batch(models, name, spec):
+    """A 20-token batch of 2 (the window is 6) in one prefill, and again as a prefill chunk plus single-token
+    decode steps: close to the dense cache, and chunking does not change what the cache holds."""
+    model = models[name]
+    ids = ids_for(3)
+    with torch.inference_mode():
+        ref = model(ids, model.make_cache(batch=2, max_len=24))
+        out = model(ids, make_kv_cache(model, 2, 24, spec))
+        cache = make_kv_cache(model, 2, 24, spec)
+        steps = [model(ids[:, :9], cache)] + [model(ids[:, j:j + 1], cache) for j in range(9, 20)]
+    steps = torch.cat(steps, 1)
+    assert torch.isfinite(out).all() and torch.isfinite(steps).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= REL_TOL.get(spec, 0.5), rel
+    # Same codes either way; a rounding flip on a code boundary may move a logit a little.
+    assert ((steps - out).norm() / out.norm()).item() <= 5e-4
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gemma4-e2b"])
+@pytest.mark.parametrize("spec", ["q8", "tq4", "tq2"])
+def test_greedy_generation_batch_with_padding(models, name, spec):
+    from wren.generation import Generation
+    from wren.sampling import Options
+
+    model = models[name]
+    prompts = [[2, *range(40, 52)], [2, 50, 51, 52]]  # longer than the window, left-padded
+    opts = Options(temperature=0, repeat_penalty=1.0, num_predict=10)
+    rows = [[], []]
+    for step in Generation(model, prompts, opts, stop_ids=set(), kv_cache=spec):
+        for row, token in enumerate(step):
+            rows[row].append(token)
+    assert all(len(r) == 10 and all(isinstance(t, int) for t in r) for r in rows)
+    if spec == "q8":  # near lossless: the same greedy tokens as the dense cache
+        dense = [t for (t,) in Generation(model, prompts[:1], opts, stop_ids=set())]
+        assert rows[0][:4] == dense[:4]
+    with pytest.raises(BadOptionError):
+        Generation(model, prompts, opts, stop_ids=set(), kv_cache="q5")
+
+
+def test_model_parameter_and_environment_choose_the_cache(models, monkeypatch):
+    from wren.generation import Generation
+    from wren.sampling import Options
+
+    model = models["gemma3"]
+    opts = Options(temperature=0, num_predict=2)
+    monkeypatch.setenv("WREN_KV_CACHE", "tq3")
+    assert Generation(model, [[2, 3]], opts, set()).kv_types == ("tq3", "tq3")
+    monkeypatch.setattr(model, "kv_cache", "q8/tq4", raising=False)
+    assert Generation(model, [[2, 3]], opts, set()).kv_types == ("q8", "tq4")
+    assert Generation(model, [[2, 3]], opts, set(), kv_cache="f16").kv_types == ("f16", "f16")
+
+
+@pytest.mark.parametrize("types", [("tq4", "tq4"), ("tq3.5", "tq2.5"), ("tq2", "tq3")])
+def test_rotated_attention_equals_dense_reference_on_the_same_codes(types):
+    from wren.kv.attention import attend_rotated
+    from wren.models.layers import attend, attention_mask
+
+    g = torch.Generator().manual_seed(1)
+    b, h, hkv, t, s, d = 2, 8, 2, 3, 40, 128
+    kc, vc = codec_for(types[0], d), codec_for(types[1], d)
+    K, V = kc.encode(torch.randn(b, hkv, s, d, generator=g)), vc.encode(torch.randn(b, hkv, s, d, generator=g))
+    q = torch.randn(b, h, t, d, generator=g)
+    pos = torch.arange(s - t, s).expand(b, t)
+    mask = attention_mask(pos, torch.arange(s).expand(b, -1), 16)
+    ref = attend(q, kc.decode(K, torch.float32), vc.decode(V, torch.float32), mask, d ** -0.5, 50.0)
+    out = attend_rotated(q, K, V, kc, vc, mask, d ** -0.5, 50.0)
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_perplexity_json_reports_the_cache(tiny, tmp_path, capsys):
+    from wren import cli
+
+    text = tmp_path / "text.txt"
+    text.write_text("the sweet tea was hot and the wet net sat on the mat " * 20)
+    results = {}
+    for spec in ["f32", "q8", "tq2"]:
+        assert cli.main(["perplexity", str(tiny["gemma3"][2]), "--file", str(text), "--ctx", "32",
+                         "--chunks", "2", "--kv-cache", spec, "--json"]) == 0
+        results[spec] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert results[spec]["kv_cache"] == spec and math.isfinite(results[spec]["perplexity"])
+    assert results["tq2"]["kv_bytes_per_token"] < results["q8"]["kv_bytes_per_token"] \
+        < results["f32"]["kv_bytes_per_token"]
+    log_ppl = {k: math.log(r["perplexity"]) for k, r in results.items()}  # a random model: huge perplexity
+    assert abs(log_ppl["q8"] - log_ppl["f32"]) <= 1e-3 * log_ppl["f32"]
+    assert cli.main(["perplexity", str(tiny["gemma3"][2]), "--file", str(text), "--kv-cache", "q7"]) == 1

@@ -1,0 +1,100 @@
+"""A KV cache that stores each head vector compressed, quantized once when it is written.
+
+Same interface and layout as wren.cache.KVCache (full layers indexed by position, sliding layers in a ring,
+nothing for KV-shared layers); `update` returns the dequantized keys/values, in the model's dtype, for the
+ordinary `attend`. The new chunk's own keys/values are returned dequantized too, so every query attends to
+exactly what the cache holds, whichever way the sequence was chunked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import KVCache
+from ..config import SLIDING, LayerSpec
+from .codecs import codec_for, vector_nbytes
+from .types import model_dtype_name, resolve_types
+
+
+def _ring(spec: LayerSpec, window: int, max_len: int) -> bool:
+    return spec.kind == SLIDING and window < max_len
+
+
+class CompressedKVCache(KVCache):
+    def __init__(self, specs: list[LayerSpec], batch: int, max_len: int, window: int, types: tuple[str, str],
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.max_len, self.batch, self.types, self.dtype = max_len, batch, tuple(types), dtype
+        self.length = 0  # the next position to be written
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.keys: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.values: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.codecs: dict[int, tuple] = {}
+        self.slot_pos: dict[int, torch.Tensor] = {}
+        self.ring: dict[int, bool] = {}
+        for i, spec in enumerate(specs):
+            if spec.kv_source != i:
+                continue
+            ring = _ring(spec, window, max_len)
+            slots = window if ring else max_len
+            prefix = (batch, spec.num_kv_heads, slots)
+            kc, vc = codec_for(types[0], spec.head_dim), codec_for(types[1], spec.head_dim)
+            self.codecs[i] = (kc, vc)
+            self.keys[i], self.values[i] = kc.empty(prefix, device), vc.empty(prefix, device)
+            self.slot_pos[i] = torch.full((slots,), -1, dtype=torch.long, device=device)
+            self.ring[i] = ring
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for parts in (*self.keys.values(), *self.values.values())
+                   for t in parts)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        kc, vc = self.codecs[layer]
+        K, V, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        new_k, new_v = kc.encode(k), vc.encode(v)
+        if not self.ring[layer]:
+            end = int(pos[-1]) + 1
+            for buf, new in (*zip(K, new_k), *zip(V, new_v)):
+                buf[:, :, pos] = new
+            slot_pos[pos] = pos
+            keys = kc.decode(tuple(b[:, :, :end] for b in K), self.dtype)
+            values = vc.decode(tuple(b[:, :, :end] for b in V), self.dtype)
+            return keys, values, slot_pos[:end], self.valid[:, :end]
+        # Sliding ring: what the ring held before this chunk plus the chunk itself, then keep the newest
+        # `window` entries (as KVCache does).
+        keys = torch.cat([kc.decode(K, self.dtype), kc.decode(new_k, self.dtype)], dim=2)
+        values = torch.cat([vc.decode(V, self.dtype), vc.decode(new_v, self.dtype)], dim=2)
+        key_pos = torch.cat([slot_pos, pos])
+        window = slot_pos.numel()
+        keep = pos[-window:]
+        slots = keep % window
+        for buf, new in (*zip(K, new_k), *zip(V, new_v)):
+            buf[:, :, slots] = new[:, :, -window:]
+        slot_pos[slots] = keep
+        return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
+
+
+def make_kv_cache(model, batch: int = 1, max_len: int | None = None, spec=None, device=None) -> KVCache:
+    """The cache of type `spec` (a string such as `q8` or `tq4/tq3`, a (key, value) pair, or None for
+    $WREN_KV_CACHE / the dense default) for `model`: the plain KVCache when both halves are the model's own
+    dtype, else a CompressedKVCache."""
+    types = resolve_types(model, spec)
+    if types == (model_dtype_name(model),) * 2:
+        return model.make_cache(batch=batch, max_len=max_len, device=device)
+    weight = model.norm.weight
+    return CompressedKVCache(model.specs, batch, max_len or model.config.max_position_embeddings,
+                             model.config.sliding_window, types, weight.dtype, device or weight.device)
+
+
+def kv_cache_bytes(model, spec=None, batch: int = 1, max_len: int | None = None) -> int:
+    """The bytes `make_kv_cache(model, batch, max_len, spec).nbytes()` reports, from the formula:
+    batch x kv_heads x slots x (key + value vector bytes), slots = window for sliding rings, else max_len."""
+    k, v = resolve_types(model, spec)
+    max_len = max_len or model.config.max_position_embeddings
+    window = model.config.sliding_window
+    total = 0
+    for i, s in enumerate(model.specs):
+        if s.kv_source != i:
+            continue
+        slots = window if _ring(s, window, max_len) else max_len
+        total += batch * s.num_kv_heads * slots * (vector_nbytes(k, s.head_dim) + vector_nbytes(v, s.head_dim))
+    return total
