@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="compress a model's weights with TurboQuant (no calibration data)")
     quant.add_argument("model", nargs="?", default=None)
     quant.add_argument("--bits", type=float, required=True, help="bits per weight of the linear layers (1-8)")
-    quant.add_argument("--group-size", type=int, default=0,
-                       help="weights per scale along the input dim; 0 (default) = a whole row")
+    quant.add_argument("--group-size", type=int, default=128,
+                       help="weights per scale along the input dim (default 128); 0 = a whole row")
     quant.add_argument("--embed-bits", type=float, default=8, help="bits of the embedding / tied LM head")
     quant.add_argument("--seed", type=int, default=0, help="rotation seed (stored in the output)")
     quant.add_argument("--module-bits", action="append", default=[], metavar="PATTERN=BITS",
