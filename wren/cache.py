@@ -14,6 +14,15 @@ from .config import SLIDING, LayerSpec
 from .errors import ContextLengthError
 
 
+def owned_layers(specs: list[LayerSpec], window: int, max_len: int):
+    """(layer, spec, ring, slots) for every layer that owns its K/V: a sliding layer shorter than the
+    context keeps a ring of `window` slots, any other layer `max_len`; KV-shared layers are skipped."""
+    for i, spec in enumerate(specs):
+        if spec.kv_source == i:
+            ring = spec.kind == SLIDING and window < max_len
+            yield i, spec, ring, (window if ring else max_len)
+
+
 class KVCache:
     def __init__(self, specs: list[LayerSpec], batch: int, max_len: int, window: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -24,11 +33,7 @@ class KVCache:
         self.values: dict[int, torch.Tensor] = {}
         self.slot_pos: dict[int, torch.Tensor] = {}
         self.ring: dict[int, bool] = {}
-        for i, spec in enumerate(specs):
-            if spec.kv_source != i:
-                continue
-            ring = spec.kind == SLIDING and window < max_len
-            slots = window if ring else max_len
+        for i, spec, ring, slots in owned_layers(specs, window, max_len):
             shape = (batch, spec.num_kv_heads, slots, spec.head_dim)
             self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
             self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
@@ -103,11 +108,7 @@ class SlotCache:
         self.slot_pos: dict[int, torch.Tensor] = {}
         self.ring: dict[int, bool] = {}
         self.window = None  # the smallest ring, or None when no layer wraps
-        for i, spec in enumerate(specs):
-            if spec.kv_source != i:
-                continue
-            ring = spec.kind == SLIDING and window < max_len
-            n = window if ring else max_len
+        for i, spec, ring, n in owned_layers(specs, window, max_len):
             shape = (slots, spec.num_kv_heads, n, spec.head_dim)
             self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
             self.values[i] = torch.zeros(shape, dtype=dtype, device=device)

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import KVCache
-from ..config import SLIDING, LayerSpec
+from ..cache import KVCache, owned_layers
+from ..config import LayerSpec
 from .codecs import codec_for, vector_nbytes
 from .types import model_dtype_name, resolve_types
-
-
-def _ring(spec: LayerSpec, window: int, max_len: int) -> bool:
-    return spec.kind == SLIDING and window < max_len
 
 
 class CompressedKVCache(KVCache):
@@ -31,11 +27,7 @@ class CompressedKVCache(KVCache):
         self.codecs: dict[int, tuple] = {}
         self.slot_pos: dict[int, torch.Tensor] = {}
         self.ring: dict[int, bool] = {}
-        for i, spec in enumerate(specs):
-            if spec.kv_source != i:
-                continue
-            ring = _ring(spec, window, max_len)
-            slots = window if ring else max_len
+        for i, spec, ring, slots in owned_layers(specs, window, max_len):
             prefix = (batch, spec.num_kv_heads, slots)
             kc, vc = codec_for(types[0], spec.head_dim), codec_for(types[1], spec.head_dim)
             self.codecs[i] = (kc, vc)
@@ -92,9 +84,6 @@ def kv_cache_bytes(model, spec=None, batch: int = 1, max_len: int | None = None)
     max_len = max_len or model.config.max_position_embeddings
     window = model.config.sliding_window
     total = 0
-    for i, s in enumerate(model.specs):
-        if s.kv_source != i:
-            continue
-        slots = window if _ring(s, window, max_len) else max_len
+    for _, s, _, slots in owned_layers(model.specs, window, max_len):
         total += batch * s.num_kv_heads * slots * (vector_nbytes(k, s.head_dim) + vector_nbytes(v, s.head_dim))
     return total
