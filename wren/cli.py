@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import WrenError
+from .finetune import command as finetune_commands
 from .store import commands as store_commands
 
 GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP)
     store_commands.add_parsers(sub)
+    finetune_commands.add_parsers(sub)
     serve = sub.add_parser("serve", help="Ollama- and OpenAI-compatible HTTP API (default 127.0.0.1:11435)")
     serve.add_argument("--host", help="address[:port] to bind (env WREN_HOST)")
     serve.add_argument("--port", type=int, help="port (default 11435)")
@@ -334,7 +336,8 @@ def _mib(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "show": cmd_show, "quantize": cmd_quantize, "perplexity": cmd_perplexity,
-                **store_commands.HANDLERS, "serve": lambda a: __import__("wren.server").server.serve(a)}
+                **store_commands.HANDLERS, **finetune_commands.HANDLERS,
+                "serve": lambda a: __import__("wren.server").server.serve(a)}
     try:
         return handlers[args.command](args)
     except WrenError as exc:

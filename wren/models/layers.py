@@ -97,7 +97,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     # A row with every key masked (a left-pad query) would be NaN; it attends to nothing instead.
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num_(0.0).to(q.dtype)
+    # (In place only outside autograd: softmax's backward needs its output unmodified.)
+    probs = torch.softmax(scores.float(), dim=-1)
+    probs = (probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)).to(q.dtype)
     out = (probs.reshape(b, hkv, h // hkv * t, -1) @ v).reshape(b, h, t, d)
     return out.transpose(1, 2).reshape(b, t, h * d)
 

@@ -57,7 +57,22 @@ def attach(model, resolved) -> None:
     if resolved.license:
         model.license = resolved.license
     if resolved.adapters:
-        model.notes.append(f"{len(resolved.adapters)} stored adapter(s) are not applied by the loader yet")
+        apply_adapters(model, resolved.adapters)
+
+
+def apply_adapters(model, paths) -> None:
+    """Apply the entry's PEFT-format LoRA adapters (what `wren finetune` registers): folded into dense
+    layers, kept beside TurboQuant ones. Adapters in other formats (a GGUF LoRA) are noted, not applied."""
+    from ..finetune.peft_io import CONFIG, apply_adapter
+
+    other = 0
+    for path in paths:
+        if Path(path).is_dir() and (Path(path) / CONFIG).is_file():
+            apply_adapter(model, path, merge_dense=True)
+        else:
+            other += 1
+    if other:
+        model.notes.append(f"{other} stored adapter(s) are not in PEFT's format and are not applied")
 
 
 def is_go_template(text: str) -> bool:

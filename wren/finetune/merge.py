@@ -1,0 +1,85 @@
+"""`wren merge`: fold adapters into the weights. A TurboQuant base is dequantized first (the merged weight
+is base + update, which the old codes cannot hold); `wren merge --bits` then re-quantizes the whole model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import BadOptionError, UnsupportedModelError
+from ..quant.linear import TQEmbedding, TQLinear
+from ..quant.tables import TQRowTable
+from ..weights.tables import RowTable
+from . import lora
+
+
+def densify(model) -> None:
+    """Replace every TurboQuant module of the model by its dense (dequantized) float32 equivalent."""
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "TQExperts":
+            raise UnsupportedModelError("merging into a TurboQuant MoE model is not supported yet")
+        if isinstance(m, (TQLinear, TQEmbedding)):
+            parent, child = lora._split(model, name)
+            w = m.dense()
+            if isinstance(m, TQEmbedding):
+                dense = nn.Embedding(w.shape[0], w.shape[1])
+            else:
+                dense = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            dense.weight = nn.Parameter(w, requires_grad=False)
+            setattr(parent, child, dense)
+    table = model.embed_tokens_per_layer
+    if isinstance(table, TQRowTable):
+        rows = table.lookup(torch.arange(table.rows), "cpu", torch.float32)
+        model.embed_tokens_per_layer = RowTable.from_tensor(rows.to(torch.float16))
+    model.quant_recipe = None
+
+
+def merge_all(model) -> int:
+    """Fold every adapter still beside its layer into the weights, leaving a dense model."""
+    n = lora.merge(model)
+    densify(model)
+    return n
+
+
+def save_dense(model, out: Path) -> Path:
+    """A dense model folder (`model.safetensors`, `config.json`, tokenizer, template) that wren.load opens.
+    Written to a temp folder and renamed into place."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BadOptionError(f"{out} exists and is not empty; choose a new output folder")
+    if model.quant_recipe is not None:
+        raise BadOptionError("the model still has TurboQuant layers; densify it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        table = model.embed_tokens_per_layer
+        if table is not None:
+            tensors["embed_tokens_per_layer.weight"] = table.lookup(
+                torch.arange(table.rows), "cpu", torch.float32).to(torch.float16).contiguous()
+        save_file(tensors, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
+        if model.tokenizer is not None:
+            model.tokenizer.save(tmp / "tokenizer.json")
+        if model.chat_template:
+            (tmp / "chat_template.jinja").write_text(model.chat_template)
+        if getattr(model, "license", None):
+            (tmp / "LICENSE").write_text(model.license)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
