@@ -52,11 +52,15 @@ WREN_ROWS = [
     {"name": "tq4", "bits": 4, "group": 0, "embed_bits": 8},
     {"name": "tq4-plain", "bits": 4, "group": 0, "embed_bits": 8, "input_scales": False},
     {"name": "tq4-g128", "bits": 4, "group": 128, "embed_bits": 8},
+    # what `wren quantize --bits 4` writes: groups of 128, v_proj two bits up
+    {"name": "tq4-cli", "bits": 4, "group": 128, "embed_bits": 8, "module_bits": {"*.v_proj": 6}},
     {"name": "tq4-kvo5", "bits": 4, "group": 0, "embed_bits": 8,
      "module_bits": {"*.k_proj": 5, "*.v_proj": 5, "*.o_proj": 5}},
     {"name": "tq3", "bits": 3, "group": 0, "embed_bits": 8},
     {"name": "tq3-kvo4", "bits": 3, "group": 0, "embed_bits": 8,
      "module_bits": {"*.k_proj": 4, "*.v_proj": 4, "*.o_proj": 4}},
+    {"name": "tq3-kv5o4", "bits": 3, "group": 0, "embed_bits": 8,
+     "module_bits": {"*.k_proj": 4, "*.v_proj": 5, "*.o_proj": 4}},
     {"name": "tq2", "bits": 2, "group": 0, "embed_bits": 8},
 ]
 # llama.cpp's rows: "F32" is the unquantized reference GGUF (the check); the rest are llama_model_quantize

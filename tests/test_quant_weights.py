@@ -97,6 +97,20 @@ def test_cli_quantize_then_perplexity(tiny, tmp_path):
     q = run("quantize", str(src), "--bits", "4", "--group-size", "32", "-o", str(tmp_path / "q4"), "--quiet")
     assert q.returncode == 0, q.stderr
     assert "bits/weight" in q.stdout
+    # The default recipe gives v_proj two more bits; --uniform gives none; "+N" is relative to --bits.
+    bits = lambda folder_path: {n: m["bits"] for n, m in wren.load(folder_path).quant_recipe["modules"].items()
+                                if m["kind"] == "linear"}
+    default = bits(tmp_path / "q4")
+    assert {b for n, b in default.items() if n.endswith("v_proj")} == {6.0}
+    assert {b for n, b in default.items() if not n.endswith("v_proj")} == {4.0}
+    u = run("quantize", str(src), "--bits", "3", "--group-size", "32", "--uniform", "-o", str(tmp_path / "u3"),
+            "--quiet")
+    assert u.returncode == 0, u.stderr
+    assert set(bits(tmp_path / "u3").values()) == {3.0}
+    r = run("quantize", str(src), "--bits", "3", "--group-size", "32", "--module-bits", "*.o_proj=+1",
+            "-o", str(tmp_path / "r3"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert {b for n, b in bits(tmp_path / "r3").items() if n.endswith("o_proj")} == {4.0}
     for model in (str(src), str(tmp_path / "q4")):
         p = run("perplexity", model, "--file", str(text), "--ctx", "64", "--json")
         assert p.returncode == 0, p.stderr

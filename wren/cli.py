@@ -38,6 +38,11 @@ KV_HELP = ("KV cache type: f32, f16, bf16, q8, tq4, tq3.5, tq3, tq2.5, tq2, or K
            "(default: the model's PARAMETER kv_cache, else $WREN_KV_CACHE, else dense in the model's dtype)")
 
 
+# V feeds straight into the attention output; at 4 bits, v_proj at 6 costs +0.06 bits/weight on the 270M
+# and takes its perplexity loss from x1.157 to x1.12 (docs/turboquant.md), as llama.cpp's _M types favour attn_v.
+DEFAULT_MODULE_BITS = ("*.v_proj=+2",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wren", description="Run Gemma models on this machine.")
     parser.add_argument("--version", action="version", version=_version())
@@ -62,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights per scale along the input dim (default 128); 0 = a whole row")
     quant.add_argument("--embed-bits", type=float, default=8, help="bits of the embedding / tied LM head")
     quant.add_argument("--seed", type=int, default=0, help="rotation seed (stored in the output)")
-    quant.add_argument("--module-bits", action="append", default=[], metavar="PATTERN=BITS",
-                       help="other bits for the layers whose name matches (e.g. '*.v_proj=5'; repeatable)")
+    quant.add_argument("--module-bits", action="append", default=None, metavar="PATTERN=BITS",
+                       help="other bits for the layers whose name matches: absolute ('*.v_proj=5') or relative "
+                            "to --bits ('*.v_proj=+2'); repeatable; default "
+                            f"{' '.join(DEFAULT_MODULE_BITS)} (--uniform: none)")
+    quant.add_argument("--uniform", action="store_true", help="every linear layer at --bits")
     quant.add_argument("--no-input-scales", action="store_true",
                        help="skip the data-free column scaling (plain TurboQuant)")
     quant.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
@@ -258,10 +266,11 @@ def cmd_quantize(args) -> int:
     from .quant import folder
 
     module_bits = {}
-    for item in args.module_bits:
+    items = [] if args.uniform else args.module_bits if args.module_bits is not None else DEFAULT_MODULE_BITS
+    for item in items:
         pattern, _, bits = item.rpartition("=")
         try:
-            module_bits[pattern] = float(bits)
+            module_bits[pattern] = min(8.0, args.bits + float(bits)) if bits.startswith("+") else float(bits)
         except ValueError:
             raise WrenError(f"--module-bits takes PATTERN=BITS, e.g. '*.v_proj=5'; got {item!r}") from None
         if not pattern:

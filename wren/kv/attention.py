@@ -15,10 +15,14 @@ from ..quant.cpu_kernels import rotate_fast, unrotate_fast
 
 
 def attend_rotated(q: torch.Tensor, key_parts: tuple, value_parts: tuple, key_codec, value_codec,
-                   mask: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
+                   mask: torch.Tensor, scale: float, softcap: float | None = None,
+                   key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`attend(q, keys, values, ...)` on TQ-coded keys/values as a CompressedKVCache stores them
-    ([B, Hkv, S, bytes] codes, [B, Hkv, S] scales). q: [B, H, T, D]. Returns [B, T, H*D] in q's dtype."""
+    ([B, Hkv, S, bytes] codes, [B, Hkv, S] scales; keys coded as k·key_scale, so the query is divided by
+    it). q: [B, H, T, D]. Returns [B, T, H*D] in q's dtype."""
     b, h, t, d = q.shape
+    if key_scale is not None:
+        q = q.float() / key_scale
     keys = key_codec.decode_rotated(key_parts)
     values = value_codec.decode_rotated(value_parts)
     out = attend(rotate_fast(q, key_codec.cfg), keys, values, mask, scale, softcap)

@@ -4,6 +4,9 @@ Same interface and layout as wren.cache.KVCache (full layers indexed by position
 nothing for KV-shared layers); `update` returns the dequantized keys/values, in the model's dtype, for the
 ordinary `attend`. The new chunk's own keys/values are returned dequantized too, so every query attends to
 exactly what the cache holds, whichever way the sequence was chunked.
+
+TurboQuant keys are stored scaled per channel (`key_scales`, kv/scales.py) and unscaled when read, so the
+scores are exact functions of the codes while the quantization error lands where queries do not look.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import torch
 
 from ..cache import KVCache, owned_layers
 from ..config import LayerSpec
-from .codecs import codec_for, vector_nbytes
+from .codecs import TQ, codec_for, vector_nbytes
+from .scales import key_scales
 from .types import model_dtype_name, resolve_types
 
 
 class CompressedKVCache(KVCache):
     def __init__(self, specs: list[LayerSpec], batch: int, max_len: int, window: int, types: tuple[str, str],
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 key_scales: dict[int, torch.Tensor] | None = None):
         self.max_len, self.batch, self.types, self.dtype = max_len, batch, tuple(types), dtype
         self.length = 0  # the next position to be written
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
@@ -27,6 +32,7 @@ class CompressedKVCache(KVCache):
         self.codecs: dict[int, tuple] = {}
         self.slot_pos: dict[int, torch.Tensor] = {}
         self.ring: dict[int, bool] = {}
+        self.key_scale: dict[int, torch.Tensor] = {}
         for i, spec, ring, slots in owned_layers(specs, window, max_len):
             prefix = (batch, spec.num_kv_heads, slots)
             kc, vc = codec_for(types[0], spec.head_dim), codec_for(types[1], spec.head_dim)
@@ -34,6 +40,8 @@ class CompressedKVCache(KVCache):
             self.keys[i], self.values[i] = kc.empty(prefix, device), vc.empty(prefix, device)
             self.slot_pos[i] = torch.full((slots,), -1, dtype=torch.long, device=device)
             self.ring[i] = ring
+            if isinstance(kc, TQ) and key_scales and i in key_scales:
+                self.key_scale[i] = key_scales[i].to(device=device, dtype=torch.float32)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for parts in (*self.keys.values(), *self.values.values())
@@ -42,18 +50,23 @@ class CompressedKVCache(KVCache):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         kc, vc = self.codecs[layer]
         K, V, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
-        new_k, new_v = kc.encode(k), vc.encode(v)
+        s = self.key_scale.get(layer)
+        new_k, new_v = kc.encode(k if s is None else k.float() * s), vc.encode(v)
+
+        def keys_of(parts):
+            return kc.decode(parts, self.dtype) if s is None else (kc.decode(parts, torch.float32) / s).to(self.dtype)
+
         if not self.ring[layer]:
             end = int(pos[-1]) + 1
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, pos] = new
             slot_pos[pos] = pos
-            keys = kc.decode(tuple(b[:, :, :end] for b in K), self.dtype)
+            keys = keys_of(tuple(b[:, :, :end] for b in K))
             values = vc.decode(tuple(b[:, :, :end] for b in V), self.dtype)
             return keys, values, slot_pos[:end], self.valid[:, :end]
         # Sliding ring: what the ring held before this chunk plus the chunk itself, then keep the newest
         # `window` entries (as KVCache does).
-        keys = torch.cat([kc.decode(K, self.dtype), kc.decode(new_k, self.dtype)], dim=2)
+        keys = torch.cat([keys_of(K), keys_of(new_k)], dim=2)
         values = torch.cat([vc.decode(V, self.dtype), vc.decode(new_v, self.dtype)], dim=2)
         key_pos = torch.cat([slot_pos, pos])
         window = slot_pos.numel()
@@ -74,7 +87,8 @@ def make_kv_cache(model, batch: int = 1, max_len: int | None = None, spec=None, 
         return model.make_cache(batch=batch, max_len=max_len, device=device)
     weight = model.norm.weight
     return CompressedKVCache(model.specs, batch, max_len or model.config.max_position_embeddings,
-                             model.config.sliding_window, types, weight.dtype, device or weight.device)
+                             model.config.sliding_window, types, weight.dtype, device or weight.device,
+                             key_scales=key_scales(model))
 
 
 def kv_cache_bytes(model, spec=None, batch: int = 1, max_len: int | None = None) -> int:
