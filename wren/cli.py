@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the data-free column scaling (plain TurboQuant)")
     quant.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
     quant.add_argument("--quiet", action="store_true")
+    bench = sub.add_parser("bench", help="prefill / decode tokens/s, time to first token, peak memory and "
+                                         "the bandwidth limit of a model as loaded")
+    bench.add_argument("model", nargs="?", default=None)
+    bench.add_argument("--prompt", type=int, default=512, help="prompt tokens (seeded random ids; default 512)")
+    bench.add_argument("--gen", type=int, default=64, help="tokens to decode (default 64)")
+    bench.add_argument("--repeat", type=int, default=3, help="timed runs; medians are shown (default 3)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: the physical cores)")
+    bench.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP)
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
     ppl = sub.add_parser("perplexity", help="perplexity over a text file, as llama.cpp measures it")
     ppl.add_argument("model", nargs="?", default=None)
     ppl.add_argument("--file", required=True, help="a UTF-8 text file")
@@ -338,6 +347,35 @@ class _progress:
             self.bar.stop()
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    import wren
+    from .speed import bench, default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
+    t0 = time.perf_counter()
+    model = wren.load(args.model)
+    load_s = time.perf_counter() - t0
+    r = {"model": args.model or "the default model", "load_s": load_s,
+         **bench(model, args.prompt, args.gen, args.repeat, kv_cache=args.kv_cache)}
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    rss = r["peak_rss_bytes"]
+    print(f"model      {r['model']}  (loaded in {load_s:.2f} s, {r['threads']} threads, {r['device']})")
+    print(f"prefill    {r['prefill_tok_s']:8.1f} tokens/s   ({r['prompt_tokens']} tokens, "
+          f"time to first token {r['ttft_s']:.3f} s)")
+    print(f"decode     {r['decode_tok_s']:8.1f} tokens/s   ({r['gen_tokens']} tokens, median of {r['repeat']})")
+    print(f"limit      {r['limit_tok_s']:8.1f} tokens/s   ({r['bandwidth_bytes_s'] / 1e9:.1f} GB/s copy bandwidth / "
+          f"{_mib(r['weight_bytes_per_token'])} of weights + the {r['kv_cache']} KV cache read per token); "
+          f"decode at {100 * r['decode_tok_s'] / r['limit_tok_s']:.0f}% of it")
+    print(f"peak RSS   {_mib(rss) if rss else 'unknown'}")
+    return 0
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -345,6 +383,7 @@ def _mib(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "show": cmd_show, "quantize": cmd_quantize, "perplexity": cmd_perplexity,
+                "bench": cmd_bench,
                 **store_commands.HANDLERS, **finetune_commands.HANDLERS,
                 "serve": lambda a: __import__("wren.server").server.serve(a)}
     try:

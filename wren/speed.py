@@ -1,0 +1,177 @@
+"""`wren bench`: how fast a model runs as loaded here, and how close that is to what the memory allows.
+
+Decoding one token reads every weight the step touches once (and the KV cache up to the current position),
+so its limit is memory bandwidth / bytes read per token. The bandwidth is measured on the spot with a large
+copy; the bytes come from the loaded model in the form its kernels actually read (a dense fp32 weight is 4
+bytes a weight, the CPU fast path's int8 levels 1, the CUDA kernels' packed codes bits/8). Prompts are
+seeded random token ids, as llama-bench uses, so any model can be measured without a text.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from .errors import BadOptionError
+
+PREFILL_CHUNK = 512  # as generation prefills: bounds the attention temporaries
+
+
+def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Bytes/s of a large tensor copy (each copy reads and writes nbytes); the best of `repeat`."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _read_bytes(module: nn.Module) -> int:
+    """Bytes one decode step reads from a linear-like module (or a tied head), as its kernel reads them."""
+    from .quant import linear as tq
+
+    if isinstance(module, tq.TQWeight):
+        on_cpu_fast = tq._fast_paths and module.codes.device.type == "cpu" and module.cfg.rotation == "hadamard"
+        if on_cpu_fast:  # int8 levels and a bf16 row scale (cpu_kernels.int8_levels)
+            return module.out_features * (module.in_features + 2)
+        return module.codes.nbytes + module.scales.nbytes
+    weight = getattr(module, "weight", None)
+    return weight.nbytes if isinstance(weight, torch.Tensor) else 0
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every linear layer, the top-k experts' share of MoE stacks,
+    and the LM head (for a tied head, the whole embedding table); embedding and per-layer-embedding lookups
+    read one row each and are left out."""
+    from .quant import linear as tq
+    from .quant.experts import TQMatrices
+
+    cfg = model.config
+    experts_read = (cfg.top_k_experts or 1) / (cfg.num_experts or 1) if getattr(cfg, "num_experts", None) else 1.0
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, tq.TQLinear)):
+            total += _read_bytes(m)
+        elif isinstance(m, TQMatrices):  # MoE: a token reads its top-k experts' codes
+            total += int((m.codes.nbytes + m.scales.nbytes) * experts_read)
+        elif isinstance(getattr(m, "gate_up_proj", None), nn.Parameter):
+            total += int(sum(p.nbytes for p in m.parameters(recurse=False)) * experts_read)
+    if model.lm_head is None:
+        total += _read_bytes(model.embed_tokens)
+    return total
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (VmHWM), or None where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _prompt(model, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    low = min(1000, vocab // 2)  # past the special tokens
+    ids = torch.randint(low, vocab, (n,), generator=g).tolist()
+    bos = getattr(getattr(model, "tokenizer", None), "bos_id", None)
+    return ([bos] + ids[1:]) if bos is not None else ids
+
+
+def _one_run(model, prompt: list[int], gen: int, kv_cache) -> tuple[float, float]:
+    """(seconds to the first token, seconds per decoded token) for one prompt."""
+    from .kv import make_kv_cache
+
+    device = model.norm.weight.device
+    cache = make_kv_cache(model, batch=1, max_len=len(prompt) + gen + 1, spec=kv_cache, device=device)
+    x = torch.tensor([prompt], device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, x.shape[1], PREFILL_CHUNK):
+        logits = model(x[:, s:s + PREFILL_CHUNK], cache, logits_to_keep=1)
+    token = logits[0, -1].argmax()
+    _sync(device)
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(gen):
+        logits = model(token.view(1, 1), cache, logits_to_keep=1)
+        token = logits[0, -1].argmax()
+    _sync(device)
+    return ttft, (time.perf_counter() - t1) / max(gen, 1)
+
+
+def bench(model, prompt_tokens: int = 512, gen_tokens: int = 64, repeat: int = 3, kv_cache=None,
+          seed: int = 0) -> dict:
+    """Prefill and decode speed (medians over `repeat` runs, after a warm-up), time to first token, peak
+    resident memory, and the decode limit bandwidth / bytes read per token at the run's mean context."""
+    from .kv import kv_bytes_per_token, resolve_types, spec_name
+
+    limit = model.config.max_position_embeddings
+    if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
+        raise BadOptionError("--prompt, --gen and --repeat must be at least 1")
+    if prompt_tokens + gen_tokens > limit:
+        raise BadOptionError(f"--prompt {prompt_tokens} + --gen {gen_tokens} tokens exceed the model's "
+                             f"context of {limit}; ask for fewer")
+    types = resolve_types(model, kv_cache if kv_cache is not None else getattr(model, "kv_cache", None))
+    prompt = _prompt(model, prompt_tokens, seed)
+    with torch.inference_mode():
+        _one_run(model, prompt[:16], 4, types)  # warm-up: first-call allocations, lazily built kernels
+        runs = [_one_run(model, prompt, gen_tokens, types) for _ in range(repeat)]
+    ttft = statistics.median(r[0] for r in runs)
+    per_token = statistics.median(r[1] for r in runs)
+    device = model.norm.weight.device
+    bandwidth = copy_bandwidth(device)
+    weights = weight_bytes_per_token(model)
+    kv_read = kv_bytes_per_token(model, types) * (prompt_tokens + gen_tokens / 2)
+    return {
+        "prefill_tok_s": prompt_tokens / ttft,
+        "decode_tok_s": 1 / per_token,
+        "ttft_s": ttft,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "limit_tok_s": bandwidth / (weights + kv_read),
+        "bandwidth_bytes_s": bandwidth,
+        "weight_bytes_per_token": weights,
+        "kv_cache": spec_name(types),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repeat": repeat,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+
+
+def default_threads() -> int:
+    """Physical cores where the OS says (hyper-threads share a core's memory port and FPU), else all."""
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return min(len(cores), len(os.sched_getaffinity(0)))
+    except (OSError, AttributeError):
+        pass
+    return os.cpu_count() or 1
