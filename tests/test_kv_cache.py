@@ -198,3 +198,38 @@ def test_perplexity_json_reports_the_cache(tiny, tmp_path, capsys):
     log_ppl = {k: math.log(r["perplexity"]) for k, r in results.items()}  # a random model: huge perplexity
     assert abs(log_ppl["q8"] - log_ppl["f32"]) <= 1e-3 * log_ppl["f32"]
     assert cli.main(["perplexity", str(tiny["gemma3"][2]), "--file", str(text), "--kv-cache", "q7"]) == 1
+
+
+@pytest.mark.parametrize("name,types", [("gemma3", ("tq4", "tq3")), ("gemma4-e2b", ("q8", "tq3.5")),
+                                        ("gemma4-26b", ("tq2.5", "f16"))])
+def test_compressed_slot_cache_rows_equal_each_sequence_alone(tiny, name, types):
+    """The server's compressed cache: rows prefilled separately, decoded together at different lengths past
+    the sliding window, a row truncated and reused; every logit equals that sequence alone through the
+    single-sequence compressed cache (to float rounding of batched matmuls: logits reach ~20), and the
+    bytes match the formula."""
+    from wren.kv import CompressedSlotCache, kv_cache_bytes, make_slot_cache
+
+    model = wren.load(tiny[name][1])
+    g = torch.Generator().manual_seed(5)
+    seqs = {0: torch.randint(0, 384, (17,), generator=g).tolist(), 2: torch.randint(0, 384, (5,), generator=g).tolist(),
+            3: torch.randint(0, 384, (30,), generator=g).tolist()}
+    with torch.no_grad():
+        alone = {r: model(torch.tensor([s]), make_kv_cache(model, 1, 40, spec=types))[0] for r, s in seqs.items()}
+        cache = make_slot_cache(model, 4, 40, types)
+        assert isinstance(cache, CompressedSlotCache)
+        assert cache.nbytes() == kv_cache_bytes(model, types, batch=4, max_len=40)
+        out = {r: [] for r in seqs}
+        for r, n in {0: 10, 2: 3, 3: 20}.items():
+            cache.select([r])
+            out[r] += list(model(torch.tensor([seqs[r][:n]]), cache)[0])
+        while rows := [r for r in seqs if cache.lengths[r] < len(seqs[r])]:
+            cache.select(rows)
+            logits = model(torch.tensor([[seqs[r][cache.lengths[r]]] for r in rows]), cache)
+            for i, r in enumerate(rows):
+                out[r].append(logits[i, 0])
+        for r in seqs:
+            assert (torch.stack(out[r]) - alone[r]).abs().max() < 5e-4
+        cache.truncate(3, 29)
+        cache.select([3])
+        again = model(torch.tensor([[seqs[3][29]]]), cache)[0, 0]
+        assert (again - alone[3][29]).abs().max() < 5e-4

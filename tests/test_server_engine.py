@@ -11,6 +11,7 @@ import torch
 
 import wren
 from wren.cache import SlotCache
+from wren.kv import CompressedSlotCache, make_kv_cache, resolve_types
 from wren.sampling import Options
 from wren.server.constrained import ANY_OBJECT, Constraint, Matcher, TokenTable, compile_schema
 from wren.server.engine import Engine, Job, hidden_mean
@@ -63,7 +64,8 @@ def run_jobs(engine: Engine, jobs: list[tuple[list[int], Options]]) -> list[list
                 outs[i].append(event[1])
             elif event[0] in ("done", "error"):
                 done.release()
-        made.append(Job(prompt, opts, {1}, emit, ctx=256))
+        kv = resolve_types(engine.model, opts.kv_cache) if opts.kv_cache else None  # as server/common.py does
+        made.append(Job(prompt, opts, {1}, emit, ctx=256, kv_types=kv))
     for job in made:
         engine.submit(job)
     for _ in jobs:
@@ -86,6 +88,32 @@ def test_batched_seeded_sampling_equals_alone_and_generate(tiny):
     from wren.generation import Generation
     ref = [t for (t,) in Generation(model, [jobs[1][0]], jobs[1][1], {1})]
     assert ref[: len(alone[1])] == alone[1]
+
+
+def test_per_request_kv_cache_types(tiny):
+    """A request's kv_cache option switches the engine's cache (once the batch drains); each request's tokens
+    equal a single-sequence generation through that cache type, alone or queued beside other types."""
+    from wren.generation import Generation
+
+    model = wren.load(tiny["gemma4-e2b"][1])
+    engine = Engine(model, slots=2, ctx=128)
+    prompt = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
+    kinds = [None, "tq3", "q8/tq2.5", None]
+    opts = {kv: Options(seed=7, temperature=1.5, num_predict=10, kv_cache=kv) for kv in kinds}
+    try:
+        ref = {kv: [t for (t,) in Generation(model, [prompt], opts[kv], {1}, kv_cache=kv)] for kv in kinds}
+        with torch.no_grad():  # the types do change what the model computes
+            dense = model(torch.tensor([prompt]))
+            coded = model(torch.tensor([prompt]), make_kv_cache(model, 1, 64, spec="q8/tq2.5"))
+        assert (dense - coded).abs().max() > 1e-3
+        for kv in kinds:
+            assert run_jobs(engine, [(prompt, opts[kv])])[0] == ref[kv][:10]
+            assert engine.kv_types == resolve_types(model, kv)
+            assert isinstance(engine.cache, CompressedSlotCache) == (kv is not None)
+        together = run_jobs(engine, [(prompt, opts[kv]) for kv in kinds])
+        assert together == [ref[kv][:10] for kv in kinds]
+    finally:
+        engine.close()
 
 
 def test_prefix_reuse_continues_exactly(tiny):

@@ -89,6 +89,8 @@ def test_malformed_json_is_400(served, path, body):
     ("/api/generate", {"model": "tiny3", "prompt": "x", "images": ["aGVsbG8="]}),
     ("/api/generate", {"model": "tiny3", "prompt": "x", "think": True}),
     ("/api/chat", {"model": "tiny3", "messages": "hi"}),
+    ("/api/generate", {"model": "tiny3", "prompt": "x", "options": {"kv_cache": "q7"}}),
+    ("/api/generate", {"model": "tiny3", "prompt": "x", "options": {"kv_cache": 4}}),
     ("/api/chat", {"model": "tiny3", "messages": [{"content": "no role"}]}),
     ("/api/chat", {"model": "tiny3", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}),
     ("/api/chat", {"model": "tiny3", "messages": [{"role": "wizard", "content": "x"}]}),
@@ -268,6 +270,15 @@ def test_host_settings_and_the_open_bind_warning(tmp_path):
         assert "warning" not in srv.output()
     finally:
         srv.stop()
+
+
+def test_a_request_picks_its_kv_cache_and_ps_reports_it(served):
+    srv, _ = served
+    r = post(srv, "/api/generate", json={"model": "tiny3", "prompt": "hi", "stream": False,
+                                         "options": {"kv_cache": "tq3/q8", "num_predict": 3, "num_ctx": 64}})
+    assert r.status_code == 200, r.text
+    entry = next(m for m in httpx.get(srv.url + "/api/ps").json()["models"] if m["name"] == "tiny3:latest")
+    assert entry["kv_cache"] == "tq3/q8" and entry["kv_cache_bytes"] > 0
 
 
 def test_failed_requests_left_no_model_in_use(served):

@@ -109,9 +109,7 @@ class SlotCache:
         self.ring: dict[int, bool] = {}
         self.window = None  # the smallest ring, or None when no layer wraps
         for i, spec, ring, n in owned_layers(specs, window, max_len):
-            shape = (slots, spec.num_kv_heads, n, spec.head_dim)
-            self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
-            self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.keys[i], self.values[i] = self._allocate(i, spec, (slots, spec.num_kv_heads, n), dtype, device)
             self.slot_pos[i] = torch.full((slots, n), -1, dtype=torch.long, device=device)
             self.ring[i] = ring
             if ring:
@@ -124,8 +122,15 @@ class SlotCache:
         return cls(model.specs, slots, max_len or model.config.max_position_embeddings,
                    model.config.sliding_window, weight.dtype, weight.device)
 
+    def _allocate(self, layer: int, spec: LayerSpec, prefix: tuple, dtype, device):
+        """(keys, values) buffers of one layer: [slots, kv_heads, positions, head_dim] dense tensors here;
+        a compressed cache (wren.kv) stores tuples of code buffers instead."""
+        shape = (*prefix, spec.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+        parts = [p for t in (*self.keys.values(), *self.values.values()) for p in (t if isinstance(t, tuple) else (t,))]
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def select(self, rows: list[int]) -> None:
         """The rows the next forward runs on, in the order of its batch dimension."""
@@ -157,17 +162,17 @@ class SlotCache:
             self.lengths[r] += n_new
 
     def _rows(self, t: torch.Tensor, end: int | None = None) -> torch.Tensor:
-        """The selected rows of t ([B, H, S, D] or [B, S]), up to slot `end`: cut before gathering."""
+        """The selected rows of t ([B, H, S, ...] or [B, S]), up to slot `end`: cut before gathering."""
         if end is not None:
-            t = t[:, :, :end] if t.dim() == 4 else t[:, :end]
+            t = t[:, :, :end] if t.dim() >= 3 else t[:, :end]
         return t[self._index]
 
     def _write(self, t: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
-        # t: [B, H, S, D] (or [B, S]); slots: [b, n]; new: [b, n, H, D] (or [b, n])
+        # t: [B, H, S, ...] (or [B, S]); slots: [b, n]; new: [b, n, H, ...] (or [b, n])
         idx = self._index
         rows = (torch.arange(slots.shape[0], device=self.device) if isinstance(idx, slice) else idx)[:, None]
         target = t[idx] if isinstance(idx, slice) else t
-        if t.dim() == 4:
+        if t.dim() >= 3:
             target[rows, :, slots] = new
         else:
             target[rows, slots] = new

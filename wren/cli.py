@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--parallel", type=int, help="sequences decoded together per model (4)")
     serve.add_argument("--max-loaded-models", type=int, help="models kept in memory at once (3)")
     serve.add_argument("--keep-alive", help="how long an idle model stays loaded (5m; -1 forever)")
-    serve.add_argument("--kv-cache", help="KV cache type (reserved: only the dense cache for now)")
+    serve.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP + "; a request's options.kv_cache wins")
     return parser
 
 
@@ -235,6 +235,7 @@ def _read_multiline(first: str) -> str:
 
 def cmd_show(args) -> int:
     import wren
+    from .kv import context_for_budget, kv_bytes_per_token, kv_cache_bytes, resolve_types, spec_name
     from .models import param_count
 
     if store_commands.wants_store_view(args):
@@ -248,7 +249,8 @@ def cmd_show(args) -> int:
     effective, total = param_count(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     table = model.embed_tokens_per_layer
-    cache = model.make_cache(batch=1, max_len=min(4096, cfg.max_position_embeddings), device="meta")
+    kv_types = resolve_types(model, args.kv_cache or getattr(model, "kv_cache", None))
+    ctx_4k = min(4096, cfg.max_position_embeddings)
     rows = [
         ("architecture", cfg.model_type), ("source", str(model.source)),
         ("parameters", f"{effective / 1e6:.1f}M" + (f" ({total / 1e6:.1f}M with PLE)" if table else "")),
@@ -257,7 +259,10 @@ def cmd_show(args) -> int:
         ("embedding length", str(cfg.hidden_size)), ("context length", str(cfg.max_position_embeddings)),
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(model.tensor_types.items()))),
         ("memory (weights)", _mib(weight_bytes)),
-        ("memory (KV cache, 4096 ctx)", _mib(cache.nbytes())),
+        ("KV cache", f"{spec_name(kv_types)}: {_mib(kv_cache_bytes(model, kv_types, 1, ctx_4k))} at {ctx_4k} ctx, "
+                     f"{_mib(kv_cache_bytes(model, kv_types, 1, cfg.max_position_embeddings))} at "
+                     f"{cfg.max_position_embeddings}, {kv_bytes_per_token(model, kv_types)} bytes/token; "
+                     f"1 GiB holds {context_for_budget(model, kv_types, 1 << 30)} tokens"),
     ]
     if table is not None:
         rows.append(("PLE table (mapped)", _mib(table.nbytes())))

@@ -28,6 +28,7 @@ class Options:
     stop: list[str] = field(default_factory=list)
     num_predict: int = -1  # -1: until the turn ends or the context is full
     num_ctx: int = 4096
+    kv_cache: str | None = None  # a KV cache type for this request (wren.kv); None: the model's / server's
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Options":
@@ -53,6 +54,11 @@ class Options:
 
 
 def _coerce(key: str, value, default):
+    if key == "kv_cache":
+        from .kv.types import kv_cache_types
+
+        kv_cache_types(value)  # a BadOptionError naming the known types
+        return value
     if key == "stop":
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):

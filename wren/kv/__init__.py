@@ -8,9 +8,10 @@ Types: `f32`, `f16`, `bf16` (dense), `q8` (int8 + one fp16 absmax scale per head
 `auto`, today's dense cache in the model's dtype. A spec is one type or `KEYS/VALUES`.
 """
 
-from .cache import CompressedKVCache, kv_cache_bytes, make_kv_cache
+from .cache import CompressedKVCache, context_for_budget, kv_cache_bytes, make_kv_cache
 from .codecs import TYPES, codec_for, vector_nbytes
+from .slots import CompressedSlotCache, make_slot_cache
 from .types import kv_bytes_per_token, kv_cache_types, resolve_types, spec_name
 
-__all__ = ["CompressedKVCache", "make_kv_cache", "kv_cache_bytes", "kv_bytes_per_token", "kv_cache_types",
+__all__ = ["CompressedKVCache", "context_for_budget", "CompressedSlotCache", "make_slot_cache", "make_kv_cache", "kv_cache_bytes", "kv_bytes_per_token", "kv_cache_types",
            "resolve_types", "spec_name", "codec_for", "vector_nbytes", "TYPES"]

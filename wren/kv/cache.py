@@ -20,6 +20,20 @@ from .scales import key_scales
 from .types import model_dtype_name, resolve_types
 
 
+def encode_keys(codec, k: torch.Tensor, scale: torch.Tensor | None) -> tuple:
+    return codec.encode(k if scale is None else k.float() * scale)
+
+
+def decode_keys(codec, parts: tuple, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    return codec.decode(parts, dtype) if scale is None else (codec.decode(parts, torch.float32) / scale).to(dtype)
+
+
+def layer_key_scales(codecs: dict, key_scales: dict | None, device) -> dict[int, torch.Tensor]:
+    """The key scales of the layers whose keys are TurboQuant-coded (the others store keys as they are)."""
+    return {i: key_scales[i].to(device=device, dtype=torch.float32) for i, (kc, _) in codecs.items()
+            if isinstance(kc, TQ) and key_scales and i in key_scales}
+
+
 class CompressedKVCache(KVCache):
     def __init__(self, specs: list[LayerSpec], batch: int, max_len: int, window: int, types: tuple[str, str],
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -32,7 +46,6 @@ class CompressedKVCache(KVCache):
         self.codecs: dict[int, tuple] = {}
         self.slot_pos: dict[int, torch.Tensor] = {}
         self.ring: dict[int, bool] = {}
-        self.key_scale: dict[int, torch.Tensor] = {}
         for i, spec, ring, slots in owned_layers(specs, window, max_len):
             prefix = (batch, spec.num_kv_heads, slots)
             kc, vc = codec_for(types[0], spec.head_dim), codec_for(types[1], spec.head_dim)
@@ -40,8 +53,7 @@ class CompressedKVCache(KVCache):
             self.keys[i], self.values[i] = kc.empty(prefix, device), vc.empty(prefix, device)
             self.slot_pos[i] = torch.full((slots,), -1, dtype=torch.long, device=device)
             self.ring[i] = ring
-            if isinstance(kc, TQ) and key_scales and i in key_scales:
-                self.key_scale[i] = key_scales[i].to(device=device, dtype=torch.float32)
+        self.key_scale = layer_key_scales(self.codecs, key_scales, device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for parts in (*self.keys.values(), *self.values.values())
@@ -51,10 +63,10 @@ class CompressedKVCache(KVCache):
         kc, vc = self.codecs[layer]
         K, V, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
         s = self.key_scale.get(layer)
-        new_k, new_v = kc.encode(k if s is None else k.float() * s), vc.encode(v)
+        new_k, new_v = encode_keys(kc, k, s), vc.encode(v)
 
         def keys_of(parts):
-            return kc.decode(parts, self.dtype) if s is None else (kc.decode(parts, torch.float32) / s).to(self.dtype)
+            return decode_keys(kc, parts, self.dtype, s)
 
         if not self.ring[layer]:
             end = int(pos[-1]) + 1
@@ -89,6 +101,18 @@ def make_kv_cache(model, batch: int = 1, max_len: int | None = None, spec=None, 
     return CompressedKVCache(model.specs, batch, max_len or model.config.max_position_embeddings,
                              model.config.sliding_window, types, weight.dtype, device or weight.device,
                              key_scales=key_scales(model))
+
+
+def context_for_budget(model, spec, budget: int, batch: int = 1) -> int:
+    """The longest context (up to the model's) whose cache of type `spec` fits in `budget` bytes: 0 if none."""
+    low, high = 0, model.config.max_position_embeddings
+    while low < high:  # cache bytes grow with the context (sliding rings stop at their window)
+        mid = (low + high + 1) // 2
+        if kv_cache_bytes(model, spec, batch, mid) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def kv_cache_bytes(model, spec=None, batch: int = 1, max_len: int | None = None) -> int:

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..errors import WrenError
+from ..kv.types import kv_cache_types
 from . import ollama, openai
 from .common import HTTPError, status_for
 from .manager import Manager, parse_keep_alive
@@ -160,7 +161,7 @@ def create_app(settings: Settings | None = None, store=None) -> Starlette:
         store = ModelStore()
     metrics = Metrics()
     manager = Manager(store, parallel=settings.parallel, max_queue=settings.max_queue, max_loaded=settings.max_loaded,
-                      memory_budget=settings.memory_budget, metrics=metrics)
+                      memory_budget=settings.memory_budget, metrics=metrics, kv_cache=settings.kv_cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -200,10 +201,9 @@ def settings_from_args(args) -> Settings:
         port = args.port
     origins = list(getattr(args, "cors_origin", None) or [])
     origins += [o.strip() for o in env.get("WREN_ORIGINS", "").split(",") if o.strip()]
-    kv = getattr(args, "kv_cache", None)
-    if kv not in (None, "f32", "auto"):
-        raise WrenError(f"--kv-cache {kv}: only the dense cache (f32) is available in this build; the option is "
-                        "reserved for quantized caches")
+    kv = getattr(args, "kv_cache", None) or env.get("WREN_KV_CACHE") or None
+    if kv is not None:
+        kv_cache_types(kv)  # a bad type fails here, before the server starts
     return Settings(host=host, port=port, api_key=getattr(args, "api_key", None) or env.get("WREN_API_KEY") or None,
                     cors_origins=origins,
                     max_queue=getattr(args, "max_queue", None) or int(env.get("WREN_MAX_QUEUE", 512)),

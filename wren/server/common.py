@@ -17,6 +17,7 @@ from .. import chat
 from ..errors import (BadOptionError, ContextLengthError, ModelFormatError, ModelNotFoundError, UnsupportedModelError,
                       WrenError)
 from ..generation import StopStrings, prompt_ids
+from ..kv import resolve_types
 from ..sampling import Options
 from ..tokenizer import StreamDetokenizer
 from .constrained import Constraint, TokenTable
@@ -29,7 +30,7 @@ MAX_BODY = 64 << 20
 IGNORED_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
                    "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_keep", "tfs_z", "typical_p",
                    "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "rope_frequency_base",
-                   "rope_frequency_scale", "num_gqa", "kv_cache"}
+                   "rope_frequency_scale", "num_gqa"}
 
 
 class HTTPError(WrenError):
@@ -158,7 +159,8 @@ async def generate(app, loaded, ids: list[int], opts: Options, *, root=None, req
 
     model = loaded.model
     job = Job(ids, opts, stop_ids_for(model), emit, resolve_ctx(loaded, opts),
-              await make_constraint(loaded, root, opts))
+              await make_constraint(loaded, root, opts),
+              kv_types=resolve_types(model, opts.kv_cache) if opts.kv_cache else None)
     loaded.engine.submit(job)
     metrics = app.state.metrics
     metrics.prompt_tokens(len(ids))

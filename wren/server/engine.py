@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import SlotCache
+from ..kv import make_slot_cache, resolve_types
 from ..errors import ContextLengthError, WrenError
 from ..generation import PREFILL_CHUNK
 from ..sampling import Options, make_sampler
@@ -49,6 +49,7 @@ class Job:
     emit: object  # callable(event tuple), thread-safe
     ctx: int
     constraint: object | None = None  # constrained.Constraint
+    kv_types: tuple[str, str] | None = None  # this request's cache type; None: the engine's
     kind: str = "generate"  # or "embed"
     cancelled: bool = False
     stats: JobStats = field(default_factory=JobStats)
@@ -74,11 +75,13 @@ class Engine:
     """Owns a model and a SlotCache of `slots` rows; `submit` hands it a Job."""
 
     def __init__(self, model, *, slots: int = 4, ctx: int = 4096, max_queue: int = 512, metrics=None,
-                 name: str = ""):
+                 name: str = "", kv_types: tuple[str, str] | None = None):
         self.model, self.name, self.metrics = model, name, metrics
         self.n_slots, self.max_queue = max(1, slots), max_queue
         self.ctx = ctx
-        self.cache = SlotCache.for_model(model, self.n_slots, ctx)
+        self.default_kv_types = kv_types or resolve_types(model, getattr(model, "kv_cache", None))
+        self.kv_types = self.default_kv_types  # the cache's type now
+        self.cache = make_slot_cache(model, self.n_slots, ctx, self.kv_types)
         self.slots = [_Slot(i) for i in range(self.n_slots)]
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: list[Job] = []
@@ -191,11 +194,15 @@ class Engine:
             free = [s for s in self.slots if s.job is None]
             if not free:
                 return
-            if job.ctx > self.cache.max_len:  # a longer context: reallocate once the batch has drained
+            kv_types = job.kv_types or self.default_kv_types
+            if job.ctx > self.cache.max_len or kv_types != self.kv_types:
+                # A longer context or another cache type: reallocate once the batch has drained (rows of
+                # one batch share one cache). The prefixes the rows held are gone with it.
                 if self.active_count:
                     return
-                self.cache = SlotCache.for_model(self.model, self.n_slots, job.ctx)
-                self.ctx = job.ctx
+                self.ctx = max(job.ctx, self.cache.max_len)
+                self.kv_types = kv_types
+                self.cache = make_slot_cache(self.model, self.n_slots, self.ctx, kv_types)
                 for s in self.slots:
                     s.tokens = []
             self.waiting.pop(0)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import BadOptionError, WrenError
+from ..kv import resolve_types
 from .engine import Engine
 
 DEFAULT_KEEP_ALIVE = 300.0
@@ -75,8 +76,9 @@ def _total_memory() -> int:
 
 class Manager:
     def __init__(self, store, *, parallel: int = 4, max_queue: int = 512, max_loaded: int = 3,
-                 memory_budget: int | None = None, default_ctx: int = 4096, metrics=None):
+                 memory_budget: int | None = None, default_ctx: int = 4096, metrics=None, kv_cache: str | None = None):
         self.store, self.parallel, self.max_queue = store, parallel, max_queue
+        self.kv_cache = kv_cache  # the server's default cache type (--kv-cache); a model's PARAMETER wins
         self.max_loaded = max(1, max_loaded)
         self.budget = memory_budget or int(_total_memory() * 0.75)
         self.default_ctx, self.metrics = default_ctx, metrics
@@ -131,8 +133,10 @@ class Manager:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         weights += sum(b.numel() * b.element_size() for b in model.buffers())
         self._make_room(weights)
+        model.kv_cache = params.get("kv_cache") or self.kv_cache
+        kv_types = resolve_types(model, model.kv_cache)
         engine = await asyncio.to_thread(Engine, model, slots=self.parallel, ctx=ctx, max_queue=self.max_queue,
-                                         metrics=self.metrics, name=resolved.name)
+                                         metrics=self.metrics, name=resolved.name, kv_types=kv_types)
         loaded = Loaded(resolved.name, resolved, model, engine, time.perf_counter() - t0, weights)
         self.loaded[resolved.digest] = loaded
         return loaded

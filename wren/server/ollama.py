@@ -20,6 +20,7 @@ from ..errors import BadOptionError, ModelNotFoundError, WrenError
 from .common import (HTTPError, Result, build_prompt, field_of, generate, make_options, model_name, nanos, read_json,
                      resolve_ctx)
 from .constrained import root_for_format
+from ..kv.types import spec_name
 from ..sampling import Options
 from .engine import Job
 from .manager import parse_keep_alive
@@ -583,7 +584,8 @@ async def api_ps(request: Request) -> Response:
             when = datetime.fromtimestamp(expires, tz=timezone.utc)
         models.append({"name": m.name, "model": m.name, "size": m.nbytes, "digest": m.resolved.digest.removeprefix("sha256:"),
                        "details": _details(m.resolved.details), "expires_at": iso(when), "size_vram": 0,
-                       "context_length": m.engine.ctx})
+                       "context_length": m.engine.ctx, "kv_cache": spec_name(m.engine.kv_types),
+                       "kv_cache_bytes": m.engine.nbytes()})
     return JSONResponse({"models": models})
 
 

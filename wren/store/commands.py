@@ -40,6 +40,8 @@ def add_show_flags(show) -> None:
     show.add_argument("--parameters", action="store_true", help="print its stored parameters")
     show.add_argument("--template", action="store_true", help="print its template")
     show.add_argument("--system", action="store_true", help="print its system prompt")
+    show.add_argument("--kv-cache", default=None, metavar="TYPE",
+                      help="the KV cache type to size (default: the model's PARAMETER kv_cache, $WREN_KV_CACHE, dense)")
 
 
 def wants_store_view(args) -> bool:
@@ -206,7 +208,7 @@ def cmd_ps(args) -> int:
     models = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(models, list):
         raise WrenError(f"the server at {url} sent an unexpected answer to /api/ps")
-    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"]]
+    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "KV CACHE", "UNTIL"]]
     for m in models:
         if not isinstance(m, dict):
             continue
@@ -214,8 +216,9 @@ def cmd_ps(args) -> int:
         size = m.get("size") or 0
         processor = "100% GPU" if size and vram >= size else ("100% CPU" if not vram else
                                                                f"{100 * vram // max(size, 1)}% GPU")
+        kv = f"{m.get('kv_cache', '?')} {_size(m.get('kv_cache_bytes') or 0)}" if "kv_cache" in m else "-"
         rows.append([str(m.get("name", "")), str(m.get("digest", "")).removeprefix("sha256:")[:12], _size(size),
-                     processor, _until(m.get("expires_at"))])
+                     processor, str(m.get("context_length", "-")), kv, _until(m.get("expires_at"))])
     _table(rows)
     return 0
 

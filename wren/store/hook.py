@@ -43,7 +43,7 @@ def attach(model, resolved) -> None:
     from .modelfile import option_fields
 
     model.store_name = resolved.name
-    model.defaults = {k: v for k, v in resolved.parameters.items() if k in option_fields()}
+    model.defaults = {k: v for k, v in resolved.parameters.items() if k in option_fields() and k != "kv_cache"}
     model.kv_cache = resolved.parameters.get("kv_cache")
     model.system = resolved.system
     model.messages = list(resolved.messages)

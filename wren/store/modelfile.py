@@ -12,7 +12,7 @@ from ..errors import BadOptionError
 
 COMMANDS = ("FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "PARAMETER", "MESSAGE", "LICENSE")
 ROLES = ("system", "user", "assistant")
-_KV_CACHE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_KV_CACHE = re.compile(r"[A-Za-z0-9_./-]{1,32}")
 
 
 def option_fields() -> tuple[str, ...]:
@@ -23,7 +23,7 @@ def option_fields() -> tuple[str, ...]:
 
 
 def parameter_names() -> tuple[str, ...]:
-    return (*option_fields(), "kv_cache")  # num_ctx is an Options field already
+    return option_fields()  # num_ctx and kv_cache are Options fields too
 
 
 @dataclass
@@ -147,8 +147,14 @@ def parameter(key: str, value):
     if name not in parameter_names():
         raise BadOptionError(f"unknown parameter {key!r} (wren knows {', '.join(parameter_names())})")
     if name == "kv_cache":
+        from ..kv.types import kv_cache_types
+
         if not isinstance(value, str) or not _KV_CACHE.fullmatch(value):
             raise BadOptionError(f"parameter kv_cache must be a cache type such as f16 or tq4, got {value!r}")
+        try:
+            kv_cache_types(value)
+        except BadOptionError as exc:
+            raise BadOptionError(f"parameter kv_cache: {exc}") from None
         return name, value
     if name == "stop":
         if not isinstance(value, str) or not value:
