@@ -3,18 +3,13 @@ is base + update, which the old codes cannot hold); `wren merge --bits` then re-
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import BadOptionError, UnsupportedModelError
+from ..quant.folder import write_folder
 from ..quant.linear import TQEmbedding, TQLinear
 from ..quant.tables import TQRowTable
 from ..weights.tables import RowTable
@@ -50,36 +45,13 @@ def merge_all(model) -> int:
 
 
 def save_dense(model, out: Path) -> Path:
-    """A dense model folder (`model.safetensors`, `config.json`, tokenizer, template) that wren.load opens.
-    Written to a temp folder and renamed into place."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise BadOptionError(f"{out} exists and is not empty; choose a new output folder")
+    """A dense model folder (`model.safetensors`, `config.json`, tokenizer, template) that wren.load opens,
+    written atomically (quant/folder.py's write_folder)."""
     if model.quant_recipe is not None:
         raise BadOptionError("the model still has TurboQuant layers; densify it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        table = model.embed_tokens_per_layer
-        if table is not None:
-            tensors["embed_tokens_per_layer.weight"] = table.lookup(
-                torch.arange(table.rows), "cpu", torch.float32).to(torch.float16).contiguous()
-        save_file(tensors, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
-        if model.tokenizer is not None:
-            model.tokenizer.save(tmp / "tokenizer.json")
-        if model.chat_template:
-            (tmp / "chat_template.jinja").write_text(model.chat_template)
-        if getattr(model, "license", None):
-            (tmp / "LICENSE").write_text(model.license)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    table = model.embed_tokens_per_layer
+    if table is not None:
+        tensors["embed_tokens_per_layer.weight"] = table.lookup(
+            torch.arange(table.rows), "cpu", torch.float32).to(torch.float16).contiguous()
+    return write_folder(model, out, tensors)

@@ -171,25 +171,31 @@ def linear_bits_per_weight(model) -> float:
 
 
 def save(model, out: Path) -> Path:
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    table = model.embed_tokens_per_layer
+    if isinstance(table, TQRowTable):
+        tensors.update(table.tensors(PLE))
+    elif table is not None:
+        tensors[f"{PLE}.weight"] = table.tensor.contiguous()
+    return write_folder(model, out, tensors, {"wren_quant": json.dumps(model.quant_recipe)})
+
+
+def write_folder(model, out: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """A model folder wren.load opens: `model.safetensors` (tensors), `config.json`, the tokenizer, chat
+    template and licence; written to a temp folder beside `out`, fsynced, then renamed into place."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise BadOptionError(f"{out} exists and is not empty; choose a new output folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-        table = model.embed_tokens_per_layer
-        if isinstance(table, TQRowTable):
-            tensors.update(table.tensors(PLE))
-        elif table is not None:
-            tensors[f"{PLE}.weight"] = table.tensor.contiguous()
-        save_file(tensors, tmp / "model.safetensors", metadata={"wren_quant": json.dumps(model.quant_recipe)})
-        config = dataclasses.asdict(model.config)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, tmp / "model.safetensors", metadata=metadata)
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer.json")
         if model.chat_template:
             (tmp / "chat_template.jinja").write_text(model.chat_template)
-        if model.license:
+        if getattr(model, "license", None):
             (tmp / "LICENSE").write_text(model.license)
         for f in tmp.iterdir():
             f.chmod(0o644)
