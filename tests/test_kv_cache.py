@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import wren
+from slot_driver import drive, random_sequences
 from conftest import TINY
 from wren.errors import BadOptionError
 from wren.kv import (TYPES, CompressedKVCache, codec_for, kv_bytes_per_token, kv_cache_bytes, kv_cache_types,
@@ -210,26 +211,13 @@ def test_compressed_slot_cache_rows_equal_each_sequence_alone(tiny, name, types)
     from wren.kv import CompressedSlotCache, kv_cache_bytes, make_slot_cache
 
     model = wren.load(tiny[name][1])
-    g = torch.Generator().manual_seed(5)
-    seqs = {0: torch.randint(0, 384, (17,), generator=g).tolist(), 2: torch.randint(0, 384, (5,), generator=g).tolist(),
-            3: torch.randint(0, 384, (30,), generator=g).tolist()}
+    seqs = random_sequences(5)
     with torch.no_grad():
         alone = {r: model(torch.tensor([s]), make_kv_cache(model, 1, 40, spec=types))[0] for r, s in seqs.items()}
         cache = make_slot_cache(model, 4, 40, types)
         assert isinstance(cache, CompressedSlotCache)
         assert cache.nbytes() == kv_cache_bytes(model, types, batch=4, max_len=40)
-        out = {r: [] for r in seqs}
-        for r, n in {0: 10, 2: 3, 3: 20}.items():
-            cache.select([r])
-            out[r] += list(model(torch.tensor([seqs[r][:n]]), cache)[0])
-        while rows := [r for r in seqs if cache.lengths[r] < len(seqs[r])]:
-            cache.select(rows)
-            logits = model(torch.tensor([[seqs[r][cache.lengths[r]]] for r in rows]), cache)
-            for i, r in enumerate(rows):
-                out[r].append(logits[i, 0])
+        out, again = drive(model, cache, seqs)
         for r in seqs:
-            assert (torch.stack(out[r]) - alone[r]).abs().max() < 5e-4
-        cache.truncate(3, 29)
-        cache.select([3])
-        again = model(torch.tensor([[seqs[3][29]]]), cache)[0, 0]
+            assert (out[r] - alone[r]).abs().max() < 5e-4
         assert (again - alone[3][29]).abs().max() < 5e-4

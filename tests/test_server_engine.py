@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import wren
+from slot_driver import drive, random_sequences
 from wren.cache import SlotCache
 from wren.kv import CompressedSlotCache, make_kv_cache, resolve_types
 from wren.sampling import Options
@@ -30,26 +31,12 @@ def test_slot_cache_rows_are_independent_sequences(tiny, name):
     """Rows prefilled separately, decoded together at different lengths, past the sliding window, and a row
     truncated and reused: every logit equals a full forward of that sequence alone."""
     model = wren.load(tiny[name][1])
-    g = torch.Generator().manual_seed(3)
-    seqs = {0: torch.randint(0, 384, (17,), generator=g).tolist(), 2: torch.randint(0, 384, (5,), generator=g).tolist(),
-            3: torch.randint(0, 384, (30,), generator=g).tolist()}
+    seqs = random_sequences(3)
     with torch.no_grad():
         full = {r: model(torch.tensor([s]))[0] for r, s in seqs.items()}
-        cache = SlotCache.for_model(model, 4, 40)
-        out = {r: [] for r in seqs}
-        for r, n in {0: 10, 2: 3, 3: 20}.items():
-            cache.select([r])
-            out[r] += list(model(torch.tensor([seqs[r][:n]]), cache)[0])
-        while rows := [r for r in seqs if cache.lengths[r] < len(seqs[r])]:
-            cache.select(rows)
-            logits = model(torch.tensor([[seqs[r][cache.lengths[r]]] for r in rows]), cache)
-            for i, r in enumerate(rows):
-                out[r].append(logits[i, 0])
+        out, again = drive(model, SlotCache.for_model(model, 4, 40), seqs)
         for r in seqs:
-            assert (torch.stack(out[r]) - full[r]).abs().max() < 1e-4
-        cache.truncate(3, 29)  # reuse all but the last position
-        cache.select([3])
-        again = model(torch.tensor([[seqs[3][29]]]), cache)[0, 0]
+            assert (out[r] - full[r]).abs().max() < 1e-4
         assert (again - full[3][29]).abs().max() < 1e-4
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kv import make_slot_cache, resolve_types
 from ..errors import ContextLengthError, WrenError
 from ..generation import PREFILL_CHUNK
+from ..kv import make_slot_cache, resolve_types
 from ..sampling import Options, make_sampler
 
 
