@@ -136,8 +136,7 @@ def test_model_parameter_and_environment_choose_the_cache(models, monkeypatch):
 @pytest.mark.parametrize("types", [("tq4", "tq4"), ("tq3.5", "tq2.5"), ("tq2", "tq3")])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_rotated_attention_equals_dense_reference_on_the_same_codes(types, scaled):
-    from wren.kv.attention import attend_rotated
-    from wren.models.layers import attend, attention_mask
+    from wren.models.layers import InFrame, attend, attention_mask
 
     g = torch.Generator().manual_seed(1)
     b, h, hkv, t, s, d = 2, 8, 2, 3, 40, 128
@@ -150,7 +149,9 @@ def test_rotated_attention_equals_dense_reference_on_the_same_codes(types, scale
     mask = attention_mask(pos, torch.arange(s).expand(b, -1), 16)
     keys = kc.decode(K, torch.float32) / (key_scale if scaled else 1.0)
     ref = attend(q, keys, vc.decode(V, torch.float32), mask, d ** -0.5, 50.0)
-    out = attend_rotated(q, K, V, kc, vc, mask, d ** -0.5, 50.0, key_scale=key_scale)
+    keys_in_frame, values_in_frame = kc.read(K, torch.float32, key_scale), vc.read(V, torch.float32)
+    assert isinstance(keys_in_frame, InFrame) and isinstance(values_in_frame, InFrame)
+    out = attend(q, keys_in_frame, values_in_frame, mask, d ** -0.5, 50.0)
     assert (out - ref).abs().max().item() <= 1e-4
 
 

@@ -1,12 +1,14 @@
 """A KV cache that stores each head vector compressed, quantized once when it is written.
 
 Same interface and layout as wren.cache.KVCache (full layers indexed by position, sliding layers in a ring,
-nothing for KV-shared layers); `update` returns the dequantized keys/values, in the model's dtype, for the
-ordinary `attend`. The new chunk's own keys/values are returned dequantized too, so every query attends to
-exactly what the cache holds, whichever way the sequence was chunked.
+nothing for KV-shared layers); `update` returns what `attend` reads: dense and q8 vectors decoded to the
+model's dtype, TurboQuant ones decoded to codebook values in their rotated frame (InFrame), never rotated
+back: attention rotates the query in and its output out instead. The new chunk's own keys/values come back
+decoded too, so every query attends to exactly what the cache holds, whichever way the sequence was chunked.
 
-TurboQuant keys are stored scaled per channel (`key_scales`, kv/scales.py) and unscaled when read, so the
-scores are exact functions of the codes while the quantization error lands where queries do not look.
+TurboQuant keys are stored scaled per channel (`key_scales`, kv/scales.py) and the query divided by the
+scale, so the scores are exact functions of the codes while the quantization error lands where queries do
+not look.
 """
 
 from __future__ import annotations
@@ -22,10 +24,6 @@ from .types import model_dtype_name, resolve_types
 
 def encode_keys(codec, k: torch.Tensor, scale: torch.Tensor | None) -> tuple:
     return codec.encode(k if scale is None else k.float() * scale)
-
-
-def decode_keys(codec, parts: tuple, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
-    return codec.decode(parts, dtype) if scale is None else (codec.decode(parts, torch.float32) / scale).to(dtype)
 
 
 def layer_key_scales(codecs: dict, key_scales: dict | None, device) -> dict[int, torch.Tensor]:
@@ -64,22 +62,18 @@ class CompressedKVCache(KVCache):
         K, V, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
         s = self.key_scale.get(layer)
         new_k, new_v = encode_keys(kc, k, s), vc.encode(v)
-
-        def keys_of(parts):
-            return decode_keys(kc, parts, self.dtype, s)
-
         if not self.ring[layer]:
             end = int(pos[-1]) + 1
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, pos] = new
             slot_pos[pos] = pos
-            keys = keys_of(tuple(b[:, :, :end] for b in K))
-            values = vc.decode(tuple(b[:, :, :end] for b in V), self.dtype)
+            keys = kc.read(tuple(b[:, :, :end] for b in K), self.dtype, s)
+            values = vc.read(tuple(b[:, :, :end] for b in V), self.dtype)
             return keys, values, slot_pos[:end], self.valid[:, :end]
         # Sliding ring: what the ring held before this chunk plus the chunk itself, then keep the newest
         # `window` entries (as KVCache does).
-        keys = torch.cat([keys_of(K), keys_of(new_k)], dim=2)
-        values = torch.cat([vc.decode(V, self.dtype), vc.decode(new_v, self.dtype)], dim=2)
+        keys = kc.read(joined(K, new_k), self.dtype, s)
+        values = vc.read(joined(V, new_v), self.dtype)
         key_pos = torch.cat([slot_pos, pos])
         window = slot_pos.numel()
         keep = pos[-window:]
@@ -88,6 +82,11 @@ class CompressedKVCache(KVCache):
             buf[:, :, slots] = new[:, :, -window:]
         slot_pos[slots] = keep
         return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
+
+
+def joined(old: tuple, new: tuple) -> tuple:
+    """A codec's buffers followed by a new chunk's, along the position axis (read as one)."""
+    return tuple(torch.cat([a, b], dim=2) for a, b in zip(old, new))
 
 
 def make_kv_cache(model, batch: int = 1, max_len: int | None = None, spec=None, device=None) -> KVCache:

@@ -8,10 +8,12 @@ leading dims of every buffer are the vector's (batch, head, slot).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..models.layers import InFrame
 from ..quant.cpu_kernels import rotate_fast, unrotate_fast
 from ..quant.turboquant import TQConfig, _encode, codes_nbytes, decode_rotated
 
@@ -35,6 +37,10 @@ class Dense:
 
     def decode(self, parts: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
         return parts[0].to(dtype)
+
+    def read(self, parts: tuple[Tensor, ...], dtype: torch.dtype, key_scale: Tensor | None = None) -> Tensor:
+        """What attention takes (a tensor, or InFrame): here the vectors themselves."""
+        return self.decode(parts, dtype)
 
 
 def _fp16_scale_up(scale: Tensor) -> Tensor:
@@ -67,6 +73,8 @@ class Q8:
         levels, scale = parts
         return (levels.float() * scale.float().unsqueeze(-1)).to(dtype)
 
+    read = Dense.read
+
 
 class TQ:
     """TurboQuant MSE codes of the Hadamard-rotated vector (fractional rates split the rotated coordinates,
@@ -98,7 +106,28 @@ class TQ:
         return decode_rotated(codes, self.cfg) * scale.float().unsqueeze(-1)
 
     def decode(self, parts: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        """The vectors in the model's frame: the dense reference path (tests)."""
         return unrotate_fast(self.decode_rotated(parts), self.cfg).to(dtype)
+
+    def read(self, parts: tuple[Tensor, ...], dtype: torch.dtype, key_scale: Tensor | None = None) -> InFrame:
+        """The vectors left in the rotated frame, for `attend` (models/layers.py InFrame). Keys coded as
+        k·key_scale are read with that scale, which the query is divided by on entering the frame."""
+        codes, scale = parts
+        return InFrame(decode_rotated(codes, self.cfg).to(dtype), Frame(self.cfg, key_scale), scale)
+
+
+class Frame(NamedTuple):
+    """The rotated frame of a TQ codec, for InFrame: queries enter it, attention outputs leave it."""
+
+    cfg: TQConfig
+    key_scale: Tensor | None = None
+
+    def enter(self, q: Tensor) -> Tensor:
+        q32 = q.float() if self.key_scale is None else q.float() / self.key_scale
+        return rotate_fast(q32, self.cfg).to(q.dtype)
+
+    def leave(self, out: Tensor) -> Tensor:
+        return unrotate_fast(out, self.cfg).to(out.dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import SlotCache
-from .cache import decode_keys, encode_keys, layer_key_scales
+from .cache import encode_keys, joined, layer_key_scales
 from .codecs import codec_for
 from .scales import key_scales
 
@@ -50,13 +50,12 @@ class CompressedSlotCache(SlotCache):
             write(pos)
             self._write(P, pos, pos)
             end = int(pos.max()) + 1
-            keys = decode_keys(kc, tuple(self._rows(b, end) for b in K), self.dtype, s)
-            values = vc.decode(tuple(self._rows(b, end) for b in V), self.dtype)
+            keys = kc.read(tuple(self._rows(b, end) for b in K), self.dtype, s)
+            values = vc.read(tuple(self._rows(b, end) for b in V), self.dtype)
             return keys, values, self._rows(P, end), None
-        # Sliding ring: what the rows held plus the chunk itself (decoded, as stored), then keep the newest.
-        keys = torch.cat([decode_keys(kc, tuple(self._rows(b) for b in K), self.dtype, s),
-                          decode_keys(kc, new_k, self.dtype, s)], dim=2)
-        values = torch.cat([vc.decode(tuple(self._rows(b) for b in V), self.dtype), vc.decode(new_v, self.dtype)], dim=2)
+        # Sliding ring: what the rows held plus the chunk itself (read as stored), then keep the newest.
+        keys = kc.read(joined(tuple(self._rows(b) for b in K), new_k), self.dtype, s)
+        values = vc.read(joined(tuple(self._rows(b) for b in V), new_v), self.dtype)
         key_pos = torch.cat([self._rows(P), pos], dim=1)
         window = P.shape[1]
         keep = pos[:, -window:]

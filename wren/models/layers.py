@@ -6,6 +6,7 @@ Functions rather than classes where there is no weight; the family files compose
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,25 +83,51 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
     return mask[:, None]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+class InFrame(NamedTuple):
+    """Cached keys or values held in an orthogonal frame R, as a compressed cache decodes its codes (wren.kv),
+    never rotated back: `data` [B, Hkv, S, D] times the per-vector `scale` [B, Hkv, S]. Since <q, k> =
+    <Rq, Rk> and sum_i p_i v_i = Rᵀ sum_i p_i R v_i, `attend` moves the query into the keys' frame
+    (`frame.enter`) and its output out of the values' frame (`frame.leave`), one rotation per query instead
+    of one per cached vector, and applies the scales to the scores and probabilities, S numbers instead of
+    S x D."""
+
+    data: torch.Tensor
+    frame: object  # .enter(q) -> q in the frame; .leave(out) -> out back in the model's frame
+    scale: torch.Tensor | None = None
+
+
+def attend(q: torch.Tensor, k, v, mask: torch.Tensor, scale: float,
            softcap: float | None = None) -> torch.Tensor:
-    """Grouped-query attention. q: [B, H, T, D]; k, v: [B, Hkv, S, D]; mask: bool [B, 1, T, S].
-    Returns [B, T, H*D]. Softmax in fp32.
+    """Grouped-query attention. q: [B, H, T, D]; k, v: [B, Hkv, S, D] tensors or InFrame; mask: bool
+    [B, 1, T, S]. Returns [B, T, H*D]. Softmax in fp32.
 
     Written out rather than through SDPA: the CPU flash kernel's blockwise softmax rounds differently for
     one query than for many, which put cached decoding 1.2e-4 away from a full forward."""
+    key_scale = value_scale = value_frame = None
+    if isinstance(k, InFrame):
+        q, k, key_scale = k.frame.enter(q), k.data, k.scale
+    if isinstance(v, InFrame):
+        value_frame, v, value_scale = v.frame, v.data, v.scale
     b, h, t, d = q.shape
     hkv = k.shape[1]
     # Query heads sharing a KV head are stacked along the row axis, so no repeated copy of K/V is made.
-    scores = (q.reshape(b, hkv, h // hkv * t, d) @ k.transpose(-1, -2)).reshape(b, h, t, -1) * scale
+    scores = q.reshape(b, hkv, h // hkv * t, d) @ k.transpose(-1, -2)
+    if key_scale is not None:
+        scores = scores.float() * key_scale.float()[:, :, None]
+    scores = scores.reshape(b, h, t, -1) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     # A row with every key masked (a left-pad query) would be NaN; it attends to nothing instead.
     # (In place only outside autograd: softmax's backward needs its output unmodified.)
     probs = torch.softmax(scores.float(), dim=-1)
-    probs = (probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)).to(q.dtype)
-    out = (probs.reshape(b, hkv, h // hkv * t, -1) @ v).reshape(b, h, t, d)
+    probs = probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)
+    probs = probs.reshape(b, hkv, h // hkv * t, -1)
+    if value_scale is not None:
+        probs = probs * value_scale.float()[:, :, None]
+    out = (probs.to(q.dtype) @ v).reshape(b, h, t, d)
+    if value_frame is not None:
+        out = value_frame.leave(out)
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BadOptionError
@@ -350,10 +351,33 @@ def _decode(codes: Tensor, bits: float, cfg: TQConfig) -> Tensor:
     parts, offset = [], 0
     for start, stop, b in _runs(bits, cfg.dim):
         size = packed_size(stop - start, b)
-        centroids, _ = _centroids(b, cfg.dim, cfg.codebook, codes.device)
-        parts.append(centroids[unpack(codes[..., offset : offset + size], b, stop - start).long()])
+        parts.append(_lookup(codes[..., offset : offset + size], b, stop - start, cfg.dim, cfg.codebook))
         offset += size
-    return torch.cat(parts, dim=-1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _word_table(bits: int, per_word: int, dim: int, kind: str, device: torch.device) -> Tensor:
+    """[2**(bits·per_word), per_word]: the centroids of the `per_word` codes packed in each possible word."""
+    centroids, _ = _centroids(bits, dim, kind, device)
+    words = torch.arange(2 ** (bits * per_word), device=device)[:, None]
+    shifts = torch.arange(per_word, device=device) * bits
+    return centroids[(words >> shifts) & (2**bits - 1)].contiguous()
+
+
+def _lookup(packed: Tensor, bits: int, n: int, dim: int, kind: str) -> Tensor:
+    """The centroids of n packed codes, float32 [..., n]. Whole words index a table of their codes' values
+    (a byte for 1, 2, 4 and 8 bits; each 12-bit half of a 3-byte group for 3 bits), about ten times faster
+    than unpacking bit by bit, which matters where every cached key and value is read at every step."""
+    if bits and 8 % bits == 0:
+        table = _word_table(bits, 8 // bits, dim, kind, packed.device)
+        return F.embedding(packed.int(), table).flatten(-2)[..., :n]
+    if bits == 3 and n % 8 == 0:
+        w = packed.unflatten(-1, (n // 8, 3)).int()
+        halves = torch.stack((w[..., 0] | (w[..., 1] & 15) << 8, w[..., 1] >> 4 | w[..., 2] << 4), dim=-1)
+        return F.embedding(halves, _word_table(3, 4, dim, kind, packed.device)).flatten(-3)
+    centroids, _ = _centroids(bits, dim, kind, packed.device)
+    return centroids[unpack(packed, bits, n).long()]
 
 
 def codes_nbytes(cfg: TQConfig) -> int:
