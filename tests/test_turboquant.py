@@ -253,6 +253,21 @@ def test_pack_layouts():
         pack(torch.zeros(4, dtype=torch.int64), 2)
 
 
+@settings(max_examples=150, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(1, 70), eights=st.booleans(), batch=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_word_table_lookup_equals_unpacking_bit_by_bit(bits, n, eights, batch, seed):
+    """The fast decode that the KV cache and the weights use (whole bytes, or the 12-bit halves of 3-byte
+    groups of 3-bit codes, index a table of their codes' values) gives exactly the centroids of the unpacked
+    codes, whatever the count (3-bit runs that are not a multiple of 8 codes unpack bit by bit)."""
+    from wren.quant.turboquant import _centroids, _lookup
+
+    n = 8 * n if eights else n
+    codes = torch.randint(0, 2**bits, (batch, n), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    centroids, _ = _centroids(bits, 128, "beta", torch.device("cpu"))
+    assert torch.equal(_lookup(pack(codes, bits), bits, n, 128, "beta"), centroids[codes.long()])
+
+
 # --- rotations -------------------------------------------------------------------------------------
 
 
