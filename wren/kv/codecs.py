@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..models.layers import InFrame
 from ..quant.cpu_kernels import rotate_fast, unrotate_fast
-from ..quant.turboquant import TQConfig, _encode, codes_nbytes, decode_rotated
+from ..quant.turboquant import TQConfig, codes_nbytes, decode_rotated, encode_with_values
 
 DENSE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TQ_BITS = {"tq4": 4.0, "tq3.5": 3.5, "tq3": 3.0, "tq2.5": 2.5, "tq2": 2.0}
@@ -95,8 +95,7 @@ class TQ:
         xr = rotate_fast(x, self.cfg)
         norms = torch.linalg.vector_norm(xr, dim=-1)
         unit = xr / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
-        codes = _encode(unit, self.cfg.bits, self.cfg)
-        c = decode_rotated(codes, self.cfg)
+        codes, c = encode_with_values(unit, self.cfg.bits, self.cfg)
         scale = (xr * c).sum(-1) / (c * c).sum(-1).clamp_min(1e-12)
         return codes, scale.clamp(-_FP16_MAX, _FP16_MAX).half()
 

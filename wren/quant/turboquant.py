@@ -307,6 +307,8 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
         raise BadOptionError("pack takes a uint8 tensor of codes")
     n = codes.shape[-1]
+    if bits == 4 and n % 2 == 0:  # the common case, in one op: the first code of a pair in the low nibble
+        return codes[..., 0::2] | codes[..., 1::2] << 4
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = ((codes.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # code i holds bits [i·b, (i+1)·b)
     size = packed_size(n, bits)
@@ -338,12 +340,21 @@ def _normalise(x: Tensor, cfg: TQConfig) -> tuple[Tensor, Tensor]:
 
 
 def _encode(unit: Tensor, bits: float, cfg: TQConfig) -> Tensor:
-    parts = []
+    return encode_with_values(unit, bits, cfg)[0]
+
+
+def encode_with_values(unit: Tensor, bits: float, cfg: TQConfig) -> tuple[Tensor, Tensor]:
+    """(packed codes of rotated unit vectors, the centroids they stand for): the codes and what
+    `decode_rotated` would give back, without decoding them again."""
+    parts, values = [], []
     for start, stop, b in _runs(bits, cfg.dim):
-        _, midpoints = _centroids(b, cfg.dim, cfg.codebook, unit.device)
+        centroids, midpoints = _centroids(b, cfg.dim, cfg.codebook, unit.device)
         codes = torch.bucketize(unit[..., start:stop].contiguous(), midpoints)  # the nearest centroid
         parts.append(pack(codes.to(torch.uint8), b))
-    return torch.cat(parts, dim=-1)
+        values.append(centroids[codes])
+    if len(parts) == 1:
+        return parts[0], values[0]
+    return torch.cat(parts, dim=-1), torch.cat(values, dim=-1)
 
 
 def _decode(codes: Tensor, bits: float, cfg: TQConfig) -> Tensor:
