@@ -13,5 +13,6 @@ from .codecs import TYPES, codec_for, vector_nbytes
 from .slots import CompressedSlotCache, make_slot_cache
 from .types import kv_bytes_per_token, kv_cache_types, resolve_types, spec_name
 
-__all__ = ["CompressedKVCache", "context_for_budget", "CompressedSlotCache", "make_slot_cache", "make_kv_cache", "kv_cache_bytes", "kv_bytes_per_token", "kv_cache_types",
-           "resolve_types", "spec_name", "codec_for", "vector_nbytes", "TYPES"]
+__all__ = ["CompressedKVCache", "CompressedSlotCache", "make_kv_cache", "make_slot_cache", "context_for_budget",
+           "kv_cache_bytes", "kv_bytes_per_token", "kv_cache_types", "resolve_types", "spec_name", "codec_for",
+           "vector_nbytes", "TYPES"]

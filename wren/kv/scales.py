@@ -30,9 +30,9 @@ def key_scale(q_norm, k_norm) -> torch.Tensor | None:
     gq, gk = _gain(q_norm), _gain(k_norm)
     if gq is None or gk is None:
         return None
-    ratio = _rope_pair_rms(gq) / _rope_pair_rms(gk).clamp_min(1e-12)
-    s = ratio.clamp(1e-12, 1e12).sqrt()
-    live = (_rope_pair_rms(gq) > 0) & (_rope_pair_rms(gk) > 0)
+    q_rms, k_rms = _rope_pair_rms(gq), _rope_pair_rms(gk)
+    s = (q_rms / k_rms.clamp_min(1e-12)).clamp(1e-12, 1e12).sqrt()
+    live = (q_rms > 0) & (k_rms > 0)
     centre = s[live].log().mean().exp() if live.any() else torch.tensor(1.0)
     return (s / centre).clamp(1 / CLAMP, CLAMP)
 

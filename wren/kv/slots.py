@@ -13,6 +13,7 @@ from ..cache import SlotCache
 from .cache import encode_keys, joined, layer_key_scales
 from .codecs import codec_for
 from .scales import key_scales
+from .types import model_dtype_name
 
 
 class CompressedSlotCache(SlotCache):
@@ -67,8 +68,6 @@ class CompressedSlotCache(SlotCache):
 def make_slot_cache(model, slots: int, max_len: int | None, types: tuple[str, str]) -> SlotCache:
     """The server's cache for `types` (concrete, as resolve_types gives them): the dense SlotCache when both
     halves are the model's own dtype, else a CompressedSlotCache."""
-    from .types import model_dtype_name
-
     if tuple(types) == (model_dtype_name(model),) * 2:
         return SlotCache.for_model(model, slots, max_len)
     return CompressedSlotCache.for_model(model, slots, max_len, types)
