@@ -374,6 +374,7 @@ def test_cli_finetune_registers_a_model_that_run_and_merge_use(folders, tmp_path
     assert main(["merge", "mine/kv", "-o", "mine/kv-tq4", "--bits", "4", "--group-size", "32"]) == 0
     merged, tq4 = wren.load("mine/kv-merged"), wren.load("mine/kv-tq4")
     assert not getattr(merged, "adapters", None) and tq4.quant_recipe is not None
+    assert tq4.quant_recipe["modules"]["layers.0.self_attn.v_proj"]["bits"] == 6, "quantize's default recipe"
     with torch.no_grad():
         assert (merged(ids) - by_hand(ids)).abs().max() <= TOL
         agree = (tq4(ids).argmax(-1) == by_hand(ids).argmax(-1)).float().mean()

@@ -38,10 +38,6 @@ KV_HELP = ("KV cache type: f32, f16, bf16, q8, tq4, tq3.5, tq3, tq2.5, tq2, or K
            "(default: the model's PARAMETER kv_cache, else $WREN_KV_CACHE, else dense in the model's dtype)")
 
 
-# V feeds straight into the attention output; at 4 bits, v_proj at 6 costs +0.06 bits/weight on the 270M
-# and takes its perplexity loss from x1.157 to x1.12 (docs/turboquant.md), as llama.cpp's _M types favour attn_v.
-DEFAULT_MODULE_BITS = ("*.v_proj=+2",)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wren", description="Run Gemma models on this machine.")
@@ -69,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--seed", type=int, default=0, help="rotation seed (stored in the output)")
     quant.add_argument("--module-bits", action="append", default=None, metavar="PATTERN=BITS",
                        help="other bits for the layers whose name matches: absolute ('*.v_proj=5') or relative "
-                            "to --bits ('*.v_proj=+2'); repeatable; default "
-                            f"{' '.join(DEFAULT_MODULE_BITS)} (--uniform: none)")
+                            "to --bits ('*.v_proj=+2'); repeatable; default '*.v_proj=+2' (--uniform: none)")
     quant.add_argument("--uniform", action="store_true", help="every linear layer at --bits")
     quant.add_argument("--no-input-scales", action="store_true",
                        help="skip the data-free column scaling (plain TurboQuant)")
@@ -279,16 +274,8 @@ def cmd_quantize(args) -> int:
     import wren
     from .quant import folder
 
-    module_bits = {}
-    items = [] if args.uniform else args.module_bits if args.module_bits is not None else DEFAULT_MODULE_BITS
-    for item in items:
-        pattern, _, bits = item.rpartition("=")
-        try:
-            module_bits[pattern] = min(8.0, args.bits + float(bits)) if bits.startswith("+") else float(bits)
-        except ValueError:
-            raise WrenError(f"--module-bits takes PATTERN=BITS, e.g. '*.v_proj=5'; got {item!r}") from None
-        if not pattern:
-            raise WrenError(f"--module-bits takes PATTERN=BITS, e.g. '*.v_proj=5'; got {item!r}")
+    items = () if args.uniform else args.module_bits if args.module_bits is not None else folder.DEFAULT_MODULE_BITS
+    module_bits = folder.parse_module_bits(args.bits, items)
     model = wren.load(args.model)
     out = Path(args.output)
     with _progress(args.quiet, "quantizing") as update:

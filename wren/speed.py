@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .errors import BadOptionError
+from .generation import PREFILL_CHUNK
 
-PREFILL_CHUNK = 512  # as generation prefills: bounds the attention temporaries
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 << 20, repeat: int = 5) -> float:
@@ -122,7 +122,7 @@ def bench(model, prompt_tokens: int = 512, gen_tokens: int = 64, repeat: int = 3
           seed: int = 0) -> dict:
     """Prefill and decode speed (medians over `repeat` runs, after a warm-up), time to first token, peak
     resident memory, and the decode limit bandwidth / bytes read per token at the run's mean context."""
-    from .kv import kv_bytes_per_token, resolve_types, spec_name
+    from .kv import kv_cache_bytes, resolve_types, spec_name
 
     limit = model.config.max_position_embeddings
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
@@ -140,7 +140,8 @@ def bench(model, prompt_tokens: int = 512, gen_tokens: int = 64, repeat: int = 3
     device = model.norm.weight.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes_per_token(model)
-    kv_read = kv_bytes_per_token(model, types) * (prompt_tokens + gen_tokens / 2)
+    # the cache a mid-generation step reads: every position so far, sliding layers only their window
+    kv_read = kv_cache_bytes(model, types, 1, prompt_tokens + gen_tokens // 2)
     return {
         "prefill_tok_s": prompt_tokens / ttft,
         "decode_tok_s": 1 / per_token,

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import BadOptionError, WrenError
+from ..errors import BadOptionError
 
 HELP = "LoRA fine-tune a model (dense or TurboQuant base) on JSONL chats; registers BASE+adapter as NAME"
 
@@ -169,10 +169,11 @@ def cmd_merge(args) -> int:
     model = wren.load(args.name)
     if not getattr(model, "adapters", None):
         raise BadOptionError(f"{args.name} has no adapter to merge")
+    seed = (model.quant_recipe or {}).get("seed", 0)  # merging drops the recipe: keep the base's rotation seed
     M.merge_all(model)
-    if args.bits is not None:
-        quant_folder.quantize_model(model, args.bits, args.group_size, args.embed_bits,
-                                    seed=(model.quant_recipe or {}).get("seed", 0))
+    if args.bits is not None:  # the recipe `wren quantize --bits` writes by default
+        quant_folder.quantize_model(model, args.bits, args.group_size, args.embed_bits, seed=seed,
+                                    module_bits=quant_folder.parse_module_bits(args.bits))
     keep = Path(args.folder).expanduser() if args.folder else None
     tmp = Path(tempfile.mkdtemp(prefix=".wren-merge-"))
     target = keep or tmp / "merged"
@@ -182,8 +183,6 @@ def cmd_merge(args) -> int:
         else:
             M.save_dense(model, target)
         name = ModelStore().pull(str(target), name=args.output)
-    except WrenError:
-        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     what = f"re-quantized at {args.bits:g} bits" if args.bits is not None else "dense"

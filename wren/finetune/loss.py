@@ -158,7 +158,7 @@ class _HeadCE(torch.autograd.Function):
                         rows = inside.nonzero()[:, 0]
                         p[rows, targets[rows] - s] -= 1
                     if cap:
-                        p *= 1 - torch.tanh(raw / cap) ** 2  # d(cap·tanh(z/cap))/dz
+                        p *= 1 - (z / cap) ** 2  # d(cap·tanh(raw/cap))/draw, with z = cap·tanh(raw/cap)
                     acc += (p.to(w.dtype) @ w).float()
                 grad = head.input_grad(acc).to(h.dtype)
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))

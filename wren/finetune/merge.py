@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import BadOptionError, UnsupportedModelError
+from ..quant.experts import TQExperts
 from ..quant.folder import write_folder
 from ..quant.linear import TQEmbedding, TQLinear
 from ..quant.tables import TQRowTable
@@ -19,7 +20,7 @@ from . import lora
 def densify(model) -> None:
     """Replace every TurboQuant module of the model by its dense (dequantized) float32 equivalent."""
     for name, m in list(model.named_modules()):
-        if type(m).__name__ == "TQExperts":
+        if isinstance(m, TQExperts):
             raise UnsupportedModelError("merging into a TurboQuant MoE model is not supported yet")
         if isinstance(m, (TQLinear, TQEmbedding)):
             parent, child = lora._split(model, name)
