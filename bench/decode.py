@@ -1,19 +1,23 @@
-"""Prefill and decode speed of wren next to llama-cpp-python, on the same GGUF and the same prompt ids.
+"""Prefill and decode speed of wren next to llama-cpp-python: the same source model, the same prompt ids.
 
-    python bench/decode.py                                  # default model, 2 threads, 512-token prompt, 64 decoded
-    python bench/decode.py --threads 4 --prompt-tokens 1024 --decode-tokens 128 --repeat 3
-    python bench/decode.py --engines wren --json            # one JSON object instead of a table
+    python bench/decode.py          # the matrix below, 3 repeats (~15 min on 2 cores)
+    python bench/decode.py --wren tq4 --kv f16 --llama Q4_K_M --prompt-tokens 512 --repeat 1   # a quick look
+    python bench/decode.py --json   # one JSON object instead of tables
 
-Each engine runs in its own child process (so peak RSS is its own) on the same prompt token ids
-(tokenized once by wren's tokenizer), after a short warm-up. Prefill runs in chunks of 512; decode is
-greedy (argmax), one token per forward, and its rate counts only the single-token steps. With
---repeat > 1 the median of each column is shown. Timings are printed, never asserted: they are only as
-quiet as the machine is.
+Rows: wren with each of --wren's weights (`tq4`, `tq3`: what `wren quantize --bits 4|3` writes, made once and
+cached; `gguf`: the source GGUF as wren loads it) under each of --kv's cache types, and llama-cpp-python with
+each of --llama's types (llama.cpp's own requantization of the same weights, cached; see _llama_requant.py).
+Each repeat of a row is a fresh child process (so load time and peak RSS are its own): it loads the model,
+warms up on 32 tokens, then for each --prompt-tokens length prefills that prompt into a fresh cache (chunks
+of 512) and decodes --decode-tokens greedy tokens one forward each. Prompt ids are tokenized once, by wren.
+Shown: the median and the min over repeats; load time is the model load inside the child (the files are in
+the page cache after the first repeat). Timings are printed, never asserted: only as quiet as the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -25,211 +29,260 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _llama_requant  # noqa: E402
+
 CHUNK = 512
+WREN_BITS = {"tq4": 4, "tq3": 3}  # weights made by `wren quantize --bits N` (its default recipe)
+PAIRS = {"tq4": "Q4_K_M", "tq3": "Q3_K_M"}  # the llama.cpp row each wren weight type is compared with
 
 
-def prompt_text(file: str | None) -> str:
-    shared = REPO.parent / "shared" / "data" / "prideprejudice.txt"
-    for p in (shared, Path(file) if file else None):
-        if p is not None and p.exists():
-            return p.read_text(encoding="utf-8", errors="replace")
-    import importlib
-
-    mods = ("argparse", "collections", "json", "os", "pathlib", "re", "subprocess", "typing", "unittest")
-    return "\n\n".join(importlib.import_module(m).__doc__ or "" for m in mods)
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def prompt_ids(model_path: Path, n: int, file: str | None) -> list[int]:
     from wren.tokenizer import Tokenizer
     from wren.weights.gguf import GGUFFile, tokenizer_metadata
 
+    shared = REPO.parent / "shared" / "data" / "prideprejudice.txt"
+    text_file = Path(file) if file else shared
+    if not text_file.exists():
+        raise SystemExit(f"no prompt text at {text_file}: pass --file")
     tok = Tokenizer.from_gguf_metadata(tokenizer_metadata(GGUFFile(model_path)))
-    ids = tok.encode(prompt_text(file), add_bos=True)
+    ids = tok.encode(text_file.read_text(encoding="utf-8", errors="replace"), add_bos=True)
     while len(ids) < n:  # a short text is repeated (without its BOS) until it is long enough
         ids += ids[1:] or ids
     return ids[:n]
 
 
-def finish(result: dict) -> None:
-    import resource
+def wren_weights(source: Path, name: str) -> Path:
+    """The weights of row `name`: the source itself, or `wren quantize` of it (written once, cached)."""
+    if name == "gguf":
+        return source
+    out = _llama_requant.cache_dir(source) / f"wren-{name}"
+    if out.exists():
+        return out
+    log(f"wren quantize --bits {WREN_BITS[name]} (once)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "wren", "quantize", str(source), "--bits", str(WREN_BITS[name]),
+                        "-o", f"{tmp}/model", "--quiet"], check=True)
+        os.replace(f"{tmp}/model", out)
+    return out
 
-    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps(result), flush=True)
 
-
-def child_wren(path: Path, ids: list[int], decode: int, threads: int) -> None:
+def child_wren(path: Path, kv: str, ids: list[int], lengths: list[int], decode: int, threads: int) -> dict:
     import torch
 
     import wren
+    from wren.kv import make_kv_cache
+    from wren.quant import folder
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = wren.load(path)
     load_s = time.perf_counter() - t0
 
-    def run(prompt: list[int], steps: int):
+    def run(prompt: list[int], steps: int) -> tuple[float, float]:
         x = torch.tensor([prompt])
-        cache = model.make_cache(batch=1, max_len=len(prompt) + steps + 8)
+        cache = make_kv_cache(model, batch=1, max_len=len(prompt) + steps + 8, spec=kv)
         t0 = time.perf_counter()
         for s in range(0, x.shape[1], CHUNK):
             logits = model(x[:, s:s + CHUNK], cache, logits_to_keep=1)
+        token = int(logits[0, -1].argmax())
         t1 = time.perf_counter()
-        out = [int(logits[0, -1].argmax())]
         for _ in range(steps):
-            logits = model(torch.tensor([[out[-1]]]), cache, logits_to_keep=1)
-            out.append(int(logits[0, -1].argmax()))
-        return t1 - t0, time.perf_counter() - t1, out
+            token = int(model(torch.tensor([[token]]), cache, logits_to_keep=1)[0, -1].argmax())
+        return t1 - t0, time.perf_counter() - t1
 
     with torch.inference_mode():
         run(ids[:32], 4)  # warm-up
-        pre_s, dec_s, out = run(ids, decode)
-    finish({"engine": "wren", "load_s": load_s, "prefill_tps": len(ids) / pre_s,
-            "decode_tps": decode / dec_s, "tokens": out})
+        runs = {n: run(ids[:n], decode) for n in lengths}
+    return {"load_s": load_s, "bits": folder.linear_bits_per_weight(model), "runs": runs}
 
 
-def child_llama(path: Path, ids: list[int], decode: int, threads: int) -> None:
+def child_llama(path: Path, ids: list[int], lengths: list[int], decode: int, threads: int) -> dict:
     import numpy as np
     from llama_cpp import Llama, llama_get_logits_ith
 
     t0 = time.perf_counter()
-    llm = Llama(model_path=str(path), n_ctx=len(ids) + decode + 16, n_threads=threads,
+    llm = Llama(model_path=str(path), n_ctx=max(lengths) + decode + 16, n_threads=threads,
                 n_threads_batch=threads, n_batch=CHUNK, verbose=False, logits_all=False)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
 
-    def last_argmax() -> int:  # logits_all=False keeps llm.scores empty: read the last row from the context
+    def greedy() -> int:  # logits_all=False keeps llm.scores empty: read the last row from the context
         return int(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
 
-    def run(prompt: list[int], steps: int):
+    def run(prompt: list[int], steps: int) -> tuple[float, float]:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)  # chunks of n_batch internally
+        token = greedy()
         t1 = time.perf_counter()
-        out = [last_argmax()]
         for _ in range(steps):
-            llm.eval([out[-1]])
-            out.append(last_argmax())
-        return t1 - t0, time.perf_counter() - t1, out
+            llm.eval([token])
+            token = greedy()
+        return t1 - t0, time.perf_counter() - t1
 
     run(ids[:32], 4)  # warm-up
-    pre_s, dec_s, out = run(ids, decode)
-    finish({"engine": "llama.cpp", "load_s": load_s, "prefill_tps": len(ids) / pre_s,
-            "decode_tps": decode / dec_s, "tokens": out})
+    runs = {n: run(ids[:n], decode) for n in lengths}
+    llm.close()
+    return {"load_s": load_s, "bits": _llama_requant.stats(path)["linear_bits"], "runs": runs}
 
 
-def run_child(engine: str, args, ids_file: str) -> dict:
+def child_main(args) -> None:
+    import resource
+
+    ids = json.loads(Path(args.ids_file).read_text())
+    lengths = [int(n) for n in args.prompt_tokens.split(",")]
+    engine, path, kv = json.loads(args.child)
+    if engine == "wren":
+        out = child_wren(Path(path), kv, ids, lengths, args.decode_tokens, args.threads)
+    else:
+        out = child_llama(Path(path), ids, lengths, args.decode_tokens, args.threads)
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps(out), flush=True)
+
+
+def run_child(row: dict, args, ids_file: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, __file__, "--child", engine, "--ids-file", ids_file, "--model", str(args.model),
-           "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
+    cmd = [sys.executable, __file__, "--child", json.dumps([row["engine"], str(row["path"]), row["kv"]]),
+           "--ids-file", ids_file, "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens),
+           "--prompt-tokens", args.prompt_tokens]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
-        return {"engine": engine, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(lines[-1])
 
 
-def summarize(runs: list[dict]) -> dict:
-    ok = [r for r in runs if "error" not in r]
+def rows_for(args, source: Path) -> list[dict]:
+    rows = []
+    for w in [w for w in args.wren.split(",") if w]:
+        if w != "gguf" and w not in WREN_BITS:
+            raise SystemExit(f"unknown wren weights {w!r}: choose from gguf, {', '.join(WREN_BITS)}")
+        path = wren_weights(source, w)
+        rows += [{"engine": "wren", "weights": w, "kv": kv, "path": path} for kv in args.kv.split(",") if kv]
+    llama = [t for t in args.llama.split(",") if t]
+    if llama:
+        if importlib.util.find_spec("llama_cpp") is None:
+            log("llama-cpp-python is absent (pip install llama-cpp-python): its rows are left out")
+            return rows
+        f32 = _llama_requant.f32_gguf(source, log)
+        for t in llama:
+            path, why = _llama_requant.requantized(f32, t, args.threads, log)
+            rows.append({"engine": "llama.cpp", "weights": t, "kv": "f16", "path": path, "error": why})
+    return rows
+
+
+def summarize(row: dict, repeats: list[dict], lengths: list[int], decode: int) -> dict:
+    ok = [r for r in repeats if "error" not in r]
+    out = {k: row[k] for k in ("engine", "weights", "kv")} | {"path": str(row["path"])}
     if not ok:
-        return runs[-1]
-    row = {k: statistics.median(r[k] for r in ok) for k in ("load_s", "prefill_tps", "decode_tps", "rss_mb")}
-    return {"engine": ok[0]["engine"], **row, "tokens": ok[0]["tokens"], "runs": len(ok)}
+        return out | {"error": row.get("error") or repeats[-1]["error"]}
+
+    def stat(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values)}
+
+    out |= {"bits": ok[0]["bits"], "repeats": len(ok), "load_s": stat([r["load_s"] for r in ok]),
+            "rss_mb": stat([r["rss_mb"] for r in ok]), "prompts": {}}
+    for n in lengths:
+        pre = [n / r["runs"][str(n)][0] for r in ok]
+        dec = [decode / r["runs"][str(n)][1] for r in ok]
+        ttft = [r["runs"][str(n)][0] for r in ok]
+        out["prompts"][n] = {"prefill_tok_s": stat(pre), "decode_tok_s": stat(dec), "ttft_s": stat(ttft)}
+    return out
 
 
-def agreement(results: list[dict]) -> int | None:
-    toks = [r["tokens"] for r in results if "tokens" in r]
-    if len(toks) != 2:
-        return None
-    return next((i for i, (a, b) in enumerate(zip(*toks)) if a != b), min(map(len, toks)))
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def tables(results: list[dict], lengths: list[int]) -> str:
+    def mm(s: dict, fmt: str) -> str:
+        return f"{s['median']:{fmt}} ({s['min']:{fmt}})"
+
+    speed, peers = [], {r["weights"]: r for r in results if r["engine"] == "llama.cpp" and "error" not in r}
+    for r in results:
+        name = f"{r['engine']} {r['weights']}" + (f" / kv {r['kv']}" if r["engine"] == "wren" else "")
+        if "error" in r:
+            speed.append([name, "error: " + r["error"], *[""] * 6])
+            continue
+        for n in lengths:
+            p = r["prompts"][n]
+            peer = peers.get(PAIRS.get(r["weights"], ""))
+            ratio = (f"{p['decode_tok_s']['median'] / peer['prompts'][n]['decode_tok_s']['median']:.2f}x / "
+                     f"{p['prefill_tok_s']['median'] / peer['prompts'][n]['prefill_tok_s']['median']:.2f}x"
+                     if peer and r["engine"] == "wren" else "")
+            speed.append([name, f"{r['bits']:.2f}", str(n), mm(p["prefill_tok_s"], ".1f"),
+                          mm(p["decode_tok_s"], ".1f"), mm(p["ttft_s"], ".3f"),
+                          f"{ratio} vs {PAIRS[r['weights']]}" if ratio else ""])
+    memory = [[f"{r['engine']} {r['weights']}" + (f" / kv {r['kv']}" if r["engine"] == "wren" else ""),
+               mm(r["load_s"], ".2f"), mm(r["rss_mb"], ".0f")] for r in results if "error" not in r]
+    return ("## Speed: median (min) over repeats\n\n"
+            + markdown(["row", "bits/weight (linear)", "prompt", "prefill tok/s", "decode tok/s", "time to first "
+                        "token s", "decode / prefill vs llama.cpp"], speed)
+            + "\n\n## Load and memory: median (min) over repeats\n\n"
+            + markdown(["row", "load s", f"peak RSS MB (prompts up to {max(lengths)})"], memory))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--wren", default="tq4,tq3", help="wren weights: tq4, tq3 (wren quantize), gguf (the source)")
+    ap.add_argument("--kv", default="f16,tq3.5", help="wren KV cache types, each a row per weights")
+    ap.add_argument("--llama", default="Q4_K_M,Q3_K_M", help="llama.cpp types (requantized from the source)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--engines", default="wren,llama.cpp")
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--file", default=None, help="prompt text when ../shared/data/prideprejudice.txt is absent")
+    ap.add_argument("--prompt-tokens", default="32,512,2048")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--model", type=Path, default=None, help="the source GGUF (default: wren's default model)")
+    ap.add_argument("--file", default=None, help="prompt text (default ../shared/data/prideprejudice.txt)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ids-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    if args.model is None:
-        from wren.weights.load import default_model_path
-        args.model = default_model_path()
     if args.child:
-        ids = json.loads(Path(args.ids_file).read_text())
-        (child_wren if args.child == "wren" else child_llama)(args.model, ids, args.decode_tokens, args.threads)
+        child_main(args)
         return
 
-    try:
-        import llama_cpp
-        llama_version = llama_cpp.__version__
-    except ImportError:
-        llama_version = None
     import torch
 
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if unknown := set(engines) - {"wren", "llama.cpp"}:
-        ap.error(f"unknown engine(s) {', '.join(sorted(unknown))}: choose from wren, llama.cpp")
-    notes = []
-    if "llama.cpp" in engines and llama_version is None:
-        engines.remove("llama.cpp")
-        notes.append("llama-cpp-python is absent (pip install llama-cpp-python): only wren was run")
+    from wren.weights.load import DEFAULT_MODEL, resolve
 
+    source = resolve(str(args.model) if args.model else DEFAULT_MODEL)
+    lengths = [int(n) for n in args.prompt_tokens.split(",")]
     load_before = os.getloadavg()[0]
-    ids = prompt_ids(args.model, args.prompt_tokens, args.file)
+    rows = rows_for(args, source)
+    ids = prompt_ids(source, max(lengths), args.file)
+    results = []
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ids, f)
     try:
-        results = [summarize([run_child(e, args, f.name) for _ in range(args.repeat)]) for e in engines]
+        for row in rows:
+            repeats = []
+            for i in range(args.repeat if not row.get("error") else 0):
+                repeats.append(run_child(row, args, f.name))
+                log(f"{row['engine']} {row['weights']} kv {row['kv']} repeat {i + 1}: "
+                    + (repeats[-1].get("error") or "ok"))
+            results.append(summarize(row, repeats or [{"error": row.get("error")}], lengths, args.decode_tokens))
     finally:
         os.unlink(f.name)
-
-    same = agreement(results)
     load_after = os.getloadavg()[0]
-    # The run itself lifts the load by up to `threads`; more than that, or a busy start, means company.
-    if load_before > 0.5 * (os.cpu_count() or 1) or load_after - load_before > args.threads:
-        notes.append(f"1-minute load average was {load_before:.1f} before and {load_after:.1f} after on "
-                     f"{os.cpu_count()} CPUs: other processes may have shared them, so the numbers may be noisy")
     machine = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "llama_cpp": llama_version, "threads": args.threads, "prompt_tokens": len(ids),
-               "decode_tokens": args.decode_tokens, "repeat": args.repeat, "model": str(args.model),
-               "loadavg_before": load_before, "loadavg_after": load_after}
+               "threads": args.threads, "prompt_tokens": lengths, "decode_tokens": args.decode_tokens,
+               "repeat": args.repeat, "source": str(source), "loadavg_before": load_before,
+               "loadavg_after": load_after}
     if args.json:
-        print(json.dumps({"machine": machine, "results": [{k: v for k, v in r.items() if k != "tokens"}
-                                                          for r in results], "greedy_agree": same, "notes": notes}))
+        print(json.dumps({"machine": machine, "results": results}))
         return
-
-    header = ["engine", "load s", "prefill tok/s", "decode tok/s", "peak RSS MB"]
-    rows = [[r["engine"], "error: " + r["error"], "", "", ""] if "error" in r else
-            [r["engine"], f"{r['load_s']:.2f}", f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.1f}",
-             f"{r['rss_mb']:.0f}"] for r in results]
-    info = (f"{machine['cpus']} CPUs ({machine['cpu']}), torch {machine['torch']}, llama_cpp {llama_version}, "
-            f"{args.threads} threads, prompt {len(ids)} tokens, decode {args.decode_tokens} tokens, "
-            f"repeat {args.repeat}; model {Path(args.model).name}")
-    if same is not None:
-        notes.append(f"greedy tokens agree for the first {same} of {args.decode_tokens + 1}")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title="decode benchmark")
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-    except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        for row in [header, ["-" * w for w in widths], *rows]:
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    print(info)
-    for n in notes:
-        print("note:", n)
+    print("command: python bench/decode.py " + " ".join(sys.argv[1:]))
+    print(tables(results, lengths))
+    print(f"\n{machine['cpus']} CPUs ({machine['cpu']}), torch {machine['torch']}, {args.threads} threads, "
+          f"{args.decode_tokens} decoded tokens, {args.repeat} repeats; source {source.name}; "
+          f"1-minute load average {load_before:.2f} before, {load_after:.2f} after")
 
 
 if __name__ == "__main__":
