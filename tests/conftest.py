@@ -19,6 +19,20 @@ def _hf(name: str):
     return gemma3_hf() if name == "gemma3" else gemma4_hf(name.split("-", 1)[1])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def level_cache(tmp_path_factory):
+    """TurboQuant int8 levels cached by the tests' loads go to a session folder, not the user's cache."""
+    import os
+
+    saved = os.environ.get("WREN_LEVEL_CACHE")
+    os.environ["WREN_LEVEL_CACHE"] = str(tmp_path_factory.mktemp("levels"))
+    yield Path(os.environ["WREN_LEVEL_CACHE"])
+    if saved is None:
+        os.environ.pop("WREN_LEVEL_CACHE", None)
+    else:
+        os.environ["WREN_LEVEL_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """name -> (HF reference model, HF folder, GGUF path), built once per session."""

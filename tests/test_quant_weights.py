@@ -63,6 +63,35 @@ def test_quantized_folder_round_trip(tiny, tmp_path, name, group):
         assert rows.shape == (1, 3, table.width)
 
 
+def test_cpu_levels_are_written_once_then_mapped(tiny, tmp_path, monkeypatch):
+    """The CPU matmul's int8 levels of a loaded folder come from the level cache: written by the first
+    load, mapped by the next, rewritten when corrupt, and always the levels the codes give."""
+    from wren.quant import cpu_kernels, level_cache
+
+    monkeypatch.setenv("WREN_LEVEL_CACHE", str(tmp_path / "levels"))
+    model = wren.load(tiny["gemma3"][2])
+    folder.quantize_model(model, bits=4, group=32, embed_bits=8)
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids)  # levels built in memory
+    out = folder.save(model, tmp_path / "q")
+    wren.load(out)
+    [cached] = (tmp_path / "levels").glob("*.safetensors")
+    stamp = cached.stat().st_mtime_ns
+    for attempt in ("mapped", "corrupt"):
+        loaded = wren.load(out)
+        for name, m in level_cache.fast_modules(loaded).items():
+            assert m._int8 is not None, name  # in place before the first forward
+            fresh = cpu_kernels.int8_levels(m.codes, m.scales, m.cfg, m.in_features)
+            assert torch.equal(m._int8[0], fresh[0]) and torch.equal(m._int8[1], fresh[1]), name
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), want), attempt
+        if attempt == "mapped":
+            cached.unlink()  # a new file, as a replace would be: `loaded` still maps the old one
+            cached.write_bytes(b"not a safetensors file")
+    assert cached.stat().st_size > 1000 and cached.stat().st_mtime_ns != stamp  # rewritten, not trusted
+
+
 def test_input_scales_lower_the_output_error(tiny):
     """The data-free column scales (importance.py) must not make a model worse than plain TurboQuant."""
     model = wren.load(tiny["gemma3"][2])

@@ -11,7 +11,6 @@ loss and its gradient with respect to the hidden states in two passes over slice
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -69,26 +68,9 @@ def _int8_levels(m: TQWeight, rows: int = 1024) -> tuple[torch.Tensor, torch.Ten
         lv, sc = cpu_kernels.int8_levels(m.codes[s:s + rows], m.scales[s:s + rows], m.cfg, m.in_features, rows)
         levels[s:s + rows], scales[s:s + rows] = lv, sc
         if s % (32 * rows) == 0:
-            release_free_memory()
-    release_free_memory()
+            cpu_kernels.release_free_memory()
+    cpu_kernels.release_free_memory()
     return levels, scales
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:

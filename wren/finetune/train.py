@@ -24,10 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import BadOptionError, ModelFormatError
+from ..quant.cpu_kernels import release_free_memory
 from . import data as D
 from . import lora
 from .config import TrainConfig
-from .loss import causal_lm_loss, checkpoint_layers, release_free_memory
+from .loss import causal_lm_loss, checkpoint_layers
 
 CHECKPOINT = "checkpoint"
 

@@ -11,7 +11,7 @@ from torch import nn
 from ..cache import KVCache
 from ..config import SLIDING, Gemma3Config, LayerSpec
 from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed, output_logits, positions,
-                     rope_cos_sin, rope_inv_freq)
+                     rope_cos_sin, rope_inv_freq, uninitialized_embedding)
 
 
 class Attention(nn.Module):
@@ -66,7 +66,7 @@ class Gemma3(nn.Module):
         super().__init__()
         self.config = cfg
         self.specs = cfg.layer_specs()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = uninitialized_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, s, i) for i, s in enumerate(self.specs))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -32,9 +32,10 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(head_dim: int, rotated_dims: int, theta: float, factor: float = 1.0) -> torch.Tensor:
     """Inverse frequencies over head_dim/2 slots; slots past rotated_dims/2 get 0 (no rotation), the
     "proportional" partial RoPE of Gemma 4's full layers."""
-    exponents = torch.arange(0, rotated_dims, 2, dtype=torch.int64).float() / head_dim
+    # On the CPU even inside a meta-device block: an op on meta imports torch._dynamo (a second per load).
+    exponents = torch.arange(0, rotated_dims, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv = 1.0 / (theta ** exponents)
-    inv = torch.cat([inv, torch.zeros(head_dim // 2 - inv.numel())])
+    inv = torch.cat([inv, torch.zeros(head_dim // 2 - inv.numel(), device="cpu")])
     return inv / factor
 
 
@@ -67,6 +68,12 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+def uninitialized_embedding(rows: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding without its random init: the checkpoint fills it. (On the meta device the init's
+    normal_ imports torch._dynamo, 1.4 s of every model load.)"""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,

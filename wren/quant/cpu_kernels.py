@@ -110,3 +110,20 @@ def int8_matmul(x_rotated: Tensor, levels: Tensor, row_scales: Tensor) -> Tensor
 def int8_rows(ids: Tensor, levels: Tensor, row_scales: Tensor) -> Tensor:
     """Rows `ids` of the rotated weight, float32 (an embedding lookup on the int8 levels)."""
     return levels[ids].float() * row_scales[ids].float().unsqueeze(-1)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -83,6 +83,11 @@ def load(source=None, *, dtype: torch.dtype = torch.float32, device: str | torch
     model.source = path
     if stored is not None:
         attach(model, stored)
+    from ..quant import cpu_kernels, level_cache
+
+    cpu_kernels.release_free_memory()  # parsing a 262k-token tokenizer.json leaves ~200 MB of free heap
+    if path.is_dir() and torch.device(device).type == "cpu":
+        level_cache.attach(model, path)  # TurboQuant weights: the CPU matmul's int8 levels, mapped from disk
     return model.to(device)
 
 

@@ -1,0 +1,131 @@
+"""The CPU fast path's int8 levels of a TurboQuant folder, written to disk once and memory-mapped after.
+
+Building the levels (cpu_kernels.int8_levels) decodes every weight: a second or more for the default
+model, paid at the first forward of every process, and the levels then sit in anonymous memory beside the
+codes they came from. Kept under $WREN_CACHE/levels/ (default ~/.cache/wren/levels/; $WREN_LEVEL_CACHE
+moves them), a later load maps them instead: nothing is decoded, and the codes' pages are never touched
+on the CPU (the embedding reads only the rows of the tokens it sees), so resident memory holds the levels
+alone, as clean file pages.
+
+The cache is keyed by the folder's path and its safetensors files' sizes and mtimes, so a rewritten folder
+gets new levels; the newest KEEP caches are kept. Any failure (a read-only home, a full disk, a corrupt
+cache file) falls back to building the levels in memory, as without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import WrenError
+from ..weights.safetensors import SafetensorsFile
+from .cpu_kernels import release_free_memory
+from .linear import TQWeight
+
+FORMAT = 1  # bump when int8_levels changes what it computes
+KEEP = 4
+ALIGN = 64
+DTYPE_NAMES = {torch.int8: "I8", torch.bfloat16: "BF16"}
+
+
+def cache_root() -> Path:
+    if os.environ.get("WREN_LEVEL_CACHE"):
+        return Path(os.environ["WREN_LEVEL_CACHE"])
+    return Path(os.environ.get("WREN_CACHE", Path.home() / ".cache" / "wren")) / "levels"
+
+
+def cache_key(folder: Path) -> str:
+    h = hashlib.sha256(f"{FORMAT}:{folder.resolve()}".encode())
+    for f in sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def fast_modules(model) -> dict[str, TQWeight]:
+    """The modules whose CPU matmul runs on int8 levels (the Hadamard-rotated TurboQuant weights)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, TQWeight) and m.cfg.rotation == "hadamard"}
+
+
+def attach(model, folder: Path) -> None:
+    """Give every fast module of `model` (loaded on the CPU from `folder`) its levels from the cache,
+    writing the cache first if it is missing."""
+    modules = fast_modules(model)
+    if not modules:
+        return
+    path = cache_root() / f"{cache_key(folder)}.safetensors"
+    try:
+        try:
+            _map(path, modules)
+        except (OSError, WrenError, KeyError):  # missing, or corrupt: (re)write it once
+            path.unlink(missing_ok=True)
+            _write(path, modules)
+            _map(path, modules)
+        os.utime(path)  # most recently used: pruned last
+        _prune(path.parent)
+    except (OSError, WrenError, KeyError):  # unwritable or unreadable: build in memory when first needed
+        for m in modules.values():
+            m._int8 = None
+
+
+def _write(path: Path, modules: dict[str, TQWeight]) -> None:
+    tensors = {}
+    for name, m in modules.items():
+        tensors[f"{name}.levels"], tensors[f"{name}.scales"] = m.int8_levels()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _save_aligned(tensors, f)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    for m in modules.values():  # the mapped copies replace these
+        m._int8 = None
+    del tensors
+    release_free_memory()
+
+
+def _save_aligned(tensors: dict[str, torch.Tensor], f) -> None:
+    """A safetensors file whose every tensor starts ALIGN bytes into a page (padding tensors fill the
+    gaps): PyTorch's int8 kernel crashes on levels that are only 8-byte aligned, as plain safetensors
+    offsets may be."""
+    entries, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        if pad := -offset % ALIGN:
+            entries[f"__pad{len(blobs)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+            blobs.append(bytes(pad))
+            offset += pad
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        entries[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + data.nbytes]}
+        blobs.append(data)
+        offset += data.nbytes
+    header = json.dumps(entries).encode()
+    header += b" " * (-(8 + len(header)) % ALIGN)
+    f.write(len(header).to_bytes(8, "little"))
+    f.write(header)
+    for blob in blobs:
+        f.write(memoryview(blob))
+
+
+def _map(path: Path, modules: dict[str, TQWeight]) -> None:
+    f = SafetensorsFile(path)
+    for name, m in modules.items():
+        levels, scales = f.tensor(f"{name}.levels"), f.tensor(f"{name}.scales")
+        if levels.shape != (m.out_features, m.in_features) or scales.shape != (m.out_features,):
+            raise KeyError(f"{name}: cached levels of the wrong shape")
+        if levels.data_ptr() % ALIGN or scales.data_ptr() % ALIGN:
+            raise KeyError(f"{name}: cached levels not {ALIGN}-byte aligned")
+        m._int8 = (levels, scales)
+
+
+def _prune(root: Path) -> None:
+    caches = sorted(root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in caches[KEEP:]:
+        old.unlink(missing_ok=True)
