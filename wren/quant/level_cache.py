@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -74,10 +75,13 @@ def attach(model, folder: Path) -> None:
 
 
 def _write(path: Path, modules: dict[str, TQWeight]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = sum(m.out_features * (m.in_features + 2) for m in modules.values())
+    if shutil.disk_usage(path.parent).free < 2 * need:  # leave the disk at least as much again
+        raise OSError(f"{need} bytes of levels would nearly fill {path.parent}")
     tensors = {}
     for name, m in modules.items():
         tensors[f"{name}.levels"], tensors[f"{name}.scales"] = m.int8_levels()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
