@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,6 @@ def _hf(name: str):
 @pytest.fixture(scope="session", autouse=True)
 def level_cache(tmp_path_factory):
     """TurboQuant int8 levels cached by the tests' loads go to a session folder, not the user's cache."""
-    import os
-
     saved = os.environ.get("WREN_LEVEL_CACHE")
     os.environ["WREN_LEVEL_CACHE"] = str(tmp_path_factory.mktemp("levels"))
     yield Path(os.environ["WREN_LEVEL_CACHE"])
