@@ -378,13 +378,8 @@ def _word_table(bits: int, per_word: int, dim: int, kind: str, device: torch.dev
 
 def _lookup(packed: Tensor, bits: int, n: int, dim: int, kind: str) -> Tensor:
     """The centroids of n packed codes, float32 [..., n]. Whole words index a table of their codes' values
-    (a byte for 1, 2 and 8 bits, a pair of bytes for 4 (a 1 MiB table, still cache-resident); each 12-bit
-    half of a 3-byte group for 3 bits), ten to twenty times faster than unpacking bit by bit, which matters
-    where every cached key and value is read at every step."""
-    if bits == 4 and packed.shape[-1] % 2 == 0:
-        pairs = packed.unflatten(-1, (-1, 2)).int()
-        table = _word_table(4, 4, dim, kind, packed.device)
-        return F.embedding(pairs[..., 0] | pairs[..., 1] << 8, table).flatten(-2)[..., :n]
+    (a byte for 1, 2, 4 and 8 bits; each 12-bit half of a 3-byte group for 3 bits), about ten times faster
+    than unpacking bit by bit, which matters where every cached key and value is read at every step."""
     if bits and 8 % bits == 0:
         table = _word_table(bits, 8 // bits, dim, kind, packed.device)
         return F.embedding(packed.int(), table).flatten(-2)[..., :n]
