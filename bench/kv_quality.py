@@ -273,9 +273,10 @@ def main() -> None:
         base = result["llama"].get(f"{ctx}/f16")
         rel = f"{100 * (ppl / math.exp(statistics.mean(base)) - 1):+.2f}%" if base else "-"
         rows.append([f"llama.cpp {kv}", ctx, len(nll), f"{ppl:.4f}", rel + " (vs its f16)", "-", "-", "-", "-"])
-    print("\n## Perplexity against the f16 cache\n")
-    print(table(["cache", "ctx", "scored", "ppl", "vs f16", "mean KL", "top-1 vs f16", "bytes/token", "less than f16"],
-                rows))
+    if rows:
+        print("\n## Perplexity against the f16 cache\n")
+        print(table(["cache", "ctx", "scored", "ppl", "vs f16", "mean KL", "top-1 vs f16", "bytes/token",
+                     "less than f16"], rows))
     if result["needle"]:
         lengths = sorted({n for t, cells in result["needle"].items() if t != "f16 misses" for n in cells})
         print("\n## Needle retrieval (retrieved / cells where the f16 cache retrieves)\n")

@@ -20,7 +20,7 @@ from torch import nn
 import contextlib
 
 from ..errors import BadOptionError
-from . import cpu_kernels, triton_kernels
+from . import cpu_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
 
 ROW_CHUNK = 8192  # rows quantized at a time: bounds the float32 temporaries of a 262k-row embedding
@@ -145,8 +145,11 @@ class TQWeight(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         fast = _fast_paths and self.cfg.rotation == "hadamard"
-        if fast and x.is_cuda and triton_kernels.available():
-            return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
+        if fast and x.is_cuda:
+            from . import triton_kernels  # imported on first CUDA use: Triton holds ~50 MB on a CPU machine
+
+            if triton_kernels.available():
+                return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
         if fast and x.device.type == "cpu":
             return cpu_kernels.int8_matmul(self.rotate_input(x, fast=True), *self.int8_levels())
         return F.linear(self.rotate_input(x), self.rotated_weight(x.dtype))
