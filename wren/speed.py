@@ -137,6 +137,7 @@ def bench(model, prompt_tokens: int = 512, gen_tokens: int = 64, repeat: int = 3
         runs = [_one_run(model, prompt, gen_tokens, types) for _ in range(repeat)]
     ttft = statistics.median(r[0] for r in runs)
     per_token = statistics.median(r[1] for r in runs)
+    peak_rss = peak_rss_bytes()  # before the bandwidth probe's two 256 MiB buffers
     device = model.norm.weight.device
     bandwidth = copy_bandwidth(device)
     weights = weight_bytes_per_token(model)
@@ -146,7 +147,7 @@ def bench(model, prompt_tokens: int = 512, gen_tokens: int = 64, repeat: int = 3
         "prefill_tok_s": prompt_tokens / ttft,
         "decode_tok_s": 1 / per_token,
         "ttft_s": ttft,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "limit_tok_s": bandwidth / (weights + kv_read),
         "bandwidth_bytes_s": bandwidth,
         "weight_bytes_per_token": weights,
