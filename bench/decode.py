@@ -9,7 +9,8 @@ cached; `gguf`: the source GGUF as wren loads it) under each of --kv's cache typ
 each of --llama's types (llama.cpp's own requantization of the same weights, cached; see _llama_requant.py).
 Each repeat of a row is a fresh child process (so load time and peak RSS are its own): it loads the model,
 warms up on 32 tokens, then for each --prompt-tokens length prefills that prompt into a fresh cache (chunks
-of 512) and decodes --decode-tokens greedy tokens one forward each. Prompt ids are tokenized once, by wren.
+of 512) and decodes --decode-tokens greedy tokens one forward each (wren: wren.speed._one_run, what
+`wren bench` times). Prompt ids are tokenized once, by wren.
 Shown: the median and the min over repeats; load time is the model load inside the child (the files are in
 the page cache after the first repeat). Timings are printed, never asserted: only as quiet as the machine.
 """
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _llama_requant  # noqa: E402
 
-CHUNK = 512
+CHUNK = 512  # llama.cpp's n_batch: wren prefills in chunks of the same size (generation.PREFILL_CHUNK)
 WREN_BITS = {"tq4": 4, "tq3": 3}  # weights made by `wren quantize --bits N` (its default recipe)
 PAIRS = {"tq4": "Q4_K_M", "tq3": "Q3_K_M"}  # the llama.cpp row each wren weight type is compared with
 
@@ -76,29 +77,16 @@ def child_wren(path: Path, kv: str, ids: list[int], lengths: list[int], decode: 
     import torch
 
     import wren
-    from wren.kv import make_kv_cache
     from wren.quant import folder
+    from wren.speed import _one_run  # what `wren bench` times: chunked prefill, then one forward a token
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = wren.load(path)
     load_s = time.perf_counter() - t0
-
-    def run(prompt: list[int], steps: int) -> tuple[float, float]:
-        x = torch.tensor([prompt])
-        cache = make_kv_cache(model, batch=1, max_len=len(prompt) + steps + 8, spec=kv)
-        t0 = time.perf_counter()
-        for s in range(0, x.shape[1], CHUNK):
-            logits = model(x[:, s:s + CHUNK], cache, logits_to_keep=1)
-        token = int(logits[0, -1].argmax())
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            token = int(model(torch.tensor([[token]]), cache, logits_to_keep=1)[0, -1].argmax())
-        return t1 - t0, time.perf_counter() - t1
-
     with torch.inference_mode():
-        run(ids[:32], 4)  # warm-up
-        runs = {n: run(ids[:n], decode) for n in lengths}
+        _one_run(model, ids[:32], 4, kv)  # warm-up
+        runs = {n: _one_run(model, ids[:n], decode, kv) for n in lengths}
     return {"load_s": load_s, "bits": folder.linear_bits_per_weight(model), "runs": runs}
 
 
@@ -116,6 +104,7 @@ def child_llama(path: Path, ids: list[int], lengths: list[int], decode: int, thr
         return int(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
 
     def run(prompt: list[int], steps: int) -> tuple[float, float]:
+        """(seconds to the first token, seconds per decoded token), as wren.speed._one_run."""
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)  # chunks of n_batch internally
@@ -124,7 +113,7 @@ def child_llama(path: Path, ids: list[int], lengths: list[int], decode: int, thr
         for _ in range(steps):
             llm.eval([token])
             token = greedy()
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, (time.perf_counter() - t1) / steps
 
     run(ids[:32], 4)  # warm-up
     runs = {n: run(ids[:n], decode) for n in lengths}
@@ -177,7 +166,7 @@ def rows_for(args, source: Path) -> list[dict]:
     return rows
 
 
-def summarize(row: dict, repeats: list[dict], lengths: list[int], decode: int) -> dict:
+def summarize(row: dict, repeats: list[dict], lengths: list[int]) -> dict:
     ok = [r for r in repeats if "error" not in r]
     out = {k: row[k] for k in ("engine", "weights", "kv")} | {"path": str(row["path"])}
     if not ok:
@@ -190,7 +179,7 @@ def summarize(row: dict, repeats: list[dict], lengths: list[int], decode: int) -
             "rss_mb": stat([r["rss_mb"] for r in ok]), "prompts": {}}
     for n in lengths:
         pre = [n / r["runs"][str(n)][0] for r in ok]
-        dec = [decode / r["runs"][str(n)][1] for r in ok]
+        dec = [1 / r["runs"][str(n)][1] for r in ok]
         ttft = [r["runs"][str(n)][0] for r in ok]
         out["prompts"][n] = {"prefill_tok_s": stat(pre), "decode_tok_s": stat(dec), "ttft_s": stat(ttft)}
     return out
@@ -267,7 +256,7 @@ def main() -> None:
                 repeats.append(run_child(row, args, f.name))
                 log(f"{row['engine']} {row['weights']} kv {row['kv']} repeat {i + 1}: "
                     + (repeats[-1].get("error") or "ok"))
-            results.append(summarize(row, repeats or [{"error": row.get("error")}], lengths, args.decode_tokens))
+            results.append(summarize(row, repeats or [{"error": row.get("error")}], lengths))
     finally:
         os.unlink(f.name)
     load_after = os.getloadavg()[0]

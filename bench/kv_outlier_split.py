@@ -5,9 +5,10 @@
 wren's fractional rates (tq3.5, tq2.5) give one more bit to the first part of the *rotated* coordinates
 (turboquant._runs): one rotation, one scale. The paper instead splits the head vector's channels, before
 any rotation, into an outlier set and the rest, and codes each set with its own TurboQuant instance
-(rotation, bits, scale). Here the split is data-free: RoPE pairs ranked by |q_j|·|k_j| from the q_norm and
-k_norm gains (the energy the cached key k·s carries in channel j, and the weight the query gives it, since
-the key scales of kv/scales.py make both proportional to it); a random choice of pairs is the control.
+(rotation, bits, scale): here two of wren's own TQ codecs. The split is data-free: RoPE pairs ranked by
+|q_j|·|k_j| from the q_norm and k_norm gains (the energy the cached key k·s carries in channel j, and the
+weight the query gives it, since the key scales of kv/scales.py make both proportional to it); a random
+choice of pairs is the control.
 Only keys are split (values stay f16), so the rows isolate the key codec. Each split codec costs 2 bytes
 more a vector than the shipped one (a second fp16 scale).
 
@@ -39,43 +40,29 @@ ROWS = [  # (label, cache spec, split: (high bits, low bits, ranked or random) o
 
 
 class SplitKeys:
-    """Keys coded as two TurboQuant instances over a channel split: `order` lists the high set first."""
+    """Keys coded as two of wren's TQ codecs (kv/codecs.py) over a channel split: `order` lists the high
+    set first. Each part gets its own rotation, codebook and fp16 scale."""
 
     def __init__(self, order: torch.Tensor, n_high: int, high_bits: int, low_bits: int):
-        from wren.quant.turboquant import TQConfig
+        from wren.kv.codecs import TQ
 
         self.order, self.n_high = order, n_high
-        self.cfgs = (TQConfig(high_bits, n_high, seed=0), TQConfig(low_bits, order.numel() - n_high, seed=1))
+        self.codecs = (TQ(f"tq{high_bits}", n_high), TQ(f"tq{low_bits}", order.numel() - n_high))
 
     def _parts(self, x: torch.Tensor):
         x = x[..., self.order]
-        return (x[..., :self.n_high], self.cfgs[0]), (x[..., self.n_high:], self.cfgs[1])
+        return zip((x[..., :self.n_high], x[..., self.n_high:]), self.codecs)
 
     def empty(self, prefix: tuple, device) -> tuple:
-        from wren.quant.turboquant import codes_nbytes
-
-        return tuple(t for c in self.cfgs for t in (torch.zeros(*prefix, codes_nbytes(c), dtype=torch.uint8, device=device),
-                                                    torch.zeros(prefix, dtype=torch.float16, device=device)))
+        return tuple(t for c in self.codecs for t in c.empty(prefix, device))
 
     def encode(self, x: torch.Tensor) -> tuple:
-        from wren.quant.cpu_kernels import rotate_fast
-        from wren.quant.turboquant import encode_with_values
-
-        out = []
-        for part, cfg in self._parts(x.float()):
-            xr = rotate_fast(part, cfg)
-            norms = torch.linalg.vector_norm(xr, dim=-1)
-            codes, c = encode_with_values(xr / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1),
-                                          cfg.bits, cfg)
-            out += [codes, ((xr * c).sum(-1) / (c * c).sum(-1).clamp_min(1e-12)).half()]
-        return tuple(out)
+        return tuple(t for part, c in self._parts(x.float()) for t in c.encode(part))
 
     def read(self, parts: tuple, dtype, key_scale=None):
         from wren.models.layers import InFrame
-        from wren.quant.turboquant import decode_rotated
 
-        data = torch.cat([decode_rotated(parts[0], self.cfgs[0]) * parts[1].float().unsqueeze(-1),
-                          decode_rotated(parts[2], self.cfgs[1]) * parts[3].float().unsqueeze(-1)], dim=-1)
+        data = torch.cat([self.codecs[0].decode_rotated(parts[:2]), self.codecs[1].decode_rotated(parts[2:])], -1)
         return InFrame(data.to(dtype), SplitFrame(self, key_scale), None)
 
 
@@ -87,7 +74,7 @@ class SplitFrame:
         from wren.quant.cpu_kernels import rotate_fast
 
         q32 = q.float() if self.key_scale is None else q.float() / self.key_scale
-        return torch.cat([rotate_fast(p, cfg) for p, cfg in self.codec._parts(q32)], dim=-1).to(q.dtype)
+        return torch.cat([rotate_fast(p, c.cfg) for p, c in self.codec._parts(q32)], dim=-1).to(q.dtype)
 
 
 def split_codec(attn, dim: int, high_bits: int, low_bits: int, mode: str, layer: int) -> SplitKeys:

@@ -20,7 +20,6 @@ from .errors import BadOptionError
 from .generation import PREFILL_CHUNK
 
 
-
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 << 20, repeat: int = 5) -> float:
     """Bytes/s of a large tensor copy (each copy reads and writes nbytes); the best of `repeat`."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
