@@ -63,9 +63,13 @@ class KVCache:
             self.slot_pos[layer][pos] = pos
             return (self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self.slot_pos[layer][:end],
                     self.valid[:, :end])
+        ring_k, ring_v, ring_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        if k.shape[2] == 1:  # one new token: written first, its slot held the position one window back,
+            slot = pos % ring_pos.numel()  # which its window no longer sees; so it attends to the ring itself
+            ring_k[:, :, slot], ring_v[:, :, slot], ring_pos[slot] = k, v, pos
+            return ring_k, ring_v, ring_pos, self.valid[:, ring_pos.clamp(min=0)]
         # Sliding ring: attend over what the ring held before this chunk plus the chunk itself, then keep
         # only the newest `window` entries.
-        ring_k, ring_v, ring_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
         keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
         key_pos = torch.cat([ring_pos, pos])
         window = ring_pos.numel()
@@ -186,10 +190,16 @@ class SlotCache:
             self._write(P, pos, pos)
             end = int(pos.max()) + 1
             return self._rows(K, end), self._rows(V, end), self._rows(P, end), None
+        window = P.shape[1]
+        if pos.shape[1] == 1:  # one new token a row: written first, then the ring is what it attends to (KVCache)
+            slots = pos % window
+            self._write(K, slots, k.transpose(1, 2))
+            self._write(V, slots, v.transpose(1, 2))
+            self._write(P, slots, pos)
+            return self._rows(K), self._rows(V), self._rows(P), None
         keys = torch.cat([self._rows(K), k], dim=2)
         values = torch.cat([self._rows(V), v], dim=2)
         key_pos = torch.cat([self._rows(P), pos], dim=1)
-        window = P.shape[1]
         keep = pos[:, -window:]
         slots = keep % window
         self._write(K, slots, k[:, :, -window:].transpose(1, 2))

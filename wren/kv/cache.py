@@ -70,12 +70,18 @@ class CompressedKVCache(KVCache):
             keys = kc.read(tuple(b[:, :, :end] for b in K), self.dtype, s)
             values = vc.read(tuple(b[:, :, :end] for b in V), self.dtype)
             return keys, values, slot_pos[:end], self.valid[:, :end]
+        window = slot_pos.numel()
+        if k.shape[2] == 1:  # one new token: written first, then the ring is what it attends to (KVCache)
+            slot = pos % window
+            for buf, new in (*zip(K, new_k), *zip(V, new_v)):
+                buf[:, :, slot] = new
+            slot_pos[slot] = pos
+            return kc.read(K, self.dtype, s), vc.read(V, self.dtype), slot_pos, self.valid[:, slot_pos.clamp(min=0)]
         # Sliding ring: what the ring held before this chunk plus the chunk itself, then keep the newest
         # `window` entries (as KVCache does).
         keys = kc.read(joined(K, new_k), self.dtype, s)
         values = vc.read(joined(V, new_v), self.dtype)
         key_pos = torch.cat([slot_pos, pos])
-        window = slot_pos.numel()
         keep = pos[-window:]
         slots = keep % window
         for buf, new in (*zip(K, new_k), *zip(V, new_v)):

@@ -39,8 +39,9 @@ class Dense:
         return parts[0].to(dtype)
 
     def read(self, parts: tuple[Tensor, ...], dtype: torch.dtype, key_scale: Tensor | None = None) -> Tensor:
-        """What attention takes (a tensor, or InFrame): here the vectors themselves."""
-        return self.decode(parts, dtype)
+        """What attention takes (a tensor, or InFrame): here the vectors as stored; attention reads them in
+        its own dtype (the compiled decode kernel converts as it reads, without a copy)."""
+        return parts[0]
 
 
 def _fp16_scale_up(scale: Tensor) -> Tensor:
@@ -73,7 +74,8 @@ class Q8:
         levels, scale = parts
         return (levels.float() * scale.float().unsqueeze(-1)).to(dtype)
 
-    read = Dense.read
+    def read(self, parts: tuple[Tensor, ...], dtype: torch.dtype, key_scale: Tensor | None = None) -> Tensor:
+        return self.decode(parts, dtype)
 
 
 class TQ:

@@ -54,11 +54,16 @@ class CompressedSlotCache(SlotCache):
             keys = kc.read(tuple(self._rows(b, end) for b in K), self.dtype, s)
             values = vc.read(tuple(self._rows(b, end) for b in V), self.dtype)
             return keys, values, self._rows(P, end), None
+        window = P.shape[1]
+        if pos.shape[1] == 1:  # one new token a row: written first, then the ring is what it attends to (KVCache)
+            write(pos % window)
+            self._write(P, pos % window, pos)
+            return (kc.read(tuple(self._rows(b) for b in K), self.dtype, s),
+                    vc.read(tuple(self._rows(b) for b in V), self.dtype), self._rows(P), None)
         # Sliding ring: what the rows held plus the chunk itself (read as stored), then keep the newest.
         keys = kc.read(joined(tuple(self._rows(b) for b in K), new_k), self.dtype, s)
         values = vc.read(joined(tuple(self._rows(b) for b in V), new_v), self.dtype)
         key_pos = torch.cat([self._rows(P), pos], dim=1)
-        window = P.shape[1]
         keep = pos[:, -window:]
         write(keep % window, first=max(0, pos.shape[1] - window))
         self._write(P, keep % window, keep)

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import SLIDING, Gemma3Config, LayerSpec
-from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed, output_logits, positions,
-                     rope_cos_sin, rope_inv_freq, uninitialized_embedding)
+from .layers import (GatedMLP, RMSNorm, cached_attention, embed, norm_rope, output_logits, positions, rope_cos_sin,
+                     rope_inv_freq, uninitialized_embedding)
 
 
 class Attention(nn.Module):
@@ -32,15 +32,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos, cache: KVCache | None):
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, d)), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(b, t, -1, d)), cos, sin).transpose(1, 2)
+        q = norm_rope(self.q_norm, self.q_proj(x).view(b, t, -1, d), cos, sin).transpose(1, 2)
+        k = norm_rope(self.k_norm, self.k_proj(x).view(b, t, -1, d), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
-        if cache is None:
-            keys, values, key_pos, key_valid = k, v, pos[0], None
-        else:
-            keys, values, key_pos, key_valid = cache.update(self.index, k, v, pos[0])
-        mask = attention_mask(pos, key_pos.expand(b, -1), self.window, key_valid)
-        return self.o_proj(attend(q, keys, values, mask, self.scale, self.softcap))
+        kv = (k, v, pos[0], None) if cache is None else cache.update(self.index, k, v, pos[0])
+        return self.o_proj(cached_attention(q, kv, pos, self.window, self.scale, self.softcap))
 
 
 class DecoderLayer(nn.Module):
@@ -55,8 +51,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset=1.0)
 
     def forward(self, x, cos, sin, pos, cache):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, pos, cache))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, pos, cache), residual=x)
+        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)), residual=x)
 
 
 class Gemma3(nn.Module):

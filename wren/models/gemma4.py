@@ -10,8 +10,8 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import SLIDING, Gemma4Config, LayerSpec
-from .layers import (GatedMLP, RMSNorm, apply_rope, attend, attention_mask, embed, embed_scale, gelu_tanh,
-                     output_logits, positions, rope_cos_sin, rope_inv_freq, uninitialized_embedding)
+from .layers import (GatedMLP, RMSNorm, cached_attention, embed, embed_scale, gelu_tanh, output_logits,
+                     norm_rope, positions, rope_cos_sin, rope_inv_freq, uninitialized_embedding)
 
 
 class Attention(nn.Module):
@@ -33,11 +33,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos, cache: KVCache | None, shared: dict):
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, d)), cos, sin).transpose(1, 2)
+        q = norm_rope(self.q_norm, self.q_proj(x).view(b, t, -1, d), cos, sin).transpose(1, 2)
         if self.owns_kv:
             k_raw = self.k_proj(x).view(b, t, -1, d)
             v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(b, t, -1, d)
-            k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+            k = norm_rope(self.k_norm, k_raw, cos, sin).transpose(1, 2)
             v = self.v_norm(v_raw).transpose(1, 2)
             if cache is None:
                 kv = (k, v, pos[0], None)
@@ -46,9 +46,7 @@ class Attention(nn.Module):
             shared[self.index] = kv
         else:
             kv = shared[self.spec.kv_source]
-        keys, values, key_pos, key_valid = kv
-        mask = attention_mask(pos, key_pos.expand(b, -1), self.window, key_valid)
-        return self.o_proj(attend(q, keys, values, mask, scale=1.0))
+        return self.o_proj(cached_attention(q, kv, pos, self.window, scale=1.0))
 
 
 class Router(nn.Module):
@@ -113,7 +111,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, per_layer_input, cos, sin, pos, cache, shared):
         h = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, shared)
-        x = x + self.post_attention_layernorm(h)
+        x = self.post_attention_layernorm(h, residual=x)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
             # The experts run beside the dense MLP, routed on the same pre-MLP residual.
@@ -121,7 +119,7 @@ class DecoderLayer(nn.Module):
             weights, experts = self.router(flat)
             moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
-        x = x + self.post_feedforward_layernorm(h)
+        x = self.post_feedforward_layernorm(h, residual=x)
         if self.ple:
             h = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(h))

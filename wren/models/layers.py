@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. Gemma 3 scales by (1 + w), Gemma 4 by w, weightless norms by 1."""
@@ -21,12 +23,16 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if with_scale else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or residual + norm(x): one pass of the compiled kernel where it runs."""
+        if native.norms(x, self.weight) and (residual is None or residual.dtype == x.dtype):
+            return native.rms_norm(x, self.weight, self.offset, self.eps, residual=residual)
         h = x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
             h = h * (self.weight.float() + self.offset)
-        return h.type_as(x)
+        h = h.type_as(x)
+        return h if residual is None else residual + h
 
 
 def rope_inv_freq(head_dim: int, rotated_dims: int, theta: float, factor: float = 1.0) -> torch.Tensor:
@@ -51,6 +57,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def norm_rope(norm: RMSNorm, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope(norm(x), cos, sin) for x [B, T, H, D]; one pass of the compiled kernel where it runs."""
+    if native.norms(x, norm.weight):
+        return native.rms_norm(x, norm.weight, norm.offset, norm.eps, rope=(cos, sin))
+    return apply_rope(norm(x), cos, sin)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +149,20 @@ def attend(q: torch.Tensor, k, v, mask: torch.Tensor, scale: float,
     if value_frame is not None:
         out = value_frame.leave(out)
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int | None, scale: float,
+                     softcap: float | None = None) -> torch.Tensor:
+    """Attention of the new queries over what a cache's `update` returned (keys, values, key positions, key
+    validity): for one decoded token the compiled kernel where it runs (dense K/V read in their stored
+    dtype), else the mask and `attend`. Returns [B, T, H*D]."""
+    keys, values, key_pos, key_valid = kv
+    if native.attends(q, keys, values):
+        return native.attend_one(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
+    # a dense cache in another dtype (an f16 cache of an fp32 model) is read in the query's
+    keys, values = (t.to(q.dtype) if isinstance(t, torch.Tensor) else t for t in (keys, values))
+    mask = attention_mask(pos, key_pos.expand(q.shape[0], -1), window, key_valid)
+    return attend(q, keys, values, mask, scale, softcap)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -5,7 +5,8 @@ The modules keep the call signatures of nn.Linear / nn.Embedding. A matmul rotat
 per group, and multiplies it by the codebook values: W x = sum_g s_g <c_g, R x_g>, so the weight is never
 de-rotated. Three paths compute it:
 * the reference: the rotated codebook matrix in float32, built once, and a dense matmul (exact; tests);
-* CPU: int8 levels and the int8 weight-only kernel (`cpu_kernels.py`, within ~0.5% of the reference);
+* CPU: int8 levels and the int8 weight-only kernel (`cpu_kernels.py`, within ~0.5% of the reference), or
+  for a few rows, where pip built them, the compiled int8 x int8 kernels (`native.py`, ~1%);
 * CUDA: a Triton kernel that reads the packed codes and looks the codebook up in registers
   (`triton_kernels.py`), when Triton is installed.
 `reference_path()` forces the first everywhere, for parity tests.
@@ -20,6 +21,7 @@ from torch import nn
 import contextlib
 
 from ..errors import BadOptionError
+from .. import native
 from . import cpu_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
 
@@ -29,6 +31,7 @@ _fast_paths = True
 # so each rotation is computed once per layer, not three times. Identity plus the version counter keep it
 # exact: a new or modified tensor never matches.
 _last_rotation: tuple | None = None
+_last_native_input: tuple | None = None  # the same for the compiled kernels' int8 input (native.py)
 
 
 @contextlib.contextmanager
@@ -68,10 +71,8 @@ def quantize_weight(w: torch.Tensor, bits: float, group: int, seed: int) -> tupl
 
 
 def _version(x: torch.Tensor) -> int | None:
-    try:
-        return x._version
-    except RuntimeError:  # inference-mode tensors keep no version counter (and are not modified in place)
-        return None
+    # inference-mode tensors keep no version counter (and are not modified in place); asking raises, slowly
+    return None if x.is_inference() else x._version
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -97,6 +98,9 @@ class TQWeight(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16) if input_scaled else None)
         self._rotated = None  # the reference path's float32 matrix
         self._int8 = None  # the CPU fast path's (levels, row scales)
+        self._column_scale = None  # (input_scale, its float32 copy, its bytes) for the compiled kernels
+        self._native = None  # the compiled kernels' native.Weight
+        self._native_layout = None  # whether they take this layout (checked once)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, bits: float, group: int, seed: int,
@@ -138,6 +142,27 @@ class TQWeight(nn.Module):
             return xr
         return rotate(xg, self.cfg.seed, self.cfg.rotation, self.cfg.block).reshape(shape).to(x.dtype)
 
+    def native_input(self, x: torch.Tensor) -> native.QuantizedInput:
+        """The input rotated and quantized for the compiled kernels; computed once for q/k/v (and gate/up)."""
+        global _last_native_input
+        if self.input_scale is not None and (self._column_scale is None or self._column_scale[0] is not self.input_scale):
+            f32 = self.input_scale.float().contiguous()  # its bytes: equal copies (q/k/v) compare equal
+            self._column_scale = (self.input_scale, f32, f32.numpy().tobytes())
+        column = (None, None, None) if self.input_scale is None else self._column_scale
+        key = (self.cfg.dim, self.cfg.seed, _version(x), column[2])
+        last = _last_native_input
+        if last is not None and last[0] is x and last[1] == key:
+            return last[2]
+        q = native.quantize_input(x.reshape(-1, self.in_features), self.cfg, column[1])
+        _last_native_input = (x, key, q)
+        return q
+
+    def native_weight(self) -> native.Weight:
+        levels, row_scales = self.int8_levels()
+        if self._native is None or self._native.levels is not levels:  # the level cache may swap the levels in
+            self._native = native.Weight(levels, row_scales, self.group)
+        return self._native
+
     def int8_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._int8 is None:
             self._int8 = cpu_kernels.int8_levels(self.codes, self.scales, self.cfg, self.in_features)
@@ -151,6 +176,11 @@ class TQWeight(nn.Module):
             if triton_kernels.available():
                 return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
         if fast and x.device.type == "cpu":
+            if self._native_layout is None:
+                self._native_layout = native.supports(self.cfg)
+            if self._native_layout and x.numel() <= native.MAX_ROWS * self.in_features:
+                y = self.native_weight().matmul(self.native_input(x))
+                return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return cpu_kernels.int8_matmul(self.rotate_input(x, fast=True), *self.int8_levels())
         return F.linear(self.rotate_input(x), self.rotated_weight(x.dtype))
 

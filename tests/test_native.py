@@ -1,0 +1,73 @@
+"""The compiled CPU kernels (wren/_native.c) against the PyTorch code they stand in for: decode attention
+over a dense cache, RMSNorm with RoPE or a residual. (The TurboQuant matmul is in test_tq_kernels.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wren import native
+from wren.models.layers import RMSNorm, apply_rope, attend, attention_mask, rope_cos_sin, rope_inv_freq
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled kernels are not built here (no C "
+                                "compiler at install) or this CPU has no AVX-512 VNNI")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,slots,window,softcap,padded", [
+    (4, 1, 37, None, None, False), (8, 2, 600, 128, None, True), (2, 2, 300, None, 50.0, False),
+    (4, 4, 5, 3, None, True)])
+def test_decode_attention_matches_attend(dtype, heads, kv_heads, slots, window, softcap, padded):
+    d = 32
+    q = torch.randn(1, heads, 1, d, generator=_gen(1))
+    buffer_k = torch.randn(1, kv_heads, slots + 7, d, generator=_gen(2)).to(dtype)  # a longer buffer: strides
+    buffer_v = torch.randn(1, kv_heads, slots + 7, d, generator=_gen(3)).to(dtype)
+    keys, values = buffer_k[:, :, :slots], buffer_v[:, :, :slots]
+    key_pos = torch.randperm(slots, generator=_gen(4))  # a ring holds positions out of order
+    key_pos[:3] = -1  # empty slots
+    position = int(key_pos.max())
+    valid = (torch.rand(1, slots, generator=_gen(5)) > 0.2) if padded else None
+    got = native.attend_one(q, keys, values, key_pos, valid, position, window, 0.125, softcap)
+    mask = attention_mask(torch.tensor([[position]]), key_pos[None], window, valid)
+    expected = attend(q, keys.float(), values.float(), mask, 0.125, softcap)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_attention_that_sees_nothing_is_zero():
+    q = torch.randn(1, 2, 1, 16, generator=_gen(1))
+    kv = torch.randn(1, 1, 4, 16, generator=_gen(2))
+    got = native.attend_one(q, kv, kv, torch.full((4,), -1), None, 0, None, 1.0, None)
+    assert torch.equal(got, torch.zeros(1, 1, 32))
+
+
+@pytest.mark.parametrize("offset,with_scale", [(1.0, True), (0.0, True), (0.0, False)])
+def test_norm_with_rope_or_residual_matches_pytorch(offset, with_scale):
+    norm = RMSNorm(64, 1e-6, offset=offset, with_scale=with_scale)
+    if with_scale:
+        norm.weight.data = torch.randn(64, generator=_gen(7))
+    x = torch.randn(2, 5, 3, 64, generator=_gen(8)) * 4
+    cos, sin = rope_cos_sin(torch.arange(5).expand(2, 5) + 11, rope_inv_freq(64, 64, 10000.0), torch.float32)
+    with torch.inference_mode():
+        got_rope = native.rms_norm(x, norm.weight, offset, 1e-6, rope=(cos, sin))
+        residual = torch.randn_like(x)
+        got_residual = native.rms_norm(x, norm.weight, offset, 1e-6, residual=residual)
+        plain = native.rms_norm(x, norm.weight, offset, 1e-6)
+    h = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+    if with_scale:
+        h = h * (norm.weight + offset)
+    assert torch.allclose(plain, h, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got_rope, apply_rope(h, cos, sin), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got_residual, residual + h, atol=1e-5, rtol=1e-5)
+
+
+def test_autograd_takes_the_pytorch_path():
+    norm = RMSNorm(16, 1e-6, offset=1.0)
+    x = torch.randn(3, 16, requires_grad=True)
+    assert not native.norms(x, norm.weight)
+    norm(x).sum().backward()
+    assert x.grad is not None

@@ -1,0 +1,164 @@
+"""The compiled CPU kernels (`_native.c`), where pip built them and the CPU runs them.
+
+A TurboQuant matmul over a few input rows on the CPU: the input rotated per group and quantized to int8
+with one scale per group (`quantize_input`), then int8 x int8 dot products with the int8 levels
+(`Weight.matmul`, which also takes the levels' `group_sums`). Against `cpu_kernels.int8_matmul` (PyTorch's int8 weight-only kernel) it reads the same
+bytes about twice as fast, and does the rotation in one call instead of a dozen small ops. The input's
+int8 rounding adds ~0.3% error to the product, under a tenth of the 4-bit weights' own.
+
+`available()` is False without the built module, on a CPU without AVX-512 VNNI, or with WREN_NATIVE=0;
+callers then take the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .quant.turboquant import TQConfig, _block_size, _hadamard_plan
+
+try:  # built by setup.py when a C compiler was there; torch is imported first, so its libgomp is shared
+    from . import _native
+except ImportError:
+    _native = None
+
+MAX_ROWS = 32  # input rows up to which the kernel beats dequantizing to bf16 for a dense matmul
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    if os.environ.get("WREN_NATIVE", "1") == "0":
+        return False
+    return _native is not None and _native.supported()
+
+
+def supports(cfg: TQConfig) -> bool:
+    """Whether the kernels take this weight's layout (one Hadamard block per group of a multiple of 64), here."""
+    return (cfg.rotation == "hadamard" and cfg.dim % 64 == 0 and cfg.dim <= 4096
+            and _block_size(cfg.dim, cfg.block) == cfg.dim and available())
+
+
+class QuantizedInput(NamedTuple):
+    values: Tensor  # uint8 [rows, width]: the int8 value of the rotated input + 128, as VNNI multiplies it
+    scales: Tensor  # float32 [rows, width / group]
+    group: int
+
+
+@functools.lru_cache(maxsize=64)
+def _signs(group: int, seed: int) -> Tensor:
+    return _hadamard_plan(group, group, seed, torch.device("cpu"))[0].float().contiguous()
+
+
+def quantize_input(x: Tensor, cfg: TQConfig, column_scale: Tensor | None) -> QuantizedInput:
+    """x [rows, width] rotated as `TQWeight.rotate_input` does (column scale, then per group), as int8."""
+    x = x.float().contiguous()
+    rows, width = x.shape
+    group = cfg.dim
+    values = torch.empty(rows, width, dtype=torch.uint8)
+    scales = torch.empty(rows, width // group, dtype=torch.float32)
+    _native.rotate_quantize(x.data_ptr(), rows, width, group, 0 if column_scale is None else column_scale.data_ptr(),
+                            _signs(group, cfg.seed).data_ptr(), values.data_ptr(), scales.data_ptr())
+    return QuantizedInput(values, scales, group)
+
+
+def group_sums(levels: Tensor, group: int) -> Tensor:
+    """float32 [ceil(out / 16), width / group, 16]: 128 x each row's sum of levels over each group, what
+    `matmul` takes off for the +128 of its input, 16 rows a block as it reads them. Once per weight: ~1% of
+    the levels' bytes."""
+    levels = levels.contiguous()
+    out, width = levels.shape
+    sums = torch.empty((out + 15) // 16, width // group, 16, dtype=torch.float32)
+    _native.group_sums(levels.data_ptr(), out, width, group, sums.data_ptr(), torch.get_num_threads())
+    return sums
+
+
+class Weight:
+    """A weight as `matmul` reads it: int8 levels [out, width], bf16 row scales [out] and their `group_sums`,
+    checked once, so that a matmul costs one allocation and one call."""
+
+    def __init__(self, levels: Tensor, row_scales: Tensor, group: int):
+        if levels.dtype != torch.int8 or row_scales.dtype != torch.bfloat16 or row_scales.shape != levels.shape[:1]:
+            raise ValueError(f"levels {tuple(levels.shape)} {levels.dtype} and scales {row_scales.dtype} do not fit")
+        self.levels, self.row_scales = levels.contiguous(), row_scales.contiguous()
+        self.sums = group_sums(self.levels, group)
+        self.out, self.width = levels.shape
+        self.group = group
+
+    def matmul(self, q: QuantizedInput) -> Tensor:
+        """float32 [rows, out]: the quantized input times this weight."""
+        rows, width = q.values.shape
+        if width != self.width or q.group != self.group:
+            raise ValueError(f"an input of width {width} (group {q.group}) does not fit levels "
+                             f"{self.out}x{self.width} (group {self.group})")
+        y = torch.empty(rows, self.out, dtype=torch.float32)
+        _native.gemm_q8(q.values.data_ptr(), q.scales.data_ptr(), rows, width, self.group, self.levels.data_ptr(),
+                        self.row_scales.data_ptr(), self.sums.data_ptr(), y.data_ptr(), self.out,
+                        torch.get_num_threads())
+        return y
+
+
+_KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def attends(q: Tensor, keys, values) -> bool:
+    """Whether `attend_one` takes this step: one query of one sequence in fp32 over dense cached K/V (fp32,
+    fp16 or bf16) whose head vectors are contiguous, outside autograd."""
+    return (available() and q.dtype == torch.float32 and q.shape[0] == 1 and q.shape[2] == 1
+            and isinstance(keys, Tensor) and isinstance(values, Tensor) and keys.device.type == "cpu"
+            and keys.dtype in _KV_DTYPES and values.dtype == keys.dtype and keys.stride() == values.stride()
+            and keys.shape == values.shape and keys.stride(-1) == 1 and q.shape[-1] % 16 == 0
+            and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_valid: Tensor | None, position: int,
+               window: int | None, scale: float, softcap: float | None) -> Tensor:
+    """`attend(q, keys, values, attention_mask(...), scale, softcap)` for one query at `position`
+    (q [1, H, 1, D], keys/values [1, Hkv, S, D], key_pos [S], key_valid [1, S] or None); [1, 1, H * D] out."""
+    _, h, _, d = q.shape
+    _, hkv, s, _ = keys.shape
+    q = q.reshape(h, d).contiguous()
+    key_pos = key_pos.to(torch.int64).contiguous()
+    valid = None if key_valid is None else key_valid.reshape(-1).to(torch.bool).contiguous()
+    out = torch.empty(1, 1, h * d, dtype=torch.float32)
+    _native.attend_one(q.data_ptr(), keys.data_ptr(), values.data_ptr(), _KV_DTYPES[keys.dtype], h, hkv, d, s,
+                       keys.stride(1), keys.stride(2), key_pos.data_ptr(), 0 if valid is None else valid.data_ptr(),
+                       position, window or 0, out.data_ptr(), torch.get_num_threads(), float(scale),
+                       float(softcap or 0.0))
+    return out
+
+
+def norms(x: Tensor, weight: Tensor | None) -> bool:
+    """Whether `rms_norm` takes x: fp32 rows of up to 4096 on the CPU, outside autograd."""
+    return (available() and x.dtype == torch.float32 and x.device.type == "cpu" and 0 < x.shape[-1] <= 4096
+            and (weight is None or weight.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))))
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, offset: float, eps: float, rope: tuple[Tensor, Tensor] | None = None,
+             residual: Tensor | None = None) -> Tensor:
+    """`RMSNorm` in one pass; with `rope` (cos, sin [B, T, D] for x [B, T, H, D]) followed by `apply_rope`,
+    or with `residual` (x's shape) added to it."""
+    x = x.contiguous()
+    dim = x.shape[-1]
+    out = torch.empty_like(x)
+    cos = sin = 0
+    heads = 1
+    if rope is not None:
+        c, s = (t.float().contiguous() for t in rope)
+        heads = x.shape[-2]
+        if c.shape[-1] != dim or c.numel() * heads != x.numel() or s.shape != c.shape:
+            raise ValueError(f"RoPE tables {tuple(c.shape)} do not fit {tuple(x.shape)}")
+        cos, sin = c.data_ptr(), s.data_ptr()
+    res = 0
+    if residual is not None:
+        residual = residual.float().contiguous()
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} does not fit {tuple(x.shape)}")
+        res = residual.data_ptr()
+    _native.rms_norm(x.data_ptr(), x.numel() // dim, dim, 0 if weight is None else weight.contiguous().data_ptr(),
+                     cos, sin, heads, res, out.data_ptr(), torch.get_num_threads(), float(offset), float(eps))
+    return out
