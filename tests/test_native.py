@@ -65,9 +65,55 @@ def test_norm_with_rope_or_residual_matches_pytorch(offset, with_scale):
     assert torch.allclose(got_residual, residual + h, atol=1e-5, rtol=1e-5)
 
 
+def test_gelu_mul_matches_pytorch():
+    gate, up = torch.randn(2, 3, 333, generator=_gen(1)) * 4, torch.randn(2, 3, 333, generator=_gen(2))
+    with torch.inference_mode():
+        got = native.gelu_mul(gate, up)
+    assert torch.allclose(got, torch.nn.functional.gelu(gate, approximate="tanh") * up, atol=1e-6, rtol=1e-5)
+    assert native.gelu_mul(gate.double(), up.double()) is None  # not float32: the caller's PyTorch path
+
+
 def test_autograd_takes_the_pytorch_path():
     norm = RMSNorm(16, 1e-6, offset=1.0)
     x = torch.randn(3, 16, requires_grad=True)
     assert not native.norms(x, norm.weight)
     norm(x).sum().backward()
     assert x.grad is not None
+
+
+@pytest.fixture(scope="module")
+def quantized_gemma3(tmp_path_factory):
+    """A tiny Gemma 3 whose projections all take the compiled kernels (widths multiples of 64), at 4 bits."""
+    import wren
+    from gguf_writer import save_hf
+    from tiny_models import gemma3_hf
+    from wren.quant import folder
+
+    path = tmp_path_factory.mktemp("gemma3-128")
+    save_hf(gemma3_hf(seed=3, intermediate=128), path)
+    model = wren.load(path)
+    folder.quantize_model(model, bits=4, group=64, embed_bits=8)
+    return model
+
+
+def _decode(model, spec, steps=20):
+    from wren.kv import make_kv_cache
+
+    ids = torch.randint(0, 384, (1, 5 + steps), generator=_gen(11))
+    with torch.inference_mode():
+        cache = make_kv_cache(model, batch=1, max_len=ids.shape[1], spec=spec)
+        logits = [model(ids[:, :5], cache, logits_to_keep=1)]
+        logits += [model(ids[:, i:i + 1], cache) for i in range(5, ids.shape[1])]  # past the window of 6
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("spec,planned", [(None, True), ("f16", True), ("bf16", True), ("q8", False), ("tq4", False)])
+def test_decode_plan_computes_what_the_layers_compute(quantized_gemma3, monkeypatch, spec, planned):
+    from wren import decode_plan
+
+    got, cache = _decode(quantized_gemma3, spec)
+    assert (cache._decode_plan is not None) == planned  # dense caches of one sequence only
+    monkeypatch.setattr(decode_plan, "ENABLED", False)
+    expected, cache = _decode(quantized_gemma3, spec)
+    assert not hasattr(cache, "_decode_plan")
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)

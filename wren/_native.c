@@ -38,50 +38,6 @@ static float bf16_to_float(uint16_t v) {
     return f;
 }
 
-/* Unnormalised Walsh-Hadamard transform of n (a power of two) floats, the Sylvester order. */
-static void fwht(float *a, int n) {
-    for (int h = 1; h < n; h <<= 1)
-        for (int i = 0; i < n; i += 2 * h)
-            for (int j = i; j < i + h; j++) {
-                float u = a[j], v = a[j + h];
-                a[j] = u + v;
-                a[j + h] = u - v;
-            }
-}
-
-/* x [M, K] fp32 -> xq [M, K] as unsigned bytes (the int8 value + 128, what VNNI multiplies), xs [M, K/group].
-   in_scale [K] (or NULL) divides out the columns' importance scaling; signs [2, group] are the rounds'. */
-static void rotate_quantize(const float *x, int M, int K, int group, const float *in_scale, const float *signs,
-                            uint8_t *xq, float *xs) {
-    const int groups = K / group;
-    const float norm = 1.0f / (float)group; /* two normalised transforms: (1/sqrt(group))^2 */
-    float buf[MAX_GROUP];
-    for (int m = 0; m < M; m++) {
-        for (int g = 0; g < groups; g++) {
-            const float *src = x + (size_t)m * K + (size_t)g * group;
-            const float *col = in_scale ? in_scale + (size_t)g * group : NULL;
-            for (int i = 0; i < group; i++) buf[i] = (col ? src[i] * col[i] : src[i]) * signs[i];
-            fwht(buf, group);
-            for (int i = 0; i < group; i++) buf[i] *= signs[group + i];
-            fwht(buf, group);
-            float amax = 0.0f;
-            for (int i = 0; i < group; i++) {
-                buf[i] *= norm;
-                float a = fabsf(buf[i]);
-                amax = a > amax ? a : amax;
-            }
-            const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-            uint8_t *dst = xq + (size_t)m * K + (size_t)g * group;
-            for (int i = 0; i < group; i++) {
-                int q = (int)lrintf(buf[i] * inverse);
-                q = q > 127 ? 127 : (q < -127 ? -127 : q);
-                dst[i] = (uint8_t)(q + 128);
-            }
-            xs[(size_t)m * groups + g] = amax / 127.0f;
-        }
-    }
-}
-
 /* sums [ceil(N / 16), groups, 16] = 128 * the sum of each row's levels over each group: what the +128 of the
    input adds to a row's dot product, taken back off; laid out as gemm_q8 reads it, 16 rows a block in one
    stream (rows past N are 0). Once per weight. */
@@ -103,6 +59,70 @@ static void group_sums(const int8_t *levels, int N, int K, int group, float *sum
 
 #ifdef WREN_X86
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* Unnormalised Walsh-Hadamard transform of n floats (a power of two, a multiple of 16), the Sylvester order.
+   Butterflies (a[j], a[j + h]) -> (a[j] + a[j + h], a[j] - a[j + h]): for h >= 16 between whole vectors; for
+   h < 16 inside each vector, as x * sign + x[lane ^ h] with sign -1 on the lanes that hold the second half. */
+VNNI static void fwht(float *a, int n) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = _mm512_loadu_ps(a + i);
+        for (int h = 1; h < 16; h <<= 1) {
+            const __m512i partner = _mm512_xor_si512(lane, _mm512_set1_epi32(h));
+            const __mmask16 second = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(h));
+            const __m512 sign = _mm512_mask_blend_ps(second, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f));
+            v = _mm512_fmadd_ps(v, sign, _mm512_permutexvar_ps(partner, v));
+        }
+        _mm512_storeu_ps(a + i, v);
+    }
+    for (int h = 16; h < n; h <<= 1)
+        for (int i = 0; i < n; i += 2 * h)
+            for (int j = i; j < i + h; j += 16) {
+                const __m512 u = _mm512_loadu_ps(a + j), v = _mm512_loadu_ps(a + j + h);
+                _mm512_storeu_ps(a + j, _mm512_add_ps(u, v));
+                _mm512_storeu_ps(a + j + h, _mm512_sub_ps(u, v));
+            }
+}
+
+/* x [M, K] fp32 -> xq [M, K] as unsigned bytes (the int8 value + 128, what VNNI multiplies), xs [M, K/group].
+   in_scale [K] (or NULL) divides out the columns' importance scaling; signs [2, group] are the rounds'.
+   group: a power of two, a multiple of 16. Rows in parallel when there are several (prefill). */
+VNNI static void rotate_quantize(const float *x, int M, int K, int group, const float *in_scale, const float *signs,
+                                 uint8_t *xq, float *xs, int threads) {
+    const int groups = K / group;
+    const __m512 norm = _mm512_set1_ps(1.0f / (float)group); /* two normalised transforms: (1/sqrt(group))^2 */
+#pragma omp parallel for schedule(static) num_threads(threads) if (M >= 8)
+    for (int m = 0; m < M; m++) {
+        float buf[MAX_GROUP];
+        for (int g = 0; g < groups; g++) {
+            const size_t base = (size_t)m * K + (size_t)g * group;
+            for (int i = 0; i < group; i += 16) {
+                __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + base + i), _mm512_loadu_ps(signs + i));
+                if (in_scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(in_scale + (size_t)g * group + i));
+                _mm512_storeu_ps(buf + i, v);
+            }
+            fwht(buf, group);
+            for (int i = 0; i < group; i += 16)
+                _mm512_storeu_ps(buf + i, _mm512_mul_ps(_mm512_loadu_ps(buf + i), _mm512_loadu_ps(signs + group + i)));
+            fwht(buf, group);
+            __m512 top = _mm512_setzero_ps();
+            for (int i = 0; i < group; i += 16) {
+                const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(buf + i), norm);
+                _mm512_storeu_ps(buf + i, v);
+                top = _mm512_max_ps(top, _mm512_abs_ps(v));
+            }
+            const float amax = _mm512_reduce_max_ps(top);
+            const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            for (int i = 0; i < group; i += 16) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buf + i), inverse)); /* nearest even */
+                q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                q = _mm512_add_epi32(q, _mm512_set1_epi32(128));
+                _mm_storeu_si128((__m128i *)(xq + base + i), _mm512_cvtepi32_epi8(q));
+            }
+            xs[(size_t)m * groups + g] = amax / 127.0f;
+        }
+    }
+}
 
 /* One weight row's sum over groups of xs_g * <x_g + 128, level_g>; `chunks` = group / 64. */
 VNNI static inline __attribute__((always_inline)) __m512 row_dot(const int8_t *w, int K, int chunks, const uint8_t *xq,
@@ -152,36 +172,55 @@ VNNI static inline __attribute__((always_inline)) void four_rows(const int8_t *w
         four_rows_of(w, K, chunks, xq, xs, out);
 }
 
-/* y [M, N] = row_scale[n] * sum_g xs[m, g] * (<xq[m, g], level[n, g]> - sums of n's block [g, n % 16]), rows
-   16 at a time so the correction and the scales are applied as 16-wide vectors. group: a multiple of 64. */
-VNNI static void gemm_q8(const uint8_t *xq, const float *xs, int M, int K, int group, const int8_t *levels,
-                         const uint16_t *row_scale, const float *sums, float *y, int N, int threads) {
-    const int groups = K / group, chunks = group / 64;
-    const int blocks = (N + 15) / 16;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        const int n0 = b * 16;
-        for (int m = 0; m < M; m++) {
-            const uint8_t *xm = xq + (size_t)m * K;
-            const float *sm = xs + (size_t)m * groups;
-            float *ym = y + (size_t)m * N;
-            if (n0 + 16 <= N) {
-                float acc[16];
-                for (int r = 0; r < 16; r += 4) four_rows(levels + (size_t)(n0 + r) * K, K, chunks, xm, sm, acc + r);
-                __m512 v = _mm512_loadu_ps(acc);
-                for (int g = 0; g < groups; g++)
-                    v = _mm512_fnmadd_ps(_mm512_set1_ps(sm[g]), _mm512_loadu_ps(sums + ((size_t)b * groups + g) * 16), v);
-                const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row_scale + n0))), 16));
-                _mm512_storeu_ps(ym + n0, _mm512_mul_ps(v, scale));
-            } else {
-                for (int n = n0; n < N; n++) {
-                    float v = _mm512_reduce_add_ps(row_dot(levels + (size_t)n * K, K, chunks, xm, sm));
-                    for (int g = 0; g < groups; g++) v -= sm[g] * sums[((size_t)b * groups + g) * 16 + (n - n0)];
-                    ym[n] = v * bf16_to_float(row_scale[n]);
-                }
+#define MAX_MATRICES 8
+
+typedef struct {
+    const int8_t *levels;
+    const uint16_t *row_scale;
+    const float *sums;
+    float *y;
+    int N;
+} matrix;
+
+/* 16 rows [n0, n0 + 16) of one matrix (or its last, shorter block) for every input row. */
+VNNI static void gemm_block(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int b) {
+    const int groups = K / group, chunks = group / 64, N = w->N, n0 = b * 16;
+    for (int m = 0; m < M; m++) {
+        const uint8_t *xm = xq + (size_t)m * K;
+        const float *sm = xs + (size_t)m * groups;
+        float *ym = w->y + (size_t)m * N;
+        const float *sums = w->sums + (size_t)b * groups * 16;
+        if (n0 + 16 <= N) {
+            float acc[16];
+            for (int r = 0; r < 16; r += 4) four_rows(w->levels + (size_t)(n0 + r) * K, K, chunks, xm, sm, acc + r);
+            __m512 v = _mm512_loadu_ps(acc);
+            for (int g = 0; g < groups; g++)
+                v = _mm512_fnmadd_ps(_mm512_set1_ps(sm[g]), _mm512_loadu_ps(sums + (size_t)g * 16), v);
+            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w->row_scale + n0))), 16));
+            _mm512_storeu_ps(ym + n0, _mm512_mul_ps(v, scale));
+        } else {
+            for (int n = n0; n < N; n++) {
+                float v = _mm512_reduce_add_ps(row_dot(w->levels + (size_t)n * K, K, chunks, xm, sm));
+                for (int g = 0; g < groups; g++) v -= sm[g] * sums[(size_t)g * 16 + (n - n0)];
+                ym[n] = v * bf16_to_float(w->row_scale[n]);
             }
         }
+    }
+}
+
+/* For each matrix i (up to 8 that share the input, as q/k/v do): y_i [M, N_i] = row_scale[n] * sum_g xs[m, g]
+   * (<xq[m, g], level[n, g]> - sums of n's block [g, n % 16]). Rows 16 at a time, so the correction and the
+   scales are applied as 16-wide vectors; all matrices' blocks in one parallel loop. group: a multiple of 64. */
+VNNI static void gemm_q8(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int count,
+                         int threads) {
+    int first[MAX_MATRICES + 1] = {0}; /* the first global block of each matrix */
+    for (int i = 0; i < count; i++) first[i + 1] = first[i] + (w[i].N + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < first[count]; b++) {
+        int i = 0;
+        while (b >= first[i + 1]) i++;
+        gemm_block(xq, xs, M, K, group, &w[i], b - first[i]);
     }
 }
 
@@ -315,7 +354,7 @@ static void rms_norm(const float *x, int rows, int dim, const float *weight, flo
         for (int i = 0; i < dim; i++) sum += xr[i] * xr[i];
         const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
         float buf[MAX_GROUP];
-        float *h = cos ? buf : o;
+        float *h = cos || residual ? buf : o; /* out may be the residual itself */
         for (int i = 0; i < dim; i++) h[i] = xr[i] * inv * (weight ? weight[i] + offset : 1.0f);
         if (cos) {
             const int half = dim / 2;
@@ -326,10 +365,122 @@ static void rms_norm(const float *x, int rows, int dim, const float *weight, flo
             }
         } else if (residual) {
             const float *res = residual + (size_t)r * dim;
-            for (int i = 0; i < dim; i++) o[i] += res[i];
+            for (int i = 0; i < dim; i++) o[i] = res[i] + h[i];
         }
     }
 }
+
+/* out = gelu(gate) * up, the tanh form of gelu: the gated MLP's middle, for the module path and decode_layer
+   alike (so the two compute the same). out may be gate. */
+static void gelu_mul(const float *gate, const float *up, float *out, long long n) {
+    for (long long i = 0; i < n; i++) {
+        const float g = gate[i];
+        out[i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}
+
+#ifdef WREN_X86
+/* --- One Gemma 3 decoder layer for one new token (decode, batch 1), every step above in one call ----------
+   The model's forward calls this per layer instead of some seventy PyTorch ops and Python calls (wren/decode_plan.py
+   builds the plan: the layer's weights, norms and cache buffers as addresses, in the order of the fields
+   below). x [hidden] is updated in place. The same arithmetic as the module path: the tests compare them. */
+
+enum {
+    P_HIDDEN, P_HEADS, P_KV_HEADS, P_HEAD_DIM, P_WIDTH, P_WINDOW, P_SLOTS, P_RING, P_KV_DTYPE, P_KEYS, P_VALUES,
+    P_HEAD_STRIDE, P_SLOT_STRIDE, P_SLOT_POS,
+    P_INPUT_NORM, P_POST_ATTENTION_NORM, P_PRE_FEEDFORWARD_NORM, P_POST_FEEDFORWARD_NORM, P_Q_NORM, P_K_NORM,
+    P_QKV, P_O = P_QKV + 12, P_GATE_UP = P_O + 6, P_DOWN = P_GATE_UP + 9, /* group, in_scale, signs, then
+                                                                           levels, row_scale, sums a matrix */
+    P_SCRATCH = P_DOWN + 6, P_SCRATCH_BYTES, P_FIELDS
+};
+enum { F_EPS, F_OFFSET, F_SCALE, F_SOFTCAP, F_FIELDS };
+
+#define PTR(type, i) ((type)(intptr_t)p[i])
+
+/* floats of scratch decode_layer needs (decode_plan.py allocates as much) */
+static long long scratch_floats(int hidden, int H, int Hkv, int D, int width) {
+    const int widest = hidden > width ? (hidden > H * D ? hidden : H * D) : (width > H * D ? width : H * D);
+    return 2LL * hidden + 2LL * H * D + 2LL * Hkv * D + 2LL * width + widest / 16 + widest / 4 + 16;
+}
+
+/* rotate_quantize the input of a projection (fields at f) and multiply it by `count` matrices into outs. */
+VNNI static void project(const long long *p, int f, int count, const float *x, int K, float *const *outs,
+                         const int *N, uint8_t *xq, float *xs, int threads) {
+    const int group = (int)p[f];
+    rotate_quantize(x, 1, K, group, PTR(const float *, f + 1), PTR(const float *, f + 2), xq, xs, 1);
+    matrix w[3];
+    for (int i = 0; i < count; i++)
+        w[i] = (matrix){PTR(const int8_t *, f + 3 + 3 * i), PTR(const uint16_t *, f + 4 + 3 * i),
+                        PTR(const float *, f + 5 + 3 * i), outs[i], N[i]};
+    gemm_q8(xq, xs, 1, K, group, w, count, threads);
+}
+
+VNNI static void store_kv(void *buffer, int dtype, const float *v, int n) {
+    if (dtype == KV_F32) {
+        memcpy(buffer, v, sizeof(float) * n);
+        return;
+    }
+    uint16_t *out = buffer;
+    for (int i = 0; i < n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(v + i);
+        if (dtype == KV_F16) {
+            _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        } else { /* bf16, rounded to nearest even as PyTorch does */
+            const __m512i bits = _mm512_castps_si512(x);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+            _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtepi32_epi16(rounded));
+        }
+    }
+}
+
+VNNI static int decode_layer(const long long *p, const double *f, float *x, const float *cos, const float *sin,
+                             long long position, int threads) {
+    const int hidden = (int)p[P_HIDDEN], H = (int)p[P_HEADS], Hkv = (int)p[P_KV_HEADS], D = (int)p[P_HEAD_DIM];
+    const int width = (int)p[P_WIDTH], dtype = (int)p[P_KV_DTYPE];
+    const float eps = (float)f[F_EPS], offset = (float)f[F_OFFSET];
+    float *h = PTR(float *, P_SCRATCH), *q = h + hidden, *k = q + H * D, *v = k + Hkv * D, *attn = v + Hkv * D;
+    float *o = attn + H * D, *gate = o + hidden, *up = gate + width;
+    const int widest = hidden > width ? (hidden > H * D ? hidden : H * D) : (width > H * D ? width : H * D);
+    float *xs = up + width;                 /* the widest input's group scales (groups of 16 or more) */
+    uint8_t *xq = (uint8_t *)(xs + widest / 16); /* and its int8 values */
+
+    rms_norm(x, 1, hidden, PTR(const float *, P_INPUT_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
+    float *qkv[3] = {q, k, v};
+    const int qkv_n[3] = {H * D, Hkv * D, Hkv * D};
+    project(p, P_QKV, 3, h, hidden, qkv, qkv_n, xq, xs, threads);
+    rms_norm(q, H, D, PTR(const float *, P_Q_NORM), offset, eps, cos, sin, H, NULL, q, 1);
+    rms_norm(k, Hkv, D, PTR(const float *, P_K_NORM), offset, eps, cos, sin, Hkv, NULL, k, 1);
+
+    const int slots = (int)p[P_SLOTS], ring = (int)p[P_RING];
+    const long long slot = ring ? position % slots : position;
+    const size_t es = elem_size(dtype);
+    for (int kh = 0; kh < Hkv; kh++) {
+        const size_t at = ((size_t)kh * p[P_HEAD_STRIDE] + (size_t)slot * p[P_SLOT_STRIDE]) * es;
+        store_kv(PTR(char *, P_KEYS) + at, dtype, k + (size_t)kh * D, D);
+        store_kv(PTR(char *, P_VALUES) + at, dtype, v + (size_t)kh * D, D);
+    }
+    PTR(int64_t *, P_SLOT_POS)[slot] = position;
+    const attention_args a = {q, PTR(const void *, P_KEYS), PTR(const void *, P_VALUES), dtype, H, Hkv, D,
+                              ring ? slots : (int)position + 1, p[P_HEAD_STRIDE], p[P_SLOT_STRIDE],
+                              PTR(const int64_t *, P_SLOT_POS), NULL, position, p[P_WINDOW], (float)f[F_SCALE],
+                              (float)f[F_SOFTCAP]};
+    if (attend_one(&a, attn, threads) < 0) return -1;
+
+    float *o_out[1] = {o};
+    const int o_n[1] = {hidden};
+    project(p, P_O, 1, attn, H * D, o_out, o_n, xq, xs, threads);
+    rms_norm(o, 1, hidden, PTR(const float *, P_POST_ATTENTION_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
+    rms_norm(x, 1, hidden, PTR(const float *, P_PRE_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
+    float *gate_up[2] = {gate, up};
+    const int gate_up_n[2] = {width, width};
+    project(p, P_GATE_UP, 2, h, hidden, gate_up, gate_up_n, xq, xs, threads);
+    gelu_mul(gate, up, gate, width);
+    project(p, P_DOWN, 1, gate, width, o_out, o_n, xq, xs, threads);
+    rms_norm(o, 1, hidden, PTR(const float *, P_POST_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
+    return 0;
+}
+#endif
 
 static int cpu_supported(void) {
 #ifdef WREN_X86
@@ -356,17 +507,24 @@ static int as_ints(PyObject *const *args, Py_ssize_t n, Py_ssize_t want, long lo
 }
 
 static PyObject *py_rotate_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    long long a[8];
-    if (as_ints(args, n, 8, a) < 0) return NULL;
-    /* x, M, K, group, in_scale (0: none), signs, xq, xs */
-    if (a[3] < 1 || a[3] > MAX_GROUP || a[2] % a[3] || (a[3] & (a[3] - 1))) {
-        PyErr_SetString(PyExc_ValueError, "group must be a power of two up to 4096 that divides K");
+    long long a[9];
+    if (as_ints(args, n, 9, a) < 0) return NULL;
+    /* x, M, K, group, in_scale (0: none), signs, xq, xs, threads */
+    if (!cpu_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
         return NULL;
     }
+    if (a[3] < 16 || a[3] > MAX_GROUP || a[2] % a[3] || (a[3] & (a[3] - 1))) {
+        PyErr_SetString(PyExc_ValueError, "group must be a power of two from 16 to 4096 that divides K");
+        return NULL;
+    }
+#ifdef WREN_X86
     Py_BEGIN_ALLOW_THREADS
     rotate_quantize((const float *)(intptr_t)a[0], (int)a[1], (int)a[2], (int)a[3], (const float *)(intptr_t)a[4],
-                    (const float *)(intptr_t)a[5], (uint8_t *)(intptr_t)a[6], (float *)(intptr_t)a[7]);
+                    (const float *)(intptr_t)a[5], (uint8_t *)(intptr_t)a[6], (float *)(intptr_t)a[7],
+                    a[8] > 0 ? (int)a[8] : 1);
     Py_END_ALLOW_THREADS
+#endif
     Py_RETURN_NONE;
 }
 
@@ -386,22 +544,31 @@ static PyObject *py_group_sums(PyObject *self, PyObject *const *args, Py_ssize_t
 }
 
 static PyObject *py_gemm_q8(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    long long a[11];
-    if (as_ints(args, n, 11, a) < 0) return NULL;
-    /* xq, xs, M, K, group, levels, row_scale, sums, y, N, threads */
+    long long a[7 + 5 * MAX_MATRICES];
+    /* xq, xs, M, K, group, threads, count, then per matrix: levels, row_scale, sums, y, N */
+    if (n < 12 || (n - 7) % 5 || (n - 7) / 5 > MAX_MATRICES) {
+        PyErr_SetString(PyExc_TypeError, "gemm_q8 takes 7 arguments and 5 per matrix, 1 to 8 matrices");
+        return NULL;
+    }
+    if (as_ints(args, n, n, a) < 0) return NULL;
     if (!cpu_supported()) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
         return NULL;
     }
-    if (a[4] < 64 || a[4] % 64 || a[3] % a[4]) {
+    if (a[4] < 64 || a[4] % 64 || a[3] % a[4] || a[6] != (n - 7) / 5) {
         PyErr_SetString(PyExc_ValueError, "group must be a multiple of 64 that divides K");
         return NULL;
     }
 #ifdef WREN_X86
+    matrix w[MAX_MATRICES];
+    for (int i = 0; i < (int)a[6]; i++) {
+        const long long *m = a + 7 + 5 * i;
+        w[i] = (matrix){(const int8_t *)(intptr_t)m[0], (const uint16_t *)(intptr_t)m[1], (const float *)(intptr_t)m[2],
+                        (float *)(intptr_t)m[3], (int)m[4]};
+    }
     Py_BEGIN_ALLOW_THREADS
-    gemm_q8((const uint8_t *)(intptr_t)a[0], (const float *)(intptr_t)a[1], (int)a[2], (int)a[3], (int)a[4],
-            (const int8_t *)(intptr_t)a[5], (const uint16_t *)(intptr_t)a[6], (const float *)(intptr_t)a[7],
-            (float *)(intptr_t)a[8], (int)a[9], a[10] > 0 ? (int)a[10] : 1);
+    gemm_q8((const uint8_t *)(intptr_t)a[0], (const float *)(intptr_t)a[1], (int)a[2], (int)a[3], (int)a[4], w,
+            (int)a[6], a[5] > 0 ? (int)a[5] : 1);
     Py_END_ALLOW_THREADS
 #endif
     Py_RETURN_NONE;
@@ -462,20 +629,84 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[7];
+    /* plan (int64 [P_FIELDS]), floats (float64 [F_FIELDS]), x, cos, sin, position, threads */
+    if (as_ints(args, n, 7, a) < 0) return NULL;
+    if (!cpu_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
+        return NULL;
+    }
+#ifdef WREN_X86
+    const long long *p = (const long long *)(intptr_t)a[0];
+    if (p[P_SCRATCH_BYTES] < 4 * scratch_floats((int)p[P_HIDDEN], (int)p[P_HEADS], (int)p[P_KV_HEADS],
+                                                (int)p[P_HEAD_DIM], (int)p[P_WIDTH]) || p[P_HEAD_DIM] % 16) {
+        PyErr_SetString(PyExc_ValueError, "the decode plan's scratch is too small or its head_dim not a multiple of 16");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = decode_layer(p, (const double *)(intptr_t)a[1], (float *)(intptr_t)a[2], (const float *)(intptr_t)a[3],
+                      (const float *)(intptr_t)a[4], a[5], a[6] > 0 ? (int)a[6] : 1);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_plan_layout(PyObject *self, PyObject *unused) {
+    /* the field indices decode_plan.py fills, so that the two never drift apart */
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,"
+                         "s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+                         "hidden", P_HIDDEN, "heads", P_HEADS, "kv_heads", P_KV_HEADS, "head_dim", P_HEAD_DIM,
+                         "width", P_WIDTH, "window", P_WINDOW, "slots", P_SLOTS, "ring", P_RING, "kv_dtype", P_KV_DTYPE,
+                         "keys", P_KEYS, "values", P_VALUES, "head_stride", P_HEAD_STRIDE, "slot_stride", P_SLOT_STRIDE,
+                         "slot_pos", P_SLOT_POS, "input_norm", P_INPUT_NORM, "post_attention_norm", P_POST_ATTENTION_NORM,
+                         "pre_feedforward_norm", P_PRE_FEEDFORWARD_NORM, "post_feedforward_norm", P_POST_FEEDFORWARD_NORM,
+                         "q_norm", P_Q_NORM, "k_norm", P_K_NORM, "qkv", P_QKV, "o", P_O, "gate_up", P_GATE_UP,
+                         "down", P_DOWN, "scratch", P_SCRATCH, "scratch_bytes", P_SCRATCH_BYTES, "fields", P_FIELDS,
+                         "eps", F_EPS, "offset", F_OFFSET, "scale", F_SCALE, "softcap", F_SOFTCAP, "float_fields", F_FIELDS);
+}
+
+static PyObject *py_scratch_floats(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[5];
+    if (as_ints(args, n, 5, a) < 0) return NULL;
+#ifdef WREN_X86
+    return PyLong_FromLongLong(scratch_floats((int)a[0], (int)a[1], (int)a[2], (int)a[3], (int)a[4]));
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
+static PyObject *py_gelu_mul(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[4];
+    if (as_ints(args, n, 4, a) < 0) return NULL; /* gate, up, out, n */
+    Py_BEGIN_ALLOW_THREADS
+    gelu_mul((const float *)(intptr_t)a[0], (const float *)(intptr_t)a[1], (float *)(intptr_t)a[2], a[3]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_supported()); }
 
 static PyMethodDef methods[] = {
     {"rotate_quantize", (PyCFunction)(void (*)(void))py_rotate_quantize, METH_FASTCALL,
-     "rotate_quantize(x, M, K, group, in_scale, signs, xq, xs): addresses and sizes"},
+     "rotate_quantize(x, M, K, group, in_scale, signs, xq, xs, threads): addresses and sizes"},
     {"group_sums", (PyCFunction)(void (*)(void))py_group_sums, METH_FASTCALL,
      "group_sums(levels, N, K, group, sums, threads)"},
     {"gemm_q8", (PyCFunction)(void (*)(void))py_gemm_q8, METH_FASTCALL,
-     "gemm_q8(xq, xs, M, K, group, levels, row_scale, sums, y, N, threads): addresses and sizes"},
+     "gemm_q8(xq, xs, M, K, group, threads, count, then levels, row_scale, sums, y, N per matrix)"},
     {"attend_one", (PyCFunction)(void (*)(void))py_attend_one, METH_FASTCALL,
      "attend_one(q, keys, values, dtype, H, Hkv, D, S, head_stride, slot_stride, slot_pos, slot_valid, qpos, "
      "window, out, threads, scale, softcap)"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      "rms_norm(x, rows, dim, weight, cos, sin, heads, residual, out, threads, offset, eps)"},
+    {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL,
+     "decode_layer(plan, floats, x, cos, sin, position, threads): one Gemma 3 layer for one token"},
+    {"plan_layout", py_plan_layout, METH_NOARGS, "the field indices of a decode_layer plan"},
+    {"scratch_floats", (PyCFunction)(void (*)(void))py_scratch_floats, METH_FASTCALL,
+     "scratch_floats(hidden, heads, kv_heads, head_dim, width)"},
+    {"gelu_mul", (PyCFunction)(void (*)(void))py_gelu_mul, METH_FASTCALL, "gelu_mul(gate, up, out, n): float32"},
     {"supported", py_supported, METH_NOARGS, "whether this CPU runs gemm_q8 (AVX-512 VNNI)"},
     {NULL, NULL, 0, NULL},
 };

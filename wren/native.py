@@ -1,13 +1,17 @@
 """The compiled CPU kernels (`_native.c`), where pip built them and the CPU runs them.
 
-A TurboQuant matmul over a few input rows on the CPU: the input rotated per group and quantized to int8
-with one scale per group (`quantize_input`), then int8 x int8 dot products with the int8 levels
-(`Weight.matmul`, which also takes the levels' `group_sums`). Against `cpu_kernels.int8_matmul` (PyTorch's int8 weight-only kernel) it reads the same
-bytes about twice as fast, and does the rotation in one call instead of a dozen small ops. The input's
-int8 rounding adds ~0.3% error to the product, under a tenth of the 4-bit weights' own.
+* The TurboQuant matmul, for any number of input rows (decode and prefill): the input rotated per group
+  and quantized to int8 with one scale per group (`quantize_input`), then int8 x int8 dot products with
+  the int8 levels (`Weight.matmul`). Against PyTorch's int8 weight-only kernel (`cpu_kernels.int8_matmul`)
+  it reads the same bytes faster and does the rotation in one call instead of a dozen small ops; against
+  dequantizing to bf16 for prefill it does a quarter of the memory traffic. The input's int8 rounding adds
+  ~0.6% error to the product (~1% with the levels' own, against ~10% for 4-bit weights); on real text
+  decoding it stays closer to the exact reference than the bf16 path does (docs/performance.md).
+* Decode attention over a dense cache (`attend_one`) and RMSNorm fused with RoPE or the residual
+  (`rms_norm`): a few hundred fewer small PyTorch ops a token.
 
 `available()` is False without the built module, on a CPU without AVX-512 VNNI, or with WREN_NATIVE=0;
-callers then take the PyTorch path.
+callers then take the PyTorch paths.
 """
 
 from __future__ import annotations
@@ -25,9 +29,6 @@ try:  # built by setup.py when a C compiler was there; torch is imported first, 
     from . import _native
 except ImportError:
     _native = None
-
-MAX_ROWS = 32  # input rows up to which the kernel beats dequantizing to bf16 for a dense matmul
-
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
@@ -61,7 +62,8 @@ def quantize_input(x: Tensor, cfg: TQConfig, column_scale: Tensor | None) -> Qua
     values = torch.empty(rows, width, dtype=torch.uint8)
     scales = torch.empty(rows, width // group, dtype=torch.float32)
     _native.rotate_quantize(x.data_ptr(), rows, width, group, 0 if column_scale is None else column_scale.data_ptr(),
-                            _signs(group, cfg.seed).data_ptr(), values.data_ptr(), scales.data_ptr())
+                            _signs(group, cfg.seed).data_ptr(), values.data_ptr(), scales.data_ptr(),
+                            torch.get_num_threads())
     return QuantizedInput(values, scales, group)
 
 
@@ -90,15 +92,24 @@ class Weight:
 
     def matmul(self, q: QuantizedInput) -> Tensor:
         """float32 [rows, out]: the quantized input times this weight."""
-        rows, width = q.values.shape
-        if width != self.width or q.group != self.group:
+        return matmul_many(q, (self,))[0]
+
+
+def matmul_many(q: QuantizedInput, weights) -> list[Tensor]:
+    """[w.matmul(q) for w in weights] (up to 8, as q/k/v) in one call: one pass of the thread pool."""
+    rows, width = q.values.shape
+    args = []
+    outs = []
+    for w in weights:
+        if width != w.width or q.group != w.group:
             raise ValueError(f"an input of width {width} (group {q.group}) does not fit levels "
-                             f"{self.out}x{self.width} (group {self.group})")
-        y = torch.empty(rows, self.out, dtype=torch.float32)
-        _native.gemm_q8(q.values.data_ptr(), q.scales.data_ptr(), rows, width, self.group, self.levels.data_ptr(),
-                        self.row_scales.data_ptr(), self.sums.data_ptr(), y.data_ptr(), self.out,
-                        torch.get_num_threads())
-        return y
+                             f"{w.out}x{w.width} (group {w.group})")
+        y = torch.empty(rows, w.out, dtype=torch.float32)
+        args += (w.levels.data_ptr(), w.row_scales.data_ptr(), w.sums.data_ptr(), y.data_ptr(), w.out)
+        outs.append(y)
+    _native.gemm_q8(q.values.data_ptr(), q.scales.data_ptr(), rows, width, q.group, torch.get_num_threads(),
+                    len(outs), *args)
+    return outs
 
 
 _KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -161,4 +172,17 @@ def rms_norm(x: Tensor, weight: Tensor | None, offset: float, eps: float, rope: 
         res = residual.data_ptr()
     _native.rms_norm(x.data_ptr(), x.numel() // dim, dim, 0 if weight is None else weight.contiguous().data_ptr(),
                      cos, sin, heads, res, out.data_ptr(), torch.get_num_threads(), float(offset), float(eps))
+    return out
+
+
+def gelu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
+    """gelu_tanh(gate) * up in one pass (what `decode_layer` computes too), or None where it does not run:
+    float32 CPU tensors of one shape, outside autograd."""
+    if not (available() and gate.dtype == up.dtype == torch.float32 and gate.shape == up.shape
+            and gate.device.type == "cpu" and up.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+        return None
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    _native.gelu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), out.numel())
     return out

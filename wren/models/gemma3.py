@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import decode_plan
 from ..cache import KVCache
 from ..config import SLIDING, Gemma3Config, LayerSpec
+from ..quant.linear import linears
 from .layers import (GatedMLP, RMSNorm, cached_attention, embed, norm_rope, output_logits, positions, rope_cos_sin,
                      rope_inv_freq, uninitialized_embedding)
 
@@ -32,9 +34,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos, cache: KVCache | None):
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q = norm_rope(self.q_norm, self.q_proj(x).view(b, t, -1, d), cos, sin).transpose(1, 2)
-        k = norm_rope(self.k_norm, self.k_proj(x).view(b, t, -1, d), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = norm_rope(self.q_norm, q.view(b, t, -1, d), cos, sin).transpose(1, 2)
+        k = norm_rope(self.k_norm, k.view(b, t, -1, d), cos, sin).transpose(1, 2)
+        v = v.view(b, t, -1, d).transpose(1, 2)
         kv = (k, v, pos[0], None) if cache is None else cache.update(self.index, k, v, pos[0])
         return self.o_proj(cached_attention(q, kv, pos, self.window, self.scale, self.softcap))
 
@@ -84,8 +87,12 @@ class Gemma3(nn.Module):
         pos = positions(ids, cache)
         rope = {kind: rope_cos_sin(pos, getattr(self, f"inv_freq_{kind}"), x.dtype)
                 for kind in {s.kind for s in self.specs}}
-        for spec, layer in zip(self.specs, self.layers):
-            x = layer(x, *rope[spec.kind], pos, cache)
+        plan = decode_plan.plan_for(self, cache, ids)
+        if plan is not None:  # one decoded token: one compiled call a layer
+            x = plan.run(x, rope, int(pos[0, 0]))
+        else:
+            for spec, layer in zip(self.specs, self.layers):
+                x = layer(x, *rope[spec.kind], pos, cache)
         if cache is not None:
             cache.advance(ids.shape[1])
         return output_logits(self, x, logits_to_keep)

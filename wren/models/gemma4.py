@@ -10,6 +10,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import SLIDING, Gemma4Config, LayerSpec
+from ..quant.linear import linears
 from .layers import (GatedMLP, RMSNorm, cached_attention, embed, embed_scale, gelu_tanh, output_logits,
                      norm_rope, positions, rope_cos_sin, rope_inv_freq, uninitialized_embedding)
 
@@ -33,10 +34,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, pos, cache: KVCache | None, shared: dict):
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q = norm_rope(self.q_norm, self.q_proj(x).view(b, t, -1, d), cos, sin).transpose(1, 2)
+        projections = (self.q_proj,) if not self.owns_kv else tuple(
+            p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None)  # v is k where k_eq_v
+        q, *kv_raw = (y.view(b, t, -1, d) for y in linears(x, projections))
+        q = norm_rope(self.q_norm, q, cos, sin).transpose(1, 2)
         if self.owns_kv:
-            k_raw = self.k_proj(x).view(b, t, -1, d)
-            v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(b, t, -1, d)
+            k_raw = kv_raw[0]
+            v_raw = kv_raw[-1]
             k = norm_rope(self.k_norm, k_raw, cos, sin).transpose(1, 2)
             v = self.v_norm(v_raw).transpose(1, 2)
             if cache is None:

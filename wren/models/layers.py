@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
+from ..quant.linear import linears
 
 
 class RMSNorm(nn.Module):
@@ -80,7 +81,9 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, (self.gate_proj, self.up_proj))
+        middle = native.gelu_mul(gate, up)
+        return self.down_proj(gelu_tanh(gate) * up if middle is None else middle)
 
 
 def uninitialized_embedding(rows: int, dim: int) -> nn.Embedding:

@@ -6,7 +6,7 @@ per group, and multiplies it by the codebook values: W x = sum_g s_g <c_g, R x_g
 de-rotated. Three paths compute it:
 * the reference: the rotated codebook matrix in float32, built once, and a dense matmul (exact; tests);
 * CPU: int8 levels and the int8 weight-only kernel (`cpu_kernels.py`, within ~0.5% of the reference), or
-  for a few rows, where pip built them, the compiled int8 x int8 kernels (`native.py`, ~1%);
+  where pip built them, the compiled int8 x int8 kernels (`wren/native.py`, ~1%);
 * CUDA: a Triton kernel that reads the packed codes and looks the codebook up in registers
   (`triton_kernels.py`), when Triton is installed.
 `reference_path()` forces the first everywhere, for parity tests.
@@ -157,6 +157,14 @@ class TQWeight(nn.Module):
         _last_native_input = (x, key, q)
         return q
 
+    def takes_native(self, x: torch.Tensor) -> bool:
+        """Whether the compiled kernels multiply x here (fast paths on, a CPU input, a layout they take)."""
+        if not (_fast_paths and x.device.type == "cpu"):
+            return False
+        if self._native_layout is None:
+            self._native_layout = native.supports(self.cfg)
+        return self._native_layout
+
     def native_weight(self) -> native.Weight:
         levels, row_scales = self.int8_levels()
         if self._native is None or self._native.levels is not levels:  # the level cache may swap the levels in
@@ -176,9 +184,7 @@ class TQWeight(nn.Module):
             if triton_kernels.available():
                 return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
         if fast and x.device.type == "cpu":
-            if self._native_layout is None:
-                self._native_layout = native.supports(self.cfg)
-            if self._native_layout and x.numel() <= native.MAX_ROWS * self.in_features:
+            if self.takes_native(x):
                 y = self.native_weight().matmul(self.native_input(x))
                 return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return cpu_kernels.int8_matmul(self.rotate_input(x, fast=True), *self.int8_levels())
@@ -195,6 +201,17 @@ class TQWeight(nn.Module):
         """The weight this module multiplies by, de-rotated (input scales folded back in)."""
         w = self.rows(torch.arange(self.out_features, device=self.codes.device), torch.float32)
         return w if self.input_scale is None else w * self.input_scale.float()
+
+
+def linears(x: torch.Tensor, modules) -> list[torch.Tensor]:
+    """[m(x) for m in modules]: TurboQuant layers that read x the same way (q/k/v, gate/up) in one call of the
+    compiled kernels, one pass of the thread pool; anything else (dense, LoRA-wrapped) one by one."""
+    if len(modules) <= 8 and all(isinstance(m, TQWeight) and m.takes_native(x) for m in modules):
+        inputs = [m.native_input(x) for m in modules]
+        if all(q is inputs[0] for q in inputs):  # the same rotation and column scales: one quantized input
+            outs = native.matmul_many(inputs[0], [m.native_weight() for m in modules])
+            return [y.reshape(*x.shape[:-1], m.out_features).to(x.dtype) for y, m in zip(outs, modules)]
+    return [m(x) for m in modules]
 
 
 class TQLinear(TQWeight):
