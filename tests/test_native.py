@@ -71,6 +71,8 @@ def test_gelu_mul_matches_pytorch():
         got = native.gelu_mul(gate, up)
     assert torch.allclose(got, torch.nn.functional.gelu(gate, approximate="tanh") * up, atol=1e-6, rtol=1e-5)
     assert native.gelu_mul(gate.double(), up.double()) is None  # not float32: the caller's PyTorch path
+    wide = torch.zeros(native.GELU_MAX + 1)
+    assert native.gelu_mul(wide, wide) is None  # prefill-sized: PyTorch's threaded gelu is faster
 
 
 def test_autograd_takes_the_pytorch_path():
@@ -117,3 +119,20 @@ def test_decode_plan_computes_what_the_layers_compute(quantized_gemma3, monkeypa
     expected, cache = _decode(quantized_gemma3, spec)
     assert not hasattr(cache, "_decode_plan")
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+
+
+def test_without_the_compiled_kernels_the_model_runs_on_pytorch(quantized_gemma3, monkeypatch):
+    """No built module (no C compiler at install): every path falls back, to within the kernels' tolerance."""
+    with_kernels, _ = _decode(quantized_gemma3, "f16", steps=6)
+    monkeypatch.setattr(native, "_native", None)
+    native.available.cache_clear()
+    try:
+        assert not native.available()
+        without, cache = _decode(quantized_gemma3, "f16", steps=6)
+        assert getattr(cache, "_decode_plan", None) is None
+    finally:
+        monkeypatch.undo()
+        native.available.cache_clear()
+    assert native.available()
+    # int8 inputs on one side, bf16 on the other: the ~1% of test_tq_kernels, on logits
+    assert (with_kernels - without).norm() / without.norm() < 0.03

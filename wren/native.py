@@ -37,10 +37,14 @@ def available() -> bool:
     return _native is not None and _native.supported()
 
 
+def takes_layout(cfg: TQConfig) -> bool:
+    """Whether the kernels take this weight's layout: one Hadamard block per group of a multiple of 64."""
+    return cfg.rotation == "hadamard" and cfg.dim % 64 == 0 and cfg.dim <= 4096 and _block_size(cfg.dim, cfg.block) == cfg.dim
+
+
 def supports(cfg: TQConfig) -> bool:
-    """Whether the kernels take this weight's layout (one Hadamard block per group of a multiple of 64), here."""
-    return (cfg.rotation == "hadamard" and cfg.dim % 64 == 0 and cfg.dim <= 4096
-            and _block_size(cfg.dim, cfg.block) == cfg.dim and available())
+    """Whether the kernels run for this weight here (its layout, and the built module on this CPU)."""
+    return available() and takes_layout(cfg)
 
 
 class QuantizedInput(NamedTuple):
@@ -175,10 +179,15 @@ def rms_norm(x: Tensor, weight: Tensor | None, offset: float, eps: float, rope: 
     return out
 
 
+GELU_MAX = 8192  # elements up to which the one-pass loop beats PyTorch's (vectorised, threaded) gelu
+
+
 def gelu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
     """gelu_tanh(gate) * up in one pass (what `decode_layer` computes too), or None where it does not run:
-    float32 CPU tensors of one shape, outside autograd."""
+    float32 CPU tensors of one shape of a few tokens (decode; prefill's are faster in PyTorch), outside
+    autograd."""
     if not (available() and gate.dtype == up.dtype == torch.float32 and gate.shape == up.shape
+            and gate.numel() <= GELU_MAX
             and gate.device.type == "cpu" and up.device.type == "cpu"
             and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
         return None

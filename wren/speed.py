@@ -41,12 +41,16 @@ def _sync(device) -> None:
 
 def _read_bytes(module: nn.Module) -> int:
     """Bytes one decode step reads from a linear-like module (or a tied head), as its kernel reads them."""
+    from . import native
     from .quant import linear as tq
 
     if isinstance(module, tq.TQWeight):
         on_cpu_fast = tq._fast_paths and module.codes.device.type == "cpu" and module.cfg.rotation == "hadamard"
         if on_cpu_fast:  # int8 levels and a bf16 row scale (cpu_kernels.int8_levels)
-            return module.out_features * (module.in_features + 2)
+            levels = module.out_features * (module.in_features + 2)
+            if native.supports(module.cfg):  # and the compiled kernels' float32 sums of each group's levels
+                levels += module.out_features * (module.in_features // module.group) * 4
+            return levels
         return module.codes.nbytes + module.scales.nbytes
     weight = getattr(module, "weight", None)
     return weight.nbytes if isinstance(weight, torch.Tensor) else 0

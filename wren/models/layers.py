@@ -154,6 +154,9 @@ def attend(q: torch.Tensor, k, v, mask: torch.Tensor, scale: float,
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
+QUERY_BLOCK = 128  # queries attended at a time outside autograd (bounds the prefill's score matrices)
+
+
 def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int | None, scale: float,
                      softcap: float | None = None) -> torch.Tensor:
     """Attention of the new queries over what a cache's `update` returned (keys, values, key positions, key
@@ -164,8 +167,13 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
         return native.attend_one(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
     # a dense cache in another dtype (an f16 cache of an fp32 model) is read in the query's
     keys, values = (t.to(q.dtype) if isinstance(t, torch.Tensor) else t for t in (keys, values))
-    mask = attention_mask(pos, key_pos.expand(q.shape[0], -1), window, key_valid)
-    return attend(q, keys, values, mask, scale, softcap)
+    key_pos = key_pos.expand(q.shape[0], -1)
+    # Queries a block at a time outside autograd: a prefill chunk's scores are [B, H, T, S] floats several
+    # times over (scaled, masked, softmaxed), the peak of a long prompt's memory; blocks bound them.
+    block = q.shape[2] if torch.is_grad_enabled() else QUERY_BLOCK
+    outs = [attend(q[:, :, s:s + block], keys, values, attention_mask(pos[:, s:s + block], key_pos, window, key_valid),
+                   scale, softcap) for s in range(0, q.shape[2], block)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

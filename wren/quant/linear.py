@@ -162,8 +162,8 @@ class TQWeight(nn.Module):
         if not (_fast_paths and x.device.type == "cpu"):
             return False
         if self._native_layout is None:
-            self._native_layout = native.supports(self.cfg)
-        return self._native_layout
+            self._native_layout = native.takes_layout(self.cfg)
+        return self._native_layout and native.available()
 
     def native_weight(self) -> native.Weight:
         levels, row_scales = self.int8_levels()
