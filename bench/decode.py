@@ -1,6 +1,6 @@
 """Prefill and decode speed of wren next to llama-cpp-python: the same source model, the same prompt ids.
 
-    python bench/decode.py          # the matrix below, 3 repeats (~15 min on 2 cores)
+    python bench/decode.py          # the matrix below, 3 repeats (~5 min on 2 cores)
     python bench/decode.py --wren tq4 --kv f16 --llama Q4_K_M --prompt-tokens 512 --repeat 1   # a quick look
     python bench/decode.py --json   # one JSON object instead of tables
 
