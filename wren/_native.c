@@ -1,18 +1,21 @@
-/* wren's compiled CPU kernels for TurboQuant weights at batch 1 and small batches.
+/* wren's compiled CPU kernels: the TurboQuant matmul, decode attention, RMSNorm, and a whole Gemma 3 layer for
+   one decoded token.
 
    Built by pip from source when a C compiler is there (setup.py marks it optional); without it, or on a CPU
    without AVX-512 VNNI, wren uses PyTorch's kernels instead (wren/native.py decides).
 
    A TurboQuant linear layer multiplies the input, rotated per group, by int8 levels (cpu_kernels.py):
      y[m, n] = row_scale[n] * sum_k rot(x[m])[k] * level[n, k].
-   Two steps here (then decode attention and RMSNorm, further down):
+   Two steps:
    1. rotate_quantize: per group of the input, the column scales, the two signed Walsh-Hadamard rounds the
       codes were made with, and int8 quantization with one float scale per group (as llama.cpp's Q8 blocks:
       ~0.6% error on a rotated, near-Gaussian group). Done once per input, shared by q/k/v and gate/up.
    2. gemm_q8: int8 x int8 dot products with AVX-512 VNNI (64 multiply-adds an instruction), so a 1-byte
-      weight is read at memory speed rather than converted to float first. VNNI multiplies unsigned by
-      signed bytes, so the input is stored as value + 128 and 128 x each row's sum of levels per group
-      (group_sums, once per weight) is taken back off, 16 rows at a time.
+      weight is read at memory speed rather than converted to float first, once for all input rows. VNNI
+      multiplies unsigned by signed bytes, so the input is stored as value + 128 and 128 x each row's sum
+      of levels per group (group_sums, once per weight) is taken back off, 16 rows at a time.
+   Then attend_one (one query over a dense cache), rms_norm (with RoPE or a residual), gelu_mul, and
+   decode_layer, which strings them together for one Gemma 3 layer (wren/decode_plan.py).
 
    Threads: OpenMP, linked against the libgomp PyTorch has already loaded (same soname), so the kernels
    share PyTorch's thread pool; the thread count is passed in by the caller (torch.get_num_threads()). */
@@ -494,6 +497,12 @@ static int cpu_supported(void) {
 
 /* --- Python bindings: addresses and sizes as ints; the caller (native.py) checks shapes and dtypes. --- */
 
+static int need_vnni(void) {
+    if (cpu_supported()) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
+    return -1;
+}
+
 static int as_ints(PyObject *const *args, Py_ssize_t n, Py_ssize_t want, long long *out) {
     if (n != want) {
         PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, n);
@@ -510,10 +519,7 @@ static PyObject *py_rotate_quantize(PyObject *self, PyObject *const *args, Py_ss
     long long a[9];
     if (as_ints(args, n, 9, a) < 0) return NULL;
     /* x, M, K, group, in_scale (0: none), signs, xq, xs, threads */
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
-        return NULL;
-    }
+    if (need_vnni() < 0) return NULL;
     if (a[3] < 16 || a[3] > MAX_GROUP || a[2] % a[3] || (a[3] & (a[3] - 1))) {
         PyErr_SetString(PyExc_ValueError, "group must be a power of two from 16 to 4096 that divides K");
         return NULL;
@@ -551,10 +557,7 @@ static PyObject *py_gemm_q8(PyObject *self, PyObject *const *args, Py_ssize_t n)
         return NULL;
     }
     if (as_ints(args, n, n, a) < 0) return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
-        return NULL;
-    }
+    if (need_vnni() < 0) return NULL;
     if (a[4] < 64 || a[4] % 64 || a[3] % a[4] || a[6] != (n - 7) / 5) {
         PyErr_SetString(PyExc_ValueError, "group must be a multiple of 64 that divides K");
         return NULL;
@@ -585,10 +588,7 @@ static PyObject *py_attend_one(PyObject *self, PyObject *const *args, Py_ssize_t
     if (as_ints(args, 16, 16, a) < 0) return NULL;
     const double scale = PyFloat_AsDouble(args[16]), softcap = PyFloat_AsDouble(args[17]);
     if (PyErr_Occurred()) return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
-        return NULL;
-    }
+    if (need_vnni() < 0) return NULL;
     if (a[3] < KV_F32 || a[3] > KV_BF16 || a[4] < 1 || a[5] < 1 || a[4] % a[5] || a[6] < 16 || a[6] % 16 || a[7] < 0) {
         PyErr_SetString(PyExc_ValueError, "bad attention shapes (head_dim must be a multiple of 16)");
         return NULL;
@@ -633,10 +633,7 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize
     long long a[7];
     /* plan (int64 [P_FIELDS]), floats (float64 [F_FIELDS]), x, cos, sin, position, threads */
     if (as_ints(args, n, 7, a) < 0) return NULL;
-    if (!cpu_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
-        return NULL;
-    }
+    if (need_vnni() < 0) return NULL;
 #ifdef WREN_X86
     const long long *p = (const long long *)(intptr_t)a[0];
     if (p[P_SCRATCH_BYTES] < 4 * scratch_floats((int)p[P_HIDDEN], (int)p[P_HEADS], (int)p[P_KV_HEADS],

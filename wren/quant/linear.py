@@ -158,8 +158,9 @@ class TQWeight(nn.Module):
         return q
 
     def takes_native(self, x: torch.Tensor) -> bool:
-        """Whether the compiled kernels multiply x here (fast paths on, a CPU input, a layout they take)."""
-        if not (_fast_paths and x.device.type == "cpu"):
+        """Whether the compiled kernels multiply x here: fast paths on, a CPU input that needs no gradient
+        (they have no backward; training takes PyTorch's path), a layout they take."""
+        if not (_fast_paths and x.device.type == "cpu") or (x.requires_grad and torch.is_grad_enabled()):
             return False
         if self._native_layout is None:
             self._native_layout = native.takes_layout(self.cfg)
