@@ -136,3 +136,12 @@ def test_without_the_compiled_kernels_the_model_runs_on_pytorch(quantized_gemma3
     assert native.available()
     # int8 inputs on one side, bf16 on the other: the ~1% of test_tq_kernels, on logits
     assert (with_kernels - without).norm() / without.norm() < 0.03
+
+
+def test_decode_layer_refuses_rows_wider_than_its_stack_buffers():
+    layout = native._native.plan_layout()
+    plan = torch.zeros(layout["fields"], dtype=torch.int64)
+    plan[layout["hidden"]], plan[layout["head_dim"]] = native.MAX_WIDTH + 64, 64  # Gemma 3 27B's 5376 is wider
+    floats = torch.zeros(layout["float_fields"], dtype=torch.float64)
+    with pytest.raises(ValueError, match="up to 4096"):
+        native._native.decode_layer(plan.data_ptr(), floats.data_ptr(), 0, 0, 0, 0, 1)

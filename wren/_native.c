@@ -636,6 +636,10 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize
     if (need_vnni() < 0) return NULL;
 #ifdef WREN_X86
     const long long *p = (const long long *)(intptr_t)a[0];
+    if (p[P_HIDDEN] > MAX_GROUP || p[P_HEAD_DIM] > MAX_GROUP) {
+        PyErr_SetString(PyExc_ValueError, "decode_layer takes hidden and head_dim up to 4096");
+        return NULL;
+    }
     if (p[P_SCRATCH_BYTES] < 4 * scratch_floats((int)p[P_HIDDEN], (int)p[P_HEADS], (int)p[P_KV_HEADS],
                                                 (int)p[P_HEAD_DIM], (int)p[P_WIDTH]) || p[P_HEAD_DIM] % 16) {
         PyErr_SetString(PyExc_ValueError, "the decode plan's scratch is too small or its head_dim not a multiple of 16");

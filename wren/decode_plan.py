@@ -98,6 +98,8 @@ def _build(model, cache) -> DecodePlan | None:
         return None  # a cache of one sequence without padding (not the server's slot caches)
     layout = native._native.plan_layout()
     hidden = cfg.hidden_size
+    if hidden > native.MAX_WIDTH:
+        return None  # the kernel's norms keep a row on the stack (Gemma 3 27B's 5376 runs the modules)
     scratch_size = 0
     layers, keep = [], []
     for spec, layer in zip(model.specs, model.layers):
@@ -108,7 +110,7 @@ def _build(model, cache) -> DecodePlan | None:
                        _projection((mlp.gate_proj, mlp.up_proj), hidden), _projection((mlp.down_proj,), width)]
         norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
                  layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm]
-        if (buffers is None or None in projections or d % 16
+        if (buffers is None or None in projections or d % 16 or d > native.MAX_WIDTH
                 or any(n.weight is None or n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms)):
             return None
         keys, values, slot_pos, ring = buffers

@@ -146,9 +146,12 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_val
     return out
 
 
+MAX_WIDTH = 4096  # the widest row the kernels' norms and rotations keep on the stack (_native.c MAX_GROUP)
+
+
 def norms(x: Tensor, weight: Tensor | None) -> bool:
-    """Whether `rms_norm` takes x: fp32 rows of up to 4096 on the CPU, outside autograd."""
-    return (available() and x.dtype == torch.float32 and x.device.type == "cpu" and 0 < x.shape[-1] <= 4096
+    """Whether `rms_norm` takes x: fp32 rows of up to MAX_WIDTH on the CPU, outside autograd."""
+    return (available() and x.dtype == torch.float32 and x.device.type == "cpu" and 0 < x.shape[-1] <= MAX_WIDTH
             and (weight is None or weight.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))))
 
