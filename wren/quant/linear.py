@@ -195,7 +195,11 @@ class TQWeight(nn.Module):
         """Dequantized rows (an embedding lookup): only the rows asked for are decoded."""
         flat = ids.reshape(-1)
         c = decode_rotated(self.codes[flat], self.cfg) * self.scales[flat].float().unsqueeze(-1)
-        w = unrotate(c, self.cfg.seed, self.cfg.rotation, self.cfg.block).reshape(flat.numel(), self.in_features)
+        if _fast_paths and self.cfg.rotation == "hadamard":  # the same rotation as matrix products, fewer ops
+            w = cpu_kernels.unrotate_fast(c, self.cfg)
+        else:
+            w = unrotate(c, self.cfg.seed, self.cfg.rotation, self.cfg.block)
+        w = w.reshape(flat.numel(), self.in_features)
         return w.to(dtype).reshape(*ids.shape, self.in_features)
 
     def dense(self) -> torch.Tensor:
