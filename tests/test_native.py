@@ -114,7 +114,7 @@ def test_decode_plan_computes_what_the_layers_compute(quantized_gemma3, monkeypa
     from wren import decode_plan
 
     got, cache = _decode(quantized_gemma3, spec)
-    assert (cache._decode_plan is not None) == planned  # dense caches of one sequence only
+    assert (cache._decode_plan[1] is not None) == planned  # dense caches of one sequence only
     monkeypatch.setattr(decode_plan, "ENABLED", False)
     expected, cache = _decode(quantized_gemma3, spec)
     assert not hasattr(cache, "_decode_plan")
@@ -129,13 +129,30 @@ def test_without_the_compiled_kernels_the_model_runs_on_pytorch(quantized_gemma3
     try:
         assert not native.available()
         without, cache = _decode(quantized_gemma3, "f16", steps=6)
-        assert getattr(cache, "_decode_plan", None) is None
+        assert not hasattr(cache, "_decode_plan")
     finally:
         monkeypatch.undo()
         native.available.cache_clear()
     assert native.available()
     # int8 inputs on one side, bf16 on the other: the ~1% of test_tq_kernels, on logits
     assert (with_kernels - without).norm() / without.norm() < 0.03
+
+
+def test_a_cache_handed_to_another_model_gets_its_own_plan(quantized_gemma3):
+    import copy
+
+    from wren.kv import make_kv_cache
+
+    other = copy.deepcopy(quantized_gemma3)
+    ids = torch.randint(0, 384, (1, 4), generator=_gen(5))
+    with torch.inference_mode():
+        cache = make_kv_cache(quantized_gemma3, batch=1, max_len=8)
+        quantized_gemma3(ids[:, :2], cache)
+        quantized_gemma3(ids[:, 2:3], cache)
+        first = cache._decode_plan
+        other(ids[:, 3:4], cache)  # the same cache, another model (its own weight tensors)
+    assert first[0]() is quantized_gemma3 and first[1] is not None
+    assert cache._decode_plan[0]() is other and cache._decode_plan[1] is not first[1]
 
 
 def test_decode_layer_refuses_rows_wider_than_its_stack_buffers():

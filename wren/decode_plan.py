@@ -8,11 +8,14 @@ cache's buffers) once, at the first decoded token of a cache; every later token 
 
 It is built only where it computes what the modules compute: a Gemma 3 model in float32 with TurboQuant
 projections the compiled kernels take, a dense cache (f32, f16 or bf16) of one sequence. Anything else
-returns None and the modules run. A plan belongs to its cache: like the cache's contents, it assumes the
-model is not changed while the cache is in use (tensors it points to are kept alive either way).
+returns None and the modules run. A plan belongs to its cache and the model it was built for (a cache handed
+to another model gets a new one); like the cache's contents, it assumes that model's weights are not changed
+while the cache is in use (the tensors it points to are kept alive either way).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -44,11 +47,11 @@ def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | None:
     modules must run."""
     if not ENABLED or cache is None or ids.shape != (1, 1) or torch.is_grad_enabled() or not native.available():
         return None
-    plan = getattr(cache, "_decode_plan", False)
-    if plan is False:
-        plan = _build(model, cache)
-        cache._decode_plan = plan
-    return plan
+    built = getattr(cache, "_decode_plan", None)  # (the model it was built for, the plan or None)
+    if built is None or built[0]() is not model:  # a cache handed to another model gets a plan of its own
+        built = (weakref.ref(model), _build(model, cache))
+        cache._decode_plan = built
+    return built[1]
 
 
 def _cache_buffers(cache, layer: int):
