@@ -515,6 +515,21 @@ static int as_ints(PyObject *const *args, Py_ssize_t n, Py_ssize_t want, long lo
     return 0;
 }
 
+/* `ints` integer arguments into out, then `floats` float ones into f: the bindings that take floats. */
+static int ints_then_floats(PyObject *const *args, Py_ssize_t n, Py_ssize_t ints, long long *out, Py_ssize_t floats,
+                            double *f) {
+    if (n != ints + floats) {
+        PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", ints + floats, n);
+        return -1;
+    }
+    if (as_ints(args, ints, ints, out) < 0) return -1;
+    for (Py_ssize_t i = 0; i < floats; i++) {
+        f[i] = PyFloat_AsDouble(args[ints + i]);
+        if (f[i] == -1.0 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_rotate_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[9];
     if (as_ints(args, n, 9, a) < 0) return NULL;
@@ -581,13 +596,9 @@ static PyObject *py_attend_one(PyObject *self, PyObject *const *args, Py_ssize_t
     long long a[16];
     /* q, keys, values, dtype, H, Hkv, D, S, head_stride, slot_stride, slot_pos, slot_valid (0: none), qpos,
        window (0: none), out, threads; then scale and softcap (0: none) as floats */
-    if (n != 18) {
-        PyErr_Format(PyExc_TypeError, "expected 18 arguments, got %zd", n);
-        return NULL;
-    }
-    if (as_ints(args, 16, 16, a) < 0) return NULL;
-    const double scale = PyFloat_AsDouble(args[16]), softcap = PyFloat_AsDouble(args[17]);
-    if (PyErr_Occurred()) return NULL;
+    double f[2]; /* scale, softcap */
+    if (ints_then_floats(args, n, 16, a, 2, f) < 0) return NULL;
+    const double scale = f[0], softcap = f[1];
     if (need_vnni() < 0) return NULL;
     if (a[3] < KV_F32 || a[3] > KV_BF16 || a[4] < 1 || a[5] < 1 || a[4] % a[5] || a[6] < 16 || a[6] % 16 || a[7] < 0) {
         PyErr_SetString(PyExc_ValueError, "bad attention shapes (head_dim must be a multiple of 16)");
@@ -610,13 +621,9 @@ static PyObject *py_attend_one(PyObject *self, PyObject *const *args, Py_ssize_t
 static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[11];
     /* x, rows, dim, weight (0: none), cos (0: none), sin, heads, residual (0: none), out, threads; offset, eps */
-    if (n != 12) {
-        PyErr_Format(PyExc_TypeError, "expected 12 arguments, got %zd", n);
-        return NULL;
-    }
-    if (as_ints(args, 10, 10, a) < 0) return NULL;
-    const double offset = PyFloat_AsDouble(args[10]), eps = PyFloat_AsDouble(args[11]);
-    if (PyErr_Occurred()) return NULL;
+    double f[2]; /* offset, eps */
+    if (ints_then_floats(args, n, 10, a, 2, f) < 0) return NULL;
+    const double offset = f[0], eps = f[1];
     if (a[2] < 1 || a[2] > MAX_GROUP || (a[4] && (a[2] % 2 || a[6] < 1))) {
         PyErr_SetString(PyExc_ValueError, "bad norm shapes (dim up to 4096, even with RoPE)");
         return NULL;

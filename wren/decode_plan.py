@@ -78,12 +78,10 @@ def _projection(modules, x_width: int) -> list | None:
     if not all(isinstance(m, TQWeight) and m.in_features == x_width and m.takes_native(cpu_input) for m in modules):
         return None
     first = modules[0]
-    for m in modules:
-        same_scale = (m.input_scale is None) == (first.input_scale is None) and (
-            m.input_scale is None or torch.equal(m.input_scale, first.input_scale))
-        if m.cfg.dim != first.cfg.dim or m.cfg.seed != first.cfg.seed or not same_scale:
-            return None
-    column = None if first.input_scale is None else first.input_scale.float().contiguous()
+    column, column_bytes = first.column_scale()
+    if any((m.cfg.dim, m.cfg.seed, m.column_scale()[1]) != (first.cfg.dim, first.cfg.seed, column_bytes)
+           for m in modules):
+        return None  # not one quantized input for all
     fields = [first.cfg.dim, column, native._signs(first.cfg.dim, first.cfg.seed)]
     for m in modules:
         w = m.native_weight()

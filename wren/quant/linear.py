@@ -27,11 +27,20 @@ from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, ro
 
 ROW_CHUNK = 8192  # rows quantized at a time: bounds the float32 temporaries of a 262k-row embedding
 _fast_paths = True
-# The last fast rotation: (input, key, rotated input). q/k/v, and gate/up, take the very same input tensor,
-# so each rotation is computed once per layer, not three times. Identity plus the version counter keep it
-# exact: a new or modified tensor never matches.
-_last_rotation: tuple | None = None
-_last_native_input: tuple | None = None  # the same for the compiled kernels' int8 input (native.py)
+# The last fast rotation of an input (and its int8 form for the compiled kernels), by kind: (input, key,
+# value). q/k/v, and gate/up, take the very same input tensor, so each is computed once per layer, not three
+# times. Identity plus the version counter and the column scales' bytes keep it exact: a new or modified
+# tensor, or other column scales, never match.
+_last_input: dict[str, tuple] = {}
+
+
+def _once_per_input(kind: str, x: torch.Tensor, key: tuple, compute):
+    last = _last_input.get(kind)
+    if last is not None and last[0] is x and last[1] == key:
+        return last[2]
+    value = compute()
+    _last_input[kind] = (x, key, value)
+    return value
 
 
 @contextlib.contextmanager
@@ -75,13 +84,6 @@ def _version(x: torch.Tensor) -> int | None:
     return None if x.is_inference() else x._version
 
 
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Whether two input-scale vectors are equal (q/k/v hold equal copies of one)."""
-    if a is None or b is None:
-        return a is b
-    return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
-
-
 class TQWeight(nn.Module):
     """Codes and scales of a [out, in] matrix, and the two things a model does with one."""
 
@@ -98,7 +100,7 @@ class TQWeight(nn.Module):
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16) if input_scaled else None)
         self._rotated = None  # the reference path's float32 matrix
         self._int8 = None  # the CPU fast path's (levels, row scales)
-        self._column_scale = None  # (input_scale, its float32 copy, its bytes) for the compiled kernels
+        self._column_scale = None  # (input_scale, its float32 copy, its bytes): column_scale()
         self._native = None  # the compiled kernels' native.Weight
         self._native_layout = None  # whether they take this layout (checked once)
 
@@ -125,37 +127,39 @@ class TQWeight(nn.Module):
             self._rotated = c.reshape(self.out_features, self.in_features).to(dtype)
         return self._rotated
 
+    def column_scale(self) -> tuple[torch.Tensor | None, bytes | None]:
+        """(1/s per input channel as float32, its bytes) or (None, None); the bytes tell equal copies (q/k/v
+        hold one each) apart from other scales without a tensor compare on the hot path."""
+        if self.input_scale is None:
+            return None, None
+        if self._column_scale is None or self._column_scale[0] is not self.input_scale:
+            f32 = self.input_scale.float().contiguous()
+            self._column_scale = (self.input_scale, f32, f32.numpy().tobytes())
+        return self._column_scale[1], self._column_scale[2]
+
+    def _input_key(self, x: torch.Tensor, column_bytes: bytes | None) -> tuple:
+        """What the rotated input depends on besides x's identity."""
+        return (self.cfg.dim, self.cfg.seed, self.cfg.rotation, self.cfg.block, _version(x), column_bytes)
+
     def rotate_input(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """The input as the codes see it: divided by the column scales (if any), then rotated per group."""
-        global _last_rotation
+        column, column_bytes = self.column_scale()
         shape = x.shape
-        if fast:
-            key = (self.cfg, _version(x))
-            last = _last_rotation
-            if last is not None and last[0] is x and last[1] == key and _same(last[2], self.input_scale):
-                return last[3]
-        xs = x.float() if self.input_scale is None else x.float() * self.input_scale.float()
-        xg = xs.reshape(*shape[:-1], self.in_features // self.group, self.group)
-        if fast:
-            xr = cpu_kernels.rotate_fast(xg, self.cfg).reshape(shape).to(x.dtype)
-            _last_rotation = (x, key, self.input_scale, xr)
-            return xr
-        return rotate(xg, self.cfg.seed, self.cfg.rotation, self.cfg.block).reshape(shape).to(x.dtype)
+
+        def compute():
+            xs = x.float() if column is None else x.float() * column
+            xg = xs.reshape(*shape[:-1], self.in_features // self.group, self.group)
+            if fast:
+                return cpu_kernels.rotate_fast(xg, self.cfg).reshape(shape).to(x.dtype)
+            return rotate(xg, self.cfg.seed, self.cfg.rotation, self.cfg.block).reshape(shape).to(x.dtype)
+
+        return _once_per_input("rotated", x, self._input_key(x, column_bytes), compute) if fast else compute()
 
     def native_input(self, x: torch.Tensor) -> native.QuantizedInput:
         """The input rotated and quantized for the compiled kernels; computed once for q/k/v (and gate/up)."""
-        global _last_native_input
-        if self.input_scale is not None and (self._column_scale is None or self._column_scale[0] is not self.input_scale):
-            f32 = self.input_scale.float().contiguous()  # its bytes: equal copies (q/k/v) compare equal
-            self._column_scale = (self.input_scale, f32, f32.numpy().tobytes())
-        column = (None, None, None) if self.input_scale is None else self._column_scale
-        key = (self.cfg.dim, self.cfg.seed, _version(x), column[2])
-        last = _last_native_input
-        if last is not None and last[0] is x and last[1] == key:
-            return last[2]
-        q = native.quantize_input(x.reshape(-1, self.in_features), self.cfg, column[1])
-        _last_native_input = (x, key, q)
-        return q
+        column, column_bytes = self.column_scale()
+        return _once_per_input("native", x, self._input_key(x, column_bytes),
+                               lambda: native.quantize_input(x.reshape(-1, self.in_features), self.cfg, column))
 
     def takes_native(self, x: torch.Tensor) -> bool:
         """Whether the compiled kernels multiply x here: fast paths on, a CPU input that needs no gradient
