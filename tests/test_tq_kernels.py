@@ -16,7 +16,7 @@ import torch
 from wren import native
 from wren.quant import cpu_kernels
 from wren.quant.linear import TQLinear, reference_path
-from wren.quant.turboquant import TQConfig, rotate, unrotate
+from wren.quant.turboquant import TQConfig, _centroids, _runs, decode_rotated, rotate, unrotate
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -44,7 +44,9 @@ def _layer(bits, group, width, rows=96):
 
 @pytest.mark.parametrize("bits,group,width", CASES)
 @pytest.mark.parametrize("batch", [1, 3, 40])
-def test_cpu_int8_path_stays_near_the_reference(bits, group, width, batch):
+@pytest.mark.parametrize("read_codes", [True, False], ids=["codes", "levels"])
+def test_cpu_int8_path_stays_near_the_reference(bits, group, width, batch, read_codes, monkeypatch):
+    monkeypatch.setattr(native, "READ_CODES", read_codes)
     layer = _layer(bits, group, width)
     x = torch.randn(batch, width, generator=_gen(batch))
     with reference_path():
@@ -54,7 +56,10 @@ def test_cpu_int8_path_stays_near_the_reference(bits, group, width, batch):
     # kernels' int8 activations (one scale per group) add ~0.6%, in quadrature.
     tolerance = 0.015 if native.supports(layer.cfg) else 0.01
     assert (fast - ref).norm() / ref.norm() < tolerance
-    assert layer._int8 is not None and layer._int8[0].dtype == torch.int8
+    if layer.reads_codes():  # the compiled kernels read the packed codes: no int8 copy is made
+        assert read_codes and layer._int8 is None and isinstance(layer.native_weight(), native.CodesWeight)
+    else:
+        assert layer._int8 is not None and layer._int8[0].dtype == torch.int8
 
 
 needs_native = pytest.mark.skipif(not native.available(), reason="the compiled kernels are not built here "
@@ -91,6 +96,44 @@ def test_native_matmul_is_exact_on_its_int8_inputs(rows, out):
     expected = (xq.reshape(rows, 384) @ levels.double().T) * row_scales.double()
     got = weight.matmul(q)
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+needs_codes = pytest.mark.skipif(not (native.available() and native._native.codes_supported()),
+                                 reason="the compiled kernels are not built here or this CPU has no AVX-512 VBMI")
+
+
+@needs_codes
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 128), (5, 256), (6, 128), (3.5, 128), (2.5, 256)])
+@pytest.mark.parametrize("rows,out", [(1, 37), (2, 16), (3, 5), (9, 33), (17, 64)])  # decode, prefill, row tails
+def test_codes_matmul_is_exact_on_its_int8_inputs(bits, group, rows, out):
+    """The packed-codes kernel computes step * sum_g scale_g * xs_g * <centroid levels, int8 input> exactly."""
+    width = 2 * group
+    layer = TQLinear.from_dense(torch.randn(out, width, generator=_gen(out)), bits, group, seed=3)
+    x = torch.randn(rows, width, generator=_gen(rows))
+    q = native.quantize_input(x, layer.cfg, None)
+    weight = layer.native_weight()
+    assert isinstance(weight, native.CodesWeight)
+    centroids = decode_rotated(layer.codes, layer.cfg).double()  # [out, groups, group]
+    runs = _runs(bits, group)
+    step = max(_centroids(b, group, "beta", torch.device("cpu"))[0].abs().max().item() for *_, b in runs) / 127
+    step = torch.tensor(step, dtype=torch.float32).double()  # the kernel keeps it in float32
+    levels = torch.round(centroids / step)
+    xq = (q.values.double() - 128).reshape(rows, 1, -1, group) * q.scales.double()[:, None, :, None]
+    per_group = (xq * levels[None]).sum(-1) * layer.scales.double()[None]  # [rows, out, groups]
+    expected = per_group.sum(-1) * step
+    got = weight.matmul(q).double()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@needs_codes
+def test_codes_are_read_only_where_the_kernel_takes_them():
+    assert native.CodesWeight.layout(TQConfig(bits=4, dim=128)) is not None
+    assert native.CodesWeight.layout(TQConfig(bits=8, dim=128)) is None  # over 6 bits: the int8 levels
+    assert native.CodesWeight.layout(TQConfig(bits=3.5, dim=64)) is None  # the 4-/3-bit split inside a chunk
+    assert native.CodesWeight.layout(TQConfig(bits=4, dim=24)) is None  # groups of 64 or more only
+    layer = _layer(4, 128, 640)
+    layer.codes = layer.codes.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous: levels
+    assert not layer.reads_codes() and isinstance(layer.native_weight(), native.Weight)
 
 
 def test_gradients_reach_the_input_of_a_frozen_turboquant_layer():

@@ -10,10 +10,13 @@
    1. rotate_quantize: per group of the input, the column scales, the two signed Walsh-Hadamard rounds the
       codes were made with, and int8 quantization with one float scale per group (as llama.cpp's Q8 blocks:
       ~0.6% error on a rotated, near-Gaussian group). Done once per input, shared by q/k/v and gate/up.
-   2. gemm_q8: int8 x int8 dot products with AVX-512 VNNI (64 multiply-adds an instruction), so a 1-byte
+   2. gemm: int8 x int8 dot products with AVX-512 VNNI (64 multiply-adds an instruction), so a 1-byte
       weight is read at memory speed rather than converted to float first, once for all input rows. VNNI
       multiplies unsigned by signed bytes, so the input is stored as value + 128 and 128 x each row's sum
       of levels per group (group_sums, once per weight) is taken back off, 16 rows at a time.
+   Weights of up to 6 bits skip the levels on a CPU with AVX-512 VBMI: gemm reads their packed codes as
+   stored (format CODES, below), a quarter to three quarters of the bytes; the levels serve the 8-bit
+   embedding / LM head and older CPUs.
    Then attend_one (one query over a dense cache), rms_norm (with RoPE or a residual), gelu_mul, and
    decode_layer, which strings them together for one Gemma 3 layer (wren/decode_plan.py).
 
@@ -42,7 +45,7 @@ static float bf16_to_float(uint16_t v) {
 }
 
 /* sums [ceil(N / 16), groups, 16] = 128 * the sum of each row's levels over each group: what the +128 of the
-   input adds to a row's dot product, taken back off; laid out as gemm_q8 reads it, 16 rows a block in one
+   input adds to a row's dot product, taken back off; laid out as gemm reads it, 16 rows a block in one
    stream (rows past N are 0). Once per weight. */
 static void group_sums(const int8_t *levels, int N, int K, int group, float *sums, int threads) {
     const int groups = K / group, blocks = (N + 15) / 16;
@@ -62,6 +65,14 @@ static void group_sums(const int8_t *levels, int N, int K, int group, float *sum
 
 #ifdef WREN_X86
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* acc + VNNI's 4-byte dot products of unsigned a and signed b, as _mm512_dpbusd_epi32, written as asm: with the
+   intrinsic GCC 12 copies each accumulator to another register and back around every one (a third of the
+   instructions of the prefill loops). */
+VNNI static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+    return acc;
+}
 
 /* Unnormalised Walsh-Hadamard transform of n floats (a power of two, a multiple of 16), the Sylvester order.
    Butterflies (a[j], a[j + h]) -> (a[j] + a[j + h], a[j] - a[j + h]): for h >= 16 between whole vectors; for
@@ -134,7 +145,7 @@ VNNI static inline __attribute__((always_inline)) __m512 row_dot(const int8_t *w
     for (int g = 0, k = 0; k < K; g++) {
         __m512i a = _mm512_setzero_si512();
         for (int c = 0; c < chunks; c++, k += 64)
-            a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(xq + k), _mm512_loadu_si512(w + k));
+            a = dpbusd(a, _mm512_loadu_si512(xq + k), _mm512_loadu_si512(w + k));
         f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[g]), f);
     }
     return f;
@@ -150,10 +161,10 @@ VNNI static inline __attribute__((always_inline)) void four_rows_of(const int8_t
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
         for (int c = 0; c < chunks; c++, k += 64) {
             const __m512i xv = _mm512_loadu_si512(xq + k);
-            a0 = _mm512_dpbusd_epi32(a0, xv, _mm512_loadu_si512(w + k));
-            a1 = _mm512_dpbusd_epi32(a1, xv, _mm512_loadu_si512(w1 + k));
-            a2 = _mm512_dpbusd_epi32(a2, xv, _mm512_loadu_si512(w2 + k));
-            a3 = _mm512_dpbusd_epi32(a3, xv, _mm512_loadu_si512(w3 + k));
+            a0 = dpbusd(a0, xv, _mm512_loadu_si512(w + k));
+            a1 = dpbusd(a1, xv, _mm512_loadu_si512(w1 + k));
+            a2 = dpbusd(a2, xv, _mm512_loadu_si512(w2 + k));
+            a3 = dpbusd(a3, xv, _mm512_loadu_si512(w3 + k));
         }
         const __m512 s = _mm512_set1_ps(xs[g]);
         f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), s, f0);
@@ -177,54 +188,325 @@ VNNI static inline __attribute__((always_inline)) void four_rows(const int8_t *w
 
 #define MAX_MATRICES 8
 
+/* A weight as gemm reads it, in one of two formats:
+   LEVELS: int8 levels [N, K], bf16 row scales [N], `extra` their group_sums (the int8 copy of any weight);
+   CODES: the packed TurboQuant codes [N, K / group, group_bytes] as stored, fp16 group scales [N, K / group],
+   `extra` its codes_layout (weights of up to 6 bits on a CPU with AVX-512 VBMI; read at 2-6 bits a weight). */
+enum { LEVELS = 0, CODES = 1 };
+
 typedef struct {
-    const int8_t *levels;
-    const uint16_t *row_scale;
-    const float *sums;
+    int format;
+    const void *data;
+    const uint16_t *scale;
+    const void *extra;
     float *y;
     int N;
 } matrix;
 
 /* 16 rows [n0, n0 + 16) of one matrix (or its last, shorter block) for every input row. */
-VNNI static void gemm_block(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int b) {
+VNNI static void levels_block(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int b) {
     const int groups = K / group, chunks = group / 64, N = w->N, n0 = b * 16;
     for (int m = 0; m < M; m++) {
         const uint8_t *xm = xq + (size_t)m * K;
         const float *sm = xs + (size_t)m * groups;
         float *ym = w->y + (size_t)m * N;
-        const float *sums = w->sums + (size_t)b * groups * 16;
+        const float *sums = (const float *)w->extra + (size_t)b * groups * 16;
         if (n0 + 16 <= N) {
             float acc[16];
-            for (int r = 0; r < 16; r += 4) four_rows(w->levels + (size_t)(n0 + r) * K, K, chunks, xm, sm, acc + r);
+            for (int r = 0; r < 16; r += 4) four_rows((const int8_t *)w->data + (size_t)(n0 + r) * K, K, chunks, xm, sm, acc + r);
             __m512 v = _mm512_loadu_ps(acc);
             for (int g = 0; g < groups; g++)
                 v = _mm512_fnmadd_ps(_mm512_set1_ps(sm[g]), _mm512_loadu_ps(sums + (size_t)g * 16), v);
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w->row_scale + n0))), 16));
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w->scale + n0))), 16));
             _mm512_storeu_ps(ym + n0, _mm512_mul_ps(v, scale));
         } else {
             for (int n = n0; n < N; n++) {
-                float v = _mm512_reduce_add_ps(row_dot(w->levels + (size_t)n * K, K, chunks, xm, sm));
+                float v = _mm512_reduce_add_ps(row_dot((const int8_t *)w->data + (size_t)n * K, K, chunks, xm, sm));
                 for (int g = 0; g < groups; g++) v -= sm[g] * sums[(size_t)g * 16 + (n - n0)];
-                ym[n] = v * bf16_to_float(w->row_scale[n]);
+                ym[n] = v * bf16_to_float(w->scale[n]);
             }
         }
     }
 }
 
+/* --- The same product straight from the packed codes (format CODES) ------------------------------------
+   A row's weight is centroid[code] * group scale in the rotated space; the centroids of each run of bits
+   (turboquant._runs: a fractional rate gives the first coordinates of a group one bit more) are put on one
+   int8 grid, value = (table - 128) * step, so a 64-code chunk becomes 64 unsigned bytes in four
+   instructions: a masked load of its 8 * bits bytes, vpermb to give every 64-bit lane the `bits` bytes of
+   its 8 codes, vpmultishiftqb to cut out each code, vpermb through the 64-entry table (repeated every
+   2^bits entries, so that the bits above a code need no mask). VNNI then multiplies those unsigned bytes by
+   the signed input (xq - 128); the +128 of the table adds 128 * the group's input sum, taken off per group.
+   The codes are read as stored (0.25-0.75 bytes a weight instead of the levels' 1): decode reads less
+   memory, and nothing is decoded at load. Wider inputs (prefill) unpack a 16-row block once and reuse it. */
+
+#define MAX_CHUNKS (MAX_GROUP / 64)
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,f16c")))
+
+typedef struct {
+    int32_t group_bytes; /* bytes of one group's codes */
+    int32_t chunks;      /* group / 64 */
+    int32_t uniform;     /* 1: every chunk at the same bits */
+    float step;          /* the int8 grid's step */
+    int32_t offset[MAX_CHUNKS]; /* each chunk's first byte in its group */
+    uint8_t bits[MAX_CHUNKS];
+    uint8_t table_of[MAX_CHUNKS]; /* 0: the first run's table, 1: the second's */
+    uint8_t table[2][64];
+} codes_layout;
+
+/* Per bits (1-6): which source byte each output byte's 64-bit lane starts from, and each code's bit shift. */
+static uint8_t spread_of[7][64] __attribute__((aligned(64))), shift_of[7][64] __attribute__((aligned(64)));
+
+static void init_unpack_tables(void) {
+    for (int b = 1; b <= 6; b++)
+        for (int p = 0; p < 64; p++) {
+            spread_of[b][p] = (uint8_t)(b * (p / 8) + p % 8);
+            shift_of[b][p] = (uint8_t)(b * (p % 8));
+        }
+}
+
+/* Fill a layout for a group of `group` coordinates: the first `split` at bits_hi, the rest at bits_lo
+   (split 0: all at bits_lo); levels_hi / levels_lo: the int8 centroids of each run (2^bits each).
+   Returns -1 where the kernel cannot read it (a run boundary inside a chunk, bits outside 1-6). */
+static int fill_codes_layout(codes_layout *L, int group, int split, int bits_hi, int bits_lo, const int8_t *levels_hi,
+                             const int8_t *levels_lo, float step) {
+    if (group % 64 || group > MAX_GROUP || split % 64 || split < 0 || split > group || bits_lo < 1 || bits_lo > 6 ||
+        (split && (bits_hi < 1 || bits_hi > 6)))
+        return -1;
+    memset(L, 0, sizeof *L);
+    L->chunks = group / 64;
+    L->step = step;
+    L->uniform = split == 0 || split == group;
+    int offset = 0;
+    for (int c = 0; c < L->chunks; c++) {
+        const int hi = c * 64 < split;
+        L->offset[c] = offset;
+        L->bits[c] = (uint8_t)(hi ? bits_hi : bits_lo);
+        L->table_of[c] = (uint8_t)(hi ? 0 : 1);
+        offset += 8 * L->bits[c];
+    }
+    L->group_bytes = offset;
+    for (int i = 0; i < 64; i++) {
+        if (split) L->table[0][i] = (uint8_t)(levels_hi[i & ((1 << bits_hi) - 1)] + 128);
+        L->table[1][i] = (uint8_t)(levels_lo[i & ((1 << bits_lo) - 1)] + 128);
+    }
+    return 0;
+}
+
+/* tail: read only the chunk's own 8 * bits bytes (a masked load, several times slower on AMD); otherwise 32 or
+   64 bytes are read from its start, the next chunk's bytes ignored: the last block of a matrix takes tail. */
+VBMI static inline __attribute__((always_inline)) __m512i unpack_chunk(const uint8_t *src, int bits, __m512i spread,
+                                                                       __m512i shift, __m512i table, int tail) {
+    const __m512i raw = tail ? _mm512_maskz_loadu_epi8(((__mmask64)1 << (8 * bits)) - 1, src)
+                        : bits <= 4 ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)src))
+                                    : _mm512_loadu_si512(src);
+    return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(spread, raw)), table);
+}
+
+#define PREFETCH_BLOCKS 1 /* the direct kernel asks for the same bytes a block of 16 rows on: the hardware's
+                             prefetch alone left it at half the memory's speed (measured; 1-4 blocks alike) */
+
+/* Decode: `count` (1-4) rows' dot products with one input row, straight from the codes; rows are `row_bytes`
+   apart. x: the input as signed bytes, xs its group scales, corr[g] = -128 * the group's input sum (what the
+   table's +128 adds); scales: the rows' fp16 group scales [rows, groups]. Four rows share each load of x. */
+VBMI static inline __attribute__((always_inline)) void direct_rows(int count, int tail, const uint8_t *w,
+                                                                   size_t row_bytes, const codes_layout *L,
+                                                                   const uint16_t *scales, int groups, const int8_t *x,
+                                                                   const float *xs, const int32_t *corr, float *out) {
+    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512i spread = _mm512_load_si512(spread_of[L->bits[0]]), shift = _mm512_load_si512(shift_of[L->bits[0]]);
+    __m512i table = _mm512_loadu_si512(L->table[L->table_of[0]]);
+    for (int g = 0; g < groups; g++) {
+        const __m512i start = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[g]));
+        __m512i a[4] = {start, start, start, start};
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x + (size_t)g * 64 * L->chunks;
+        for (int r = 0; r < count; r++)
+            _mm_prefetch((const char *)(wg + (r + 16 * PREFETCH_BLOCKS) * row_bytes), _MM_HINT_T0);
+        for (int c = 0; c < L->chunks; c++) {
+            const __m512i xv = _mm512_loadu_si512(xg + 64 * c);
+            const int bits = L->bits[c];
+            if (!L->uniform) {
+                spread = _mm512_load_si512(spread_of[bits]);
+                shift = _mm512_load_si512(shift_of[bits]);
+                table = _mm512_loadu_si512(L->table[L->table_of[c]]);
+            }
+            for (int r = 0; r < count; r++)
+                a[r] = dpbusd(
+                    a[r], unpack_chunk(wg + r * row_bytes + L->offset[c], bits, spread, shift, table, tail), xv);
+        }
+        for (int r = 0; r < count; r++)
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r]),
+                                   _mm512_set1_ps(_cvtsh_ss(scales[(size_t)r * groups + g]) * xs[g]), f[r]);
+    }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) * L->step;
+}
+
+/* Prefill: a block of 16 rows unpacked once into `tiles` [K / 4][16 rows][4 bytes], so that one 64-byte load
+   holds four weights of each of the 16 rows and VNNI sums them lane by lane: a lane is a row, the input's
+   four bytes are broadcast, and a group's scales are one vector of the 16 rows'. Eight input rows at a time
+   share each load of the tiles (written out: GCC spills an array of accumulators); one at a time after.
+   out: input row m's 16 outputs at out + m * N (`rows` of them valid). */
+#define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define BROADCAST_QUAD(p) _mm512_set1_epi32(*(const int32_t *)(const void *)(p))
+
+VBMI static void tile_rows8(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
+                            int K, const float *xs, const int32_t *corr, float step, float *out, int N, int rows) {
+#define DECLARE(m) __m512 f##m = _mm512_setzero_ps();
+    EIGHT(DECLARE)
+#undef DECLARE
+    for (int g = 0; g < groups; g++) {
+#define START(m) __m512i a##m = _mm512_set1_epi32(corr[(size_t)(m) * groups + g]);
+        EIGHT(START)
+#undef START
+        const uint8_t *t = tiles + (size_t)g * group * 16;
+        const int8_t *xg = x + (size_t)g * group;
+        for (int q = 0; q < group; q += 4) {
+            const __m512i wv = _mm512_loadu_si512(t + q * 16);
+#define DOT(m) a##m = dpbusd(a##m, wv, BROADCAST_QUAD(xg + (size_t)(m) * K + q));
+            EIGHT(DOT)
+#undef DOT
+        }
+        const __m512 s = _mm512_loadu_ps(block_scales + (size_t)g * 16);
+#define SCALE(m) f##m = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##m), \
+                                        _mm512_mul_ps(s, _mm512_set1_ps(xs[(size_t)(m) * groups + g])), f##m);
+        EIGHT(SCALE)
+#undef SCALE
+    }
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+#define STORE(m) _mm512_mask_storeu_ps(out + (size_t)(m) * N, valid, _mm512_mul_ps(f##m, _mm512_set1_ps(step)));
+    EIGHT(STORE)
+#undef STORE
+}
+
+VBMI static void tile_rows1(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
+                            const float *xs, const int32_t *corr, float step, float *out, int rows) {
+    __m512 f = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i a = _mm512_set1_epi32(corr[g]);
+        const uint8_t *t = tiles + (size_t)g * group * 16;
+        for (int q = 0; q < group; q += 4)
+            a = dpbusd(a, _mm512_loadu_si512(t + q * 16), BROADCAST_QUAD(x + (size_t)g * group + q));
+        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a),
+                            _mm512_mul_ps(_mm512_loadu_ps(block_scales + (size_t)g * 16), _mm512_set1_ps(xs[g])), f);
+    }
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << rows) - 1), _mm512_mul_ps(f, _mm512_set1_ps(step)));
+}
+
+#define DIRECT_ROWS 2 /* input rows up to which each reads the codes itself; more share one unpacked block */
+
+/* Rows [n0, n0 + 16) of a CODES matrix (or its last, shorter block) for every input row. scratch: 16 * K + 64
+   bytes and 16 * groups floats, for wide inputs. */
+VBMI static void codes_block(const int8_t *x, const float *xs, const int32_t *corr, int M, int K, int group,
+                             const matrix *w, int b, uint8_t *scratch) {
+    const codes_layout *L = w->extra;
+    const int groups = K / group, N = w->N, n0 = b * 16, rows = N - n0 < 16 ? N - n0 : 16;
+    const int tail = n0 + 16 >= N; /* the matrix's last block: read no byte past its codes */
+    const size_t row_bytes = (size_t)groups * L->group_bytes;
+    const uint8_t *codes = (const uint8_t *)w->data + (size_t)n0 * row_bytes;
+    const uint16_t *scales = w->scale + (size_t)n0 * groups;
+    if (M <= DIRECT_ROWS) {
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < rows; r += 4) {
+                const int count = rows - r < 4 ? rows - r : 4;
+                const uint8_t *wr = codes + r * row_bytes;
+                const uint16_t *sr = scales + (size_t)r * groups;
+                const int8_t *xm = x + (size_t)m * K;
+                float *out = w->y + (size_t)m * N + n0 + r;
+                if (count == 4 && !tail)
+                    direct_rows(4, 0, wr, row_bytes, L, sr, groups, xm, xs + (size_t)m * groups,
+                                corr + (size_t)m * groups, out);
+                else
+                    direct_rows(count, 1, wr, row_bytes, L, sr, groups, xm, xs + (size_t)m * groups,
+                                corr + (size_t)m * groups, out);
+            }
+        return;
+    }
+    /* unpack: row r's 64 bytes of a chunk go to 16 tiles, 4 bytes each (rows past N: zero weights) */
+    uint8_t *tiles = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *block_scales = (float *)(tiles + (size_t)16 * K);
+    const __m512i dword = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int r = 0; r < 16; r++)
+        for (int g = 0; g < groups; g++) {
+            block_scales[(size_t)g * 16 + r] = r < rows ? _cvtsh_ss(scales[(size_t)r * groups + g]) : 0.0f;
+            for (int c = 0; c < L->chunks; c++) {
+                const int bits = L->bits[c], k = g * group + 64 * c;
+                const __m512i v = r < rows ? unpack_chunk(codes + r * row_bytes + (size_t)g * L->group_bytes + L->offset[c],
+                                                          bits, _mm512_load_si512(spread_of[bits]),
+                                                          _mm512_load_si512(shift_of[bits]),
+                                                          _mm512_loadu_si512(L->table[L->table_of[c]]), tail)
+                                           : _mm512_set1_epi8((char)128);
+                /* dword j of v (weights k + 4j .. k + 4j + 3) -> tile (k / 4 + j), lane r */
+                _mm512_i32scatter_epi32(tiles + (size_t)k * 16 + 4 * r, _mm512_slli_epi32(dword, 4), v, 4);
+            }
+        }
+    float *out = w->y + n0;
+    int m = 0;
+    for (; m + 8 <= M; m += 8)
+        tile_rows8(tiles, block_scales, groups, group, x + (size_t)m * K, K, xs + (size_t)m * groups,
+                   corr + (size_t)m * groups, L->step, out + (size_t)m * N, N, rows);
+    for (; m < M; m++)
+        tile_rows1(tiles, block_scales, groups, group, x + (size_t)m * K, xs + (size_t)m * groups,
+                   corr + (size_t)m * groups, L->step, out + (size_t)m * N, rows);
+}
+
+/* The input as CODES matrices read it: signed bytes x [M, K] (xq - 128) and corr [M, K / group] = -128 * each
+   group's sum of them. */
+VNNI static void signed_input(const uint8_t *xq, int M, int K, int group, int8_t *x, int32_t *corr) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < K / group; g++) {
+            const size_t at = (size_t)m * K + (size_t)g * group;
+            __m512i total = _mm512_setzero_si512();
+            for (int i = 0; i < group; i += 64) {
+                const __m512i v = _mm512_loadu_si512(xq + at + i);
+                total = _mm512_add_epi64(total, _mm512_sad_epu8(v, _mm512_setzero_si512()));
+                _mm512_storeu_si512(x + at + i, _mm512_xor_si512(v, flip));
+            }
+            corr[(size_t)m * (K / group) + g] = -128 * (int32_t)(_mm512_reduce_add_epi64(total) - 128LL * group);
+        }
+}
+
 /* For each matrix i (up to 8 that share the input, as q/k/v do): y_i [M, N_i] = row_scale[n] * sum_g xs[m, g]
    * (<xq[m, g], level[n, g]> - sums of n's block [g, n % 16]). Rows 16 at a time, so the correction and the
    scales are applied as 16-wide vectors; all matrices' blocks in one parallel loop. group: a multiple of 64. */
-VNNI static void gemm_q8(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int count,
-                         int threads) {
+VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int count,
+                    int threads) {
     int first[MAX_MATRICES + 1] = {0}; /* the first global block of each matrix */
-    for (int i = 0; i < count; i++) first[i + 1] = first[i] + (w[i].N + 15) / 16;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < first[count]; b++) {
-        int i = 0;
-        while (b >= first[i + 1]) i++;
-        gemm_block(xq, xs, M, K, group, &w[i], b - first[i]);
+    int codes = 0;
+    for (int i = 0; i < count; i++) {
+        first[i + 1] = first[i] + (w[i].N + 15) / 16;
+        codes |= w[i].format == CODES;
     }
+    int32_t *corr = NULL; /* and the signed input after it */
+    if (codes) {
+        if (!(corr = malloc(sizeof(int32_t) * (size_t)M * (K / group) + (size_t)M * K))) return -1;
+        signed_input(xq, M, K, group, (int8_t *)(corr + (size_t)M * (K / group)), corr);
+    }
+    const int8_t *x = (const int8_t *)(corr + (size_t)M * (K / group));
+    const int unpack = codes && M > DIRECT_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        uint8_t *scratch = unpack ? malloc((size_t)16 * K + 64 + sizeof(float) * 16 * (K / group)) : NULL;
+        if (unpack && !scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int b = 0; b < first[count]; b++) {
+            int i = 0;
+            while (b >= first[i + 1]) i++;
+            if (w[i].format == LEVELS)
+                levels_block(xq, xs, M, K, group, &w[i], b - first[i]);
+            else if (!unpack || scratch)
+                codes_block(x, xs, corr, M, K, group, &w[i], b - first[i], scratch);
+        }
+        free(scratch);
+    }
+    free(corr);
+    return failed ? -1 : 0;
 }
 
 /* --- Attention of one new query over a dense KV cache (decode, batch 1) ---------------------------------
@@ -392,9 +674,9 @@ enum {
     P_HIDDEN, P_HEADS, P_KV_HEADS, P_HEAD_DIM, P_WIDTH, P_WINDOW, P_SLOTS, P_RING, P_KV_DTYPE, P_KEYS, P_VALUES,
     P_HEAD_STRIDE, P_SLOT_STRIDE, P_SLOT_POS,
     P_INPUT_NORM, P_POST_ATTENTION_NORM, P_PRE_FEEDFORWARD_NORM, P_POST_FEEDFORWARD_NORM, P_Q_NORM, P_K_NORM,
-    P_QKV, P_O = P_QKV + 12, P_GATE_UP = P_O + 6, P_DOWN = P_GATE_UP + 9, /* group, in_scale, signs, then
-                                                                           levels, row_scale, sums a matrix */
-    P_SCRATCH = P_DOWN + 6, P_SCRATCH_BYTES, P_FIELDS
+    P_QKV, P_O = P_QKV + 15, P_GATE_UP = P_O + 7, P_DOWN = P_GATE_UP + 11, /* group, in_scale, signs, then
+                                                                       format, data, scale, extra a matrix */
+    P_SCRATCH = P_DOWN + 7, P_SCRATCH_BYTES, P_FIELDS
 };
 enum { F_EPS, F_OFFSET, F_SCALE, F_SOFTCAP, F_FIELDS };
 
@@ -407,15 +689,17 @@ static long long scratch_floats(int hidden, int H, int Hkv, int D, int width) {
 }
 
 /* rotate_quantize the input of a projection (fields at f) and multiply it by `count` matrices into outs. */
-VNNI static void project(const long long *p, int f, int count, const float *x, int K, float *const *outs,
-                         const int *N, uint8_t *xq, float *xs, int threads) {
+VNNI static int project(const long long *p, int f, int count, const float *x, int K, float *const *outs, const int *N,
+                        uint8_t *xq, float *xs, int threads) {
     const int group = (int)p[f];
     rotate_quantize(x, 1, K, group, PTR(const float *, f + 1), PTR(const float *, f + 2), xq, xs, 1);
     matrix w[3];
-    for (int i = 0; i < count; i++)
-        w[i] = (matrix){PTR(const int8_t *, f + 3 + 3 * i), PTR(const uint16_t *, f + 4 + 3 * i),
-                        PTR(const float *, f + 5 + 3 * i), outs[i], N[i]};
-    gemm_q8(xq, xs, 1, K, group, w, count, threads);
+    for (int i = 0; i < count; i++) {
+        const long long *m = p + f + 3 + 4 * i;
+        w[i] = (matrix){(int)m[0], (const void *)(intptr_t)m[1], (const uint16_t *)(intptr_t)m[2],
+                        (const void *)(intptr_t)m[3], outs[i], N[i]};
+    }
+    return gemm(xq, xs, 1, K, group, w, count, threads);
 }
 
 VNNI static void store_kv(void *buffer, int dtype, const float *v, int n) {
@@ -451,7 +735,7 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
     rms_norm(x, 1, hidden, PTR(const float *, P_INPUT_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
     float *qkv[3] = {q, k, v};
     const int qkv_n[3] = {H * D, Hkv * D, Hkv * D};
-    project(p, P_QKV, 3, h, hidden, qkv, qkv_n, xq, xs, threads);
+    if (project(p, P_QKV, 3, h, hidden, qkv, qkv_n, xq, xs, threads) < 0) return -1;
     rms_norm(q, H, D, PTR(const float *, P_Q_NORM), offset, eps, cos, sin, H, NULL, q, 1);
     rms_norm(k, Hkv, D, PTR(const float *, P_K_NORM), offset, eps, cos, sin, Hkv, NULL, k, 1);
 
@@ -472,14 +756,14 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
 
     float *o_out[1] = {o};
     const int o_n[1] = {hidden};
-    project(p, P_O, 1, attn, H * D, o_out, o_n, xq, xs, threads);
+    if (project(p, P_O, 1, attn, H * D, o_out, o_n, xq, xs, threads) < 0) return -1;
     rms_norm(o, 1, hidden, PTR(const float *, P_POST_ATTENTION_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
     rms_norm(x, 1, hidden, PTR(const float *, P_PRE_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
     float *gate_up[2] = {gate, up};
     const int gate_up_n[2] = {width, width};
-    project(p, P_GATE_UP, 2, h, hidden, gate_up, gate_up_n, xq, xs, threads);
+    if (project(p, P_GATE_UP, 2, h, hidden, gate_up, gate_up_n, xq, xs, threads) < 0) return -1;
     gelu_mul(gate, up, gate, width);
-    project(p, P_DOWN, 1, gate, width, o_out, o_n, xq, xs, threads);
+    if (project(p, P_DOWN, 1, gate, width, o_out, o_n, xq, xs, threads) < 0) return -1;
     rms_norm(o, 1, hidden, PTR(const float *, P_POST_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
     return 0;
 }
@@ -494,6 +778,15 @@ static int cpu_supported(void) {
     return 0;
 #endif
 }
+
+static int codes_supported(void) {
+#ifdef WREN_X86
+    return cpu_supported() && __builtin_cpu_supports("avx512vbmi");
+#else
+    return 0;
+#endif
+}
+
 
 /* --- Python bindings: addresses and sizes as ints; the caller (native.py) checks shapes and dtypes. --- */
 
@@ -564,33 +857,63 @@ static PyObject *py_group_sums(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
-static PyObject *py_gemm_q8(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    long long a[7 + 5 * MAX_MATRICES];
-    /* xq, xs, M, K, group, threads, count, then per matrix: levels, row_scale, sums, y, N */
-    if (n < 12 || (n - 7) % 5 || (n - 7) / 5 > MAX_MATRICES) {
-        PyErr_SetString(PyExc_TypeError, "gemm_q8 takes 7 arguments and 5 per matrix, 1 to 8 matrices");
+static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[7 + 6 * MAX_MATRICES];
+    /* xq, xs, M, K, group, threads, count, then per matrix: format, data, scale, extra, y, N */
+    if (n < 13 || (n - 7) % 6 || (n - 7) / 6 > MAX_MATRICES) {
+        PyErr_SetString(PyExc_TypeError, "gemm takes 7 arguments and 6 per matrix, 1 to 8 matrices");
         return NULL;
     }
     if (as_ints(args, n, n, a) < 0) return NULL;
     if (need_vnni() < 0) return NULL;
-    if (a[4] < 64 || a[4] % 64 || a[3] % a[4] || a[6] != (n - 7) / 5) {
-        PyErr_SetString(PyExc_ValueError, "group must be a multiple of 64 that divides K");
+    if (a[4] < 64 || a[4] % 64 || a[4] > MAX_GROUP || a[3] % a[4] || a[6] != (n - 7) / 6) {
+        PyErr_SetString(PyExc_ValueError, "group must be a multiple of 64 up to 4096 that divides K");
         return NULL;
     }
 #ifdef WREN_X86
     matrix w[MAX_MATRICES];
     for (int i = 0; i < (int)a[6]; i++) {
-        const long long *m = a + 7 + 5 * i;
-        w[i] = (matrix){(const int8_t *)(intptr_t)m[0], (const uint16_t *)(intptr_t)m[1], (const float *)(intptr_t)m[2],
-                        (float *)(intptr_t)m[3], (int)m[4]};
+        const long long *m = a + 7 + 6 * i;
+        if (m[0] != LEVELS && (m[0] != CODES || !codes_supported() ||
+                               ((const codes_layout *)(intptr_t)m[3])->chunks != a[4] / 64)) {
+            PyErr_SetString(PyExc_ValueError, "a matrix in a format this CPU does not read, or of another group");
+            return NULL;
+        }
+        w[i] = (matrix){(int)m[0], (const void *)(intptr_t)m[1], (const uint16_t *)(intptr_t)m[2],
+                        (const void *)(intptr_t)m[3], (float *)(intptr_t)m[4], (int)m[5]};
     }
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    gemm_q8((const uint8_t *)(intptr_t)a[0], (const float *)(intptr_t)a[1], (int)a[2], (int)a[3], (int)a[4], w,
-            (int)a[6], a[5] > 0 ? (int)a[5] : 1);
+    rc = gemm((const uint8_t *)(intptr_t)a[0], (const float *)(intptr_t)a[1], (int)a[2], (int)a[3], (int)a[4], w,
+              (int)a[6], a[5] > 0 ? (int)a[5] : 1);
     Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
 #endif
     Py_RETURN_NONE;
 }
+
+static PyObject *py_codes_layout(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[7];
+    /* out (codes_layout_size() bytes), group, split, bits_hi, bits_lo, levels_hi (int8), levels_lo; step */
+    double step;
+    if (ints_then_floats(args, n, 7, a, 1, &step) < 0) return NULL;
+#ifdef WREN_X86
+    if (fill_codes_layout((codes_layout *)(intptr_t)a[0], (int)a[1], (int)a[2], (int)a[3], (int)a[4],
+                          (const int8_t *)(intptr_t)a[5], (const int8_t *)(intptr_t)a[6], (float)step) == 0)
+        Py_RETURN_TRUE;
+#endif
+    Py_RETURN_FALSE;
+}
+
+static PyObject *py_codes_layout_size(PyObject *self, PyObject *unused) {
+#ifdef WREN_X86
+    return PyLong_FromSize_t(sizeof(codes_layout));
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
+static PyObject *py_codes_supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(codes_supported()); }
 
 static PyObject *py_attend_one(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[16];
@@ -702,8 +1025,12 @@ static PyMethodDef methods[] = {
      "rotate_quantize(x, M, K, group, in_scale, signs, xq, xs, threads): addresses and sizes"},
     {"group_sums", (PyCFunction)(void (*)(void))py_group_sums, METH_FASTCALL,
      "group_sums(levels, N, K, group, sums, threads)"},
-    {"gemm_q8", (PyCFunction)(void (*)(void))py_gemm_q8, METH_FASTCALL,
-     "gemm_q8(xq, xs, M, K, group, threads, count, then levels, row_scale, sums, y, N per matrix)"},
+    {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL,
+     "gemm(xq, xs, M, K, group, threads, count, then format, data, scale, extra, y, N per matrix)"},
+    {"codes_layout", (PyCFunction)(void (*)(void))py_codes_layout, METH_FASTCALL,
+     "codes_layout(out, group, split, bits_hi, bits_lo, levels_hi, levels_lo, step): False where gemm cannot read it"},
+    {"codes_layout_size", py_codes_layout_size, METH_NOARGS, "bytes of a codes layout"},
+    {"codes_supported", py_codes_supported, METH_NOARGS, "whether this CPU reads packed codes (AVX-512 VBMI)"},
     {"attend_one", (PyCFunction)(void (*)(void))py_attend_one, METH_FASTCALL,
      "attend_one(q, keys, values, dtype, H, Hkv, D, S, head_stride, slot_stride, slot_pos, slot_valid, qpos, "
      "window, out, threads, scale, softcap)"},
@@ -715,10 +1042,15 @@ static PyMethodDef methods[] = {
     {"scratch_floats", (PyCFunction)(void (*)(void))py_scratch_floats, METH_FASTCALL,
      "scratch_floats(hidden, heads, kv_heads, head_dim, width)"},
     {"gelu_mul", (PyCFunction)(void (*)(void))py_gelu_mul, METH_FASTCALL, "gelu_mul(gate, up, out, n): float32"},
-    {"supported", py_supported, METH_NOARGS, "whether this CPU runs gemm_q8 (AVX-512 VNNI)"},
+    {"supported", py_supported, METH_NOARGS, "whether this CPU runs gemm (AVX-512 VNNI)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "wren's compiled CPU kernels", -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+#ifdef WREN_X86
+    init_unpack_tables();
+#endif
+    return PyModule_Create(&module);
+}

@@ -72,7 +72,7 @@ def _cache_buffers(cache, layer: int):
 
 
 def _projection(modules, x_width: int) -> list | None:
-    """[group, column scale, signs, then levels, row scales, sums per matrix] for projections that share
+    """[group, column scale, signs, then format, data, scale, extra per matrix (native.Weight.fields)] for projections that share
     their input (one quantized input for all), or None."""
     cpu_input = torch.empty(0)  # takes_native asks where the input is: here on the CPU
     if not all(isinstance(m, TQWeight) and m.in_features == x_width and m.takes_native(cpu_input) for m in modules):
@@ -85,7 +85,7 @@ def _projection(modules, x_width: int) -> list | None:
     fields = [first.cfg.dim, column, native._signs(first.cfg.dim, first.cfg.seed)]
     for m in modules:
         w = m.native_weight()
-        fields += [w.levels, w.row_scales, w.sums]
+        fields += list(w.fields())
     return fields
 
 

@@ -7,6 +7,9 @@
   dequantizing to bf16 for prefill it does a quarter of the memory traffic. The input's int8 rounding adds
   ~0.6% error to the product (~1% with the levels' own, against ~10% for 4-bit weights); on real text
   decoding it stays closer to the exact reference than the bf16 path does (docs/performance.md).
+* On a CPU with AVX-512 VBMI, weights of up to 6 bits are read straight from their packed codes
+  (`CodesWeight`): each 64-code chunk is unpacked to bytes in registers, so decode reads 2-6 bits a weight
+  instead of 8 and nothing is decoded at load; prefill unpacks a block of 16 rows once for all its inputs.
 * Decode attention over a dense cache (`attend_one`) and RMSNorm fused with RoPE or the residual
   (`rms_norm`): a few hundred fewer small PyTorch ops a token.
 
@@ -23,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .quant.turboquant import TQConfig, _block_size, _hadamard_plan
+from .quant.turboquant import TQConfig, _block_size, _centroids, _hadamard_plan, _runs, codes_nbytes
 
 try:  # built by setup.py when a C compiler was there; torch is imported first, so its libgomp is shared
     from . import _native
@@ -82,9 +85,15 @@ def group_sums(levels: Tensor, group: int) -> Tensor:
     return sums
 
 
+LEVELS, CODES = 0, 1  # the two formats `matmul_many` reads (_native.c `matrix`)
+READ_CODES = True  # tests turn it off to run the levels format where the codes one would run
+
+
 class Weight:
     """A weight as `matmul` reads it: int8 levels [out, width], bf16 row scales [out] and their `group_sums`,
     checked once, so that a matmul costs one allocation and one call."""
+
+    format = LEVELS
 
     def __init__(self, levels: Tensor, row_scales: Tensor, group: int):
         if levels.dtype != torch.int8 or row_scales.dtype != torch.bfloat16 or row_scales.shape != levels.shape[:1]:
@@ -94,25 +103,75 @@ class Weight:
         self.out, self.width = levels.shape
         self.group = group
 
+    def fields(self) -> tuple:
+        """(format, data, scale, extra): the tensors a `_native.c` matrix points into."""
+        return LEVELS, self.levels, self.row_scales, self.sums
+
     def matmul(self, q: QuantizedInput) -> Tensor:
         """float32 [rows, out]: the quantized input times this weight."""
         return matmul_many(q, (self,))[0]
 
 
+class CodesWeight(Weight):
+    """A weight read straight from its packed TurboQuant codes [out, width / group, bytes] and fp16 group
+    scales [out, width / group] (_native.c, format CODES): 2-6 bits a weight read instead of the levels' 8,
+    nothing decoded at load. `layout` builds it, or None where the kernel cannot read this config."""
+
+    format = CODES
+
+    def __init__(self, codes: Tensor, scales: Tensor, layout: Tensor, cfg: TQConfig):
+        out, groups = scales.shape
+        if (codes.dtype != torch.uint8 or scales.dtype != torch.float16 or codes.shape != (out, groups, codes_nbytes(cfg))
+                or not (codes.is_contiguous() and scales.is_contiguous())):
+            raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype} and scales {tuple(scales.shape)} "
+                             f"{scales.dtype} do not fit {cfg}")
+        self.codes, self.scales, self.layout = codes, scales, layout
+        self.out, self.width, self.group = out, groups * cfg.dim, cfg.dim
+
+    def fields(self) -> tuple:
+        return CODES, self.codes, self.scales, self.layout
+
+    @staticmethod
+    def layout(cfg: TQConfig) -> Tensor | None:
+        """The kernel's description of cfg's codes (bytes of each chunk of 64, and the centroids on an int8
+        grid), or None where it cannot read them: no AVX-512 VBMI, a layout `takes_layout` refuses, over 6
+        bits, or a fractional rate whose split is not a multiple of 64 coordinates."""
+        if not (READ_CODES and supports(cfg) and _native.codes_supported()):
+            return None
+        return _codes_layout(cfg.bits, cfg.dim, cfg.codebook)
+
+
+@functools.lru_cache(maxsize=64)
+def _codes_layout(bits: float, dim: int, codebook: str) -> Tensor | None:
+    runs = _runs(bits, dim)
+    if any(b > 6 for _, _, b in runs):
+        return None
+    centroids = [_centroids(b, dim, codebook, torch.device("cpu"))[0] for _, _, b in runs]
+    step = max(float(c.abs().max()) for c in centroids) / 127  # one grid for both runs: one group scale
+    levels = [torch.round(c / step).clamp(-127, 127).to(torch.int8).contiguous() for c in centroids]
+    split = runs[0][1] if len(runs) == 2 else 0
+    layout = torch.zeros(_native.codes_layout_size(), dtype=torch.uint8)
+    ok = _native.codes_layout(layout.data_ptr(), dim, split, runs[0][2], runs[-1][2], levels[0].data_ptr(),
+                              levels[-1].data_ptr(), step)
+    return layout if ok else None
+
+
 def matmul_many(q: QuantizedInput, weights) -> list[Tensor]:
-    """[w.matmul(q) for w in weights] (up to 8, as q/k/v) in one call: one pass of the thread pool."""
+    """[w.matmul(q) for w in weights] (up to 8, as q/k/v, in either format) in one call: one pass of the
+    thread pool."""
     rows, width = q.values.shape
     args = []
     outs = []
     for w in weights:
         if width != w.width or q.group != w.group:
-            raise ValueError(f"an input of width {width} (group {q.group}) does not fit levels "
+            raise ValueError(f"an input of width {width} (group {q.group}) does not fit a weight "
                              f"{w.out}x{w.width} (group {w.group})")
         y = torch.empty(rows, w.out, dtype=torch.float32)
-        args += (w.levels.data_ptr(), w.row_scales.data_ptr(), w.sums.data_ptr(), y.data_ptr(), w.out)
+        fmt, data, scale, extra = w.fields()
+        args += (fmt, data.data_ptr(), scale.data_ptr(), extra.data_ptr(), y.data_ptr(), w.out)
         outs.append(y)
-    _native.gemm_q8(q.values.data_ptr(), q.scales.data_ptr(), rows, width, q.group, torch.get_num_threads(),
-                    len(outs), *args)
+    _native.gemm(q.values.data_ptr(), q.scales.data_ptr(), rows, width, q.group, torch.get_num_threads(),
+                 len(outs), *args)
     return outs
 
 

@@ -171,9 +171,31 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
     # Queries a block at a time outside autograd: a prefill chunk's scores are [B, H, T, S] floats several
     # times over (scaled, masked, softmaxed), the peak of a long prompt's memory; blocks bound them.
     block = q.shape[2] if torch.is_grad_enabled() else QUERY_BLOCK
-    outs = [attend(q[:, :, s:s + block], keys, values, attention_mask(pos[:, s:s + block], key_pos, window, key_valid),
-                   scale, softcap) for s in range(0, q.shape[2], block)]
+    outs = []
+    for s in range(0, q.shape[2], block):
+        mask = attention_mask(pos[:, s:s + block], key_pos, window, key_valid)
+        k, v, mask = _seen_slots(keys, values, mask)
+        outs.append(attend(q[:, :, s:s + block], k, v, mask, scale, softcap))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _seen_slots(keys, values, mask: torch.Tensor):
+    """Keys, values and mask cut to the run of cache slots that some query of the block sees: a prefill's
+    early query blocks see none of the later slots (causal), so their scores are never computed. Exact:
+    the slots cut off are masked for every query. On the CPU only (finding the run reads the mask)."""
+    if mask.device.type != "cpu":
+        return keys, values, mask
+    seen = mask.reshape(-1, mask.shape[-1]).any(0).nonzero()
+    if seen.numel() == 0 or (seen[0, 0] == 0 and seen[-1, 0] == mask.shape[-1] - 1):
+        return keys, values, mask
+    lo, hi = int(seen[0, 0]), int(seen[-1, 0]) + 1
+
+    def cut(t):
+        if isinstance(t, InFrame):
+            return InFrame(t.data[:, :, lo:hi], t.frame, None if t.scale is None else t.scale[:, :, lo:hi])
+        return t[:, :, lo:hi]
+
+    return cut(keys), cut(values), mask[..., lo:hi]
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -49,8 +49,10 @@ def cache_key(folder: Path) -> str:
 
 
 def fast_modules(model) -> dict[str, TQWeight]:
-    """The modules whose CPU matmul runs on int8 levels (the Hadamard-rotated TurboQuant weights)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, TQWeight) and m.cfg.rotation == "hadamard"}
+    """The modules whose CPU matmul runs on int8 levels: the Hadamard-rotated TurboQuant weights, but for
+    those the compiled kernels read straight from their codes (no levels are built or mapped for them)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, TQWeight) and m.cfg.rotation == "hadamard" and not m.reads_codes()}
 
 
 def attach(model, folder: Path) -> None:

@@ -6,7 +6,8 @@ per group, and multiplies it by the codebook values: W x = sum_g s_g <c_g, R x_g
 de-rotated. Three paths compute it:
 * the reference: the rotated codebook matrix in float32, built once, and a dense matmul (exact; tests);
 * CPU: int8 levels and the int8 weight-only kernel (`cpu_kernels.py`, within ~0.5% of the reference), or
-  where pip built them, the compiled int8 x int8 kernels (`wren/native.py`, ~1%);
+  where pip built them, the compiled int8 x int8 kernels (`wren/native.py`, ~1%), which read weights of up
+  to 6 bits straight from their packed codes (`reads_codes`) and the others from the int8 levels;
 * CUDA: a Triton kernel that reads the packed codes and looks the codebook up in registers
   (`triton_kernels.py`), when Triton is installed.
 `reference_path()` forces the first everywhere, for parity tests.
@@ -170,9 +171,20 @@ class TQWeight(nn.Module):
             self._native_layout = native.takes_layout(self.cfg)
         return self._native_layout and native.available()
 
+    def reads_codes(self) -> bool:
+        """Whether the compiled kernels read this weight's packed codes themselves (no int8 levels)."""
+        return (native.CodesWeight.layout(self.cfg) is not None and self.codes.is_contiguous()
+                and self.scales.is_contiguous())
+
     def native_weight(self) -> native.Weight:
+        """The weight as the compiled kernels read it: its codes where they can, else its int8 levels."""
+        if self.reads_codes():
+            held = self._native
+            if held is None or getattr(held, "codes", None) is not self.codes or held.scales is not self.scales:
+                self._native = native.CodesWeight(self.codes, self.scales, native.CodesWeight.layout(self.cfg), self.cfg)
+            return self._native
         levels, row_scales = self.int8_levels()
-        if self._native is None or self._native.levels is not levels:  # the level cache may swap the levels in
+        if self._native is None or getattr(self._native, "levels", None) is not levels:  # the level cache may swap them
             self._native = native.Weight(levels, row_scales, self.group)
         return self._native
 
