@@ -517,7 +517,7 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
    (as flash-decoding does); the runs are merged at the end. out [H, D] fp32; a head that sees no slot gets
    zeros, as `attend` gives. */
 
-enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_CODES = 3 };
 
 VNNI static inline __m512 load16(const void *base, int dtype, size_t i) {
     if (dtype == KV_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
@@ -527,7 +527,7 @@ VNNI static inline __m512 load16(const void *base, int dtype, size_t i) {
     return _mm512_loadu_ps((const float *)base + i);
 }
 
-static size_t elem_size(int dtype) { return dtype == KV_F32 ? 4 : 2; }
+static size_t elem_size(int dtype) { return dtype == KV_F32 ? 4 : dtype == KV_CODES ? 1 : 2; }
 
 typedef struct {
     const float *q;
@@ -538,12 +538,52 @@ typedef struct {
     const uint8_t *slot_valid;
     long long qpos, window;
     float scale, softcap;
+    /* KV_CODES (a TurboQuant cache, wren/kv/codecs.py TQ): keys and values are codes of vectors in their
+       rotated frames (the query already rotated into the keys', the output left in the values'); strides are
+       in bytes; each vector's fp16 scale at scales + head * scale_head_stride + slot; `layout` reads a vector
+       as one group whose table gives the code itself, `centroids` [2 runs][16] its value. */
+    long long value_head_stride, value_slot_stride; /* (dense: the keys' strides) */
+    const uint16_t *key_scales, *value_scales;
+    long long scale_head_stride;
+    const codes_layout *key_layout, *value_layout;
+    const float *key_centroids, *value_centroids;
 } attention_args;
+
+/* The float32 vector [D] that TurboQuant codes stand for in their rotated frame, times its fp16 scale. */
+VBMI static void decode_vector(const uint8_t *codes, const codes_layout *L, const float *centroids, uint16_t scale,
+                               float *out) {
+    const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale));
+    for (int c = 0; c < L->chunks; c++) {
+        const int bits = L->bits[c];
+        const __m512i v = unpack_chunk(codes + L->offset[c], bits, _mm512_load_si512(spread_of[bits]),
+                                       _mm512_load_si512(shift_of[bits]), _mm512_loadu_si512(L->table[L->table_of[c]]),
+                                       1);
+        const __m512 table = _mm512_loadu_ps(centroids + 16 * L->table_of[c]);
+        for (int i = 0; i < 4; i++) {
+            const __m512i index = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, i));
+            _mm512_storeu_ps(out + 64 * c + 16 * i, _mm512_mul_ps(_mm512_permutexvar_ps(index, table), s));
+        }
+    }
+}
+
+/* The vector of head kh at slot s, as attend_run reads it: where it is stored, or decoded into buf. */
+VNNI static inline const void *cached_vector(const attention_args *a, int values, int kh, int s, float *buf) {
+    const void *base = values ? a->values : a->keys;
+    const size_t at = values ? (size_t)kh * a->value_head_stride + (size_t)s * a->value_slot_stride
+                             : (size_t)kh * a->head_stride + (size_t)s * a->slot_stride;
+    if (a->dtype != KV_CODES) return (const char *)base + at * elem_size(a->dtype);
+    const uint16_t *scales = values ? a->value_scales : a->key_scales;
+    decode_vector((const uint8_t *)base + at, values ? a->value_layout : a->key_layout,
+                  values ? a->value_centroids : a->key_centroids,
+                  scales[(size_t)kh * a->scale_head_stride + s], buf);
+    return buf;
+}
 
 /* Slots [s0, s1) for every head: max m[h], sum l[h] of exp(score - m), acc[h] = sum exp(score - m) v. */
 VNNI static void attend_run(const attention_args *a, int s0, int s1, float *scores, float *m, float *l, float *acc) {
     const int H = a->H, D = a->D, group = a->H / a->Hkv;
-    const size_t es = elem_size(a->dtype);
+    const int dtype = a->dtype == KV_CODES ? KV_F32 : a->dtype; /* codes are read decoded into buf */
+    float buf[MAX_GROUP];
     for (int h = 0; h < H; h++) {
         m[h] = -INFINITY;
         l[h] = 0.0f;
@@ -554,13 +594,13 @@ VNNI static void attend_run(const attention_args *a, int s0, int s1, float *scor
         const int seen = p >= 0 && p <= a->qpos && (a->window <= 0 || p > a->qpos - a->window) &&
                          (!a->slot_valid || a->slot_valid[s]);
         for (int kh = 0; kh < a->Hkv; kh++) {
-            const char *k = (const char *)a->keys + ((size_t)kh * a->head_stride + (size_t)s * a->slot_stride) * es;
+            const void *k = seen ? cached_vector(a, 0, kh, s, buf) : NULL;
             for (int h = kh * group; h < (kh + 1) * group; h++) {
                 float score = -INFINITY;
                 if (seen) {
                     __m512 dot = _mm512_setzero_ps();
-                    for (int d = 0; d < D; d += 16) dot = _mm512_fmadd_ps(_mm512_loadu_ps(a->q + (size_t)h * D + d),
-                                                                          load16(k, a->dtype, d), dot);
+                    for (int d = 0; d < D; d += 16)
+                        dot = _mm512_fmadd_ps(_mm512_loadu_ps(a->q + (size_t)h * D + d), load16(k, dtype, d), dot);
                     score = _mm512_reduce_add_ps(dot) * a->scale;
                     if (a->softcap > 0.0f) score = tanhf(score / a->softcap) * a->softcap;
                 }
@@ -571,16 +611,17 @@ VNNI static void attend_run(const attention_args *a, int s0, int s1, float *scor
     }
     for (int s = s0; s < s1; s++) {
         for (int kh = 0; kh < a->Hkv; kh++) {
-            const char *v = (const char *)a->values + ((size_t)kh * a->head_stride + (size_t)s * a->slot_stride) * es;
+            const void *v = NULL;
             for (int h = kh * group; h < (kh + 1) * group; h++) {
                 const float score = scores[(size_t)(s - s0) * H + h];
                 if (score == -INFINITY) continue;
+                if (!v) v = cached_vector(a, 1, kh, s, buf);
                 const float w = expf(score - m[h]);
                 l[h] += w;
                 float *o = acc + (size_t)h * D;
                 const __m512 wv = _mm512_set1_ps(w);
                 for (int d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(o + d, _mm512_fmadd_ps(wv, load16(v, a->dtype, d), _mm512_loadu_ps(o + d)));
+                    _mm512_storeu_ps(o + d, _mm512_fmadd_ps(wv, load16(v, dtype, d), _mm512_loadu_ps(o + d)));
             }
         }
     }
@@ -751,7 +792,7 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
     const attention_args a = {q, PTR(const void *, P_KEYS), PTR(const void *, P_VALUES), dtype, H, Hkv, D,
                               ring ? slots : (int)position + 1, p[P_HEAD_STRIDE], p[P_SLOT_STRIDE],
                               PTR(const int64_t *, P_SLOT_POS), NULL, position, p[P_WINDOW], (float)f[F_SCALE],
-                              (float)f[F_SOFTCAP]};
+                              (float)f[F_SOFTCAP], p[P_HEAD_STRIDE], p[P_SLOT_STRIDE]};
     if (attend_one(&a, attn, threads) < 0) return -1;
 
     float *o_out[1] = {o};
@@ -931,10 +972,44 @@ static PyObject *py_attend_one(PyObject *self, PyObject *const *args, Py_ssize_t
     attention_args args_ = {(const float *)(intptr_t)a[0], (const void *)(intptr_t)a[1], (const void *)(intptr_t)a[2],
                             (int)a[3], (int)a[4], (int)a[5], (int)a[6], (int)a[7], a[8], a[9],
                             (const int64_t *)(intptr_t)a[10], (const uint8_t *)(intptr_t)a[11], a[12], a[13],
-                            (float)scale, (float)softcap};
+                            (float)scale, (float)softcap, a[8], a[9]};
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = attend_one(&args_, (float *)(intptr_t)a[14], a[15] > 0 ? (int)a[15] : 1);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_attend_codes(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[24];
+    /* q (rotated into the keys' frame), keys, values (codes), H, Hkv, D, S, key head and slot strides, value
+       head and slot strides (bytes), key scales, value scales (fp16), scale head stride, key layout, value
+       layout, key centroids, value centroids, slot_pos, slot_valid (0: none), qpos, window (0: none), out (in
+       the values' frame), threads; then scale and softcap (0: none) as floats */
+    double f[2];
+    if (ints_then_floats(args, n, 24, a, 2, f) < 0) return NULL;
+    if (!codes_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VBMI");
+        return NULL;
+    }
+#ifdef WREN_X86
+    const codes_layout *kl = (const codes_layout *)(intptr_t)a[14], *vl = (const codes_layout *)(intptr_t)a[15];
+    if (a[3] < 1 || a[4] < 1 || a[3] % a[4] || a[5] < 64 || a[5] > MAX_GROUP || a[6] < 0 || kl->chunks * 64 != a[5] ||
+        vl->chunks * 64 != a[5]) {
+        PyErr_SetString(PyExc_ValueError, "bad attention shapes (head_dim a multiple of 64 up to 4096, as the layouts)");
+        return NULL;
+    }
+    attention_args args_ = {(const float *)(intptr_t)a[0], (const void *)(intptr_t)a[1], (const void *)(intptr_t)a[2],
+                            KV_CODES, (int)a[3], (int)a[4], (int)a[5], (int)a[6], a[7], a[8],
+                            (const int64_t *)(intptr_t)a[18], (const uint8_t *)(intptr_t)a[19], a[20], a[21],
+                            (float)f[0], (float)f[1], a[9], a[10], (const uint16_t *)(intptr_t)a[11],
+                            (const uint16_t *)(intptr_t)a[12], a[13], kl, vl, (const float *)(intptr_t)a[16],
+                            (const float *)(intptr_t)a[17]};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = attend_one(&args_, (float *)(intptr_t)a[22], a[23] > 0 ? (int)a[23] : 1);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
 #endif
@@ -1034,6 +1109,10 @@ static PyMethodDef methods[] = {
     {"attend_one", (PyCFunction)(void (*)(void))py_attend_one, METH_FASTCALL,
      "attend_one(q, keys, values, dtype, H, Hkv, D, S, head_stride, slot_stride, slot_pos, slot_valid, qpos, "
      "window, out, threads, scale, softcap)"},
+    {"attend_codes", (PyCFunction)(void (*)(void))py_attend_codes, METH_FASTCALL,
+     "attend_codes(q, keys, values, H, Hkv, D, S, key strides, value strides, key scales, value scales, "
+     "scale head stride, key layout, value layout, key centroids, value centroids, slot_pos, slot_valid, qpos, "
+     "window, out, threads, scale, softcap): one query over a TurboQuant cache"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      "rms_norm(x, rows, dim, weight, cos, sin, heads, residual, out, threads, offset, eps)"},
     {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL,

@@ -205,6 +205,76 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_val
     return out
 
 
+def attends_codes(q: Tensor, keys, values) -> bool:
+    """Whether `attend_codes` takes this step: one fp32 query of one sequence over a TurboQuant cache's
+    codes (models.layers.Coded) on a CPU with AVX-512 VBMI, in a layout the kernel reads, outside autograd."""
+    from .models.layers import Coded
+
+    if not (available() and _native.codes_supported() and isinstance(keys, Coded) and isinstance(values, Coded)
+            and q.dtype == torch.float32 and q.shape[0] == 1 and q.shape[2] == 1
+            and not (torch.is_grad_enabled() and q.requires_grad)):
+        return False
+    (kcodes, kscales), (vcodes, vscales) = keys.parts, values.parts
+    return (kcodes.device.type == "cpu" and kcodes.shape[:3] == vcodes.shape[:3] == kscales.shape == vscales.shape
+            and kscales.stride() == vscales.stride() and kcodes.stride(-1) == vcodes.stride(-1) == 1
+            and kscales.stride(-1) == 1 and _kv_layout(keys.codec.cfg) is not None
+            and _kv_layout(values.codec.cfg) is not None)
+
+
+def reads_cache_codes(cfg: TQConfig) -> bool:
+    """Whether `attend_codes` reads a TurboQuant cache codec's codes here (its layout, this CPU)."""
+    return available() and _native.codes_supported() and _kv_layout(cfg) is not None
+
+
+def _kv_layout(cfg: TQConfig) -> tuple[Tensor, Tensor] | None:
+    """(a codes layout whose table gives each code itself, the runs' centroids [2, 16] float32) for a cache
+    codec, or None where the kernel cannot read it (its float lookup takes up to 4 bits)."""
+    if cfg.bits > 4 or not takes_layout(cfg):
+        return None
+    return _identity_layout(cfg.bits, cfg.dim, cfg.codebook)
+
+
+@functools.lru_cache(maxsize=16)
+def _identity_layout(bits: float, dim: int, codebook: str) -> tuple[Tensor, Tensor] | None:
+    runs = _runs(bits, dim)
+    codes = [(torch.arange(2 ** b) - 128).to(torch.int8) for *_, b in runs]
+    centroids = torch.zeros(2, 16)
+    for i, (*_, b) in enumerate(runs):
+        centroids[i if len(runs) == 2 else 1, : 2 ** b] = _centroids(b, dim, codebook, torch.device("cpu"))[0]
+    layout = torch.zeros(_native.codes_layout_size(), dtype=torch.uint8)
+    split = runs[0][1] if len(runs) == 2 else 0
+    if not _native.codes_layout(layout.data_ptr(), dim, split, runs[0][2], runs[-1][2], codes[0].data_ptr(),
+                                codes[-1].data_ptr(), 1.0):
+        return None
+    return layout, centroids
+
+
+def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | None, position: int,
+                 window: int | None, scale: float, softcap: float | None) -> Tensor:
+    """`attend_one` over a TurboQuant cache (keys/values: models.layers.Coded), read from the codes: the
+    query is rotated into the keys' frame (divided by their channel scales first), the output rotated out of
+    the values'; [1, 1, H * D] out."""
+    from .kv.codecs import Frame
+    from .quant.cpu_kernels import unrotate_fast
+
+    _, h, _, d = q.shape
+    (kcodes, kscales), (vcodes, vscales) = keys.parts, values.parts
+    _, hkv, s, _ = kcodes.shape
+    q_in = Frame(keys.codec.cfg, keys.key_scale).enter(q).reshape(h, d).float().contiguous()
+    key_layout, key_centroids = _kv_layout(keys.codec.cfg)
+    value_layout, value_centroids = _kv_layout(values.codec.cfg)
+    key_pos = key_pos.to(torch.int64).contiguous()
+    valid = None if key_valid is None else key_valid.reshape(-1).to(torch.bool).contiguous()
+    out = torch.empty(h, d, dtype=torch.float32)
+    _native.attend_codes(q_in.data_ptr(), kcodes.data_ptr(), vcodes.data_ptr(), h, hkv, d, s, kcodes.stride(1),
+                         kcodes.stride(2), vcodes.stride(1), vcodes.stride(2), kscales.data_ptr(), vscales.data_ptr(),
+                         kscales.stride(1), key_layout.data_ptr(), value_layout.data_ptr(), key_centroids.data_ptr(),
+                         value_centroids.data_ptr(), key_pos.data_ptr(), 0 if valid is None else valid.data_ptr(),
+                         position, window or 0, out.data_ptr(), torch.get_num_threads(), float(scale),
+                         float(softcap or 0.0))
+    return unrotate_fast(out, values.codec.cfg).reshape(1, 1, h * d)
+
+
 MAX_WIDTH = 4096  # the widest row the kernels' norms and rotations keep on the stack (_native.c MAX_GROUP)
 
 

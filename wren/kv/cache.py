@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from ..cache import KVCache, owned_layers
+from ..models.layers import Coded
 from ..config import LayerSpec
 from .codecs import TQ, codec_for, vector_nbytes
 from .scales import key_scales
@@ -67,8 +69,9 @@ class CompressedKVCache(KVCache):
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, pos] = new
             slot_pos[pos] = pos
-            keys = kc.read(tuple(b[:, :, :end] for b in K), self.dtype, s)
-            values = vc.read(tuple(b[:, :, :end] for b in V), self.dtype)
+            one = k.shape[2] == 1
+            keys = self._read(kc, tuple(b[:, :, :end] for b in K), s, one)
+            values = self._read(vc, tuple(b[:, :, :end] for b in V), None, one)
             return keys, values, slot_pos[:end], self.valid[:, :end]
         window = slot_pos.numel()
         if k.shape[2] == 1:  # one new token: written first, then the ring is what it attends to (KVCache)
@@ -76,7 +79,8 @@ class CompressedKVCache(KVCache):
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, slot] = new
             slot_pos[slot] = pos
-            return kc.read(K, self.dtype, s), vc.read(V, self.dtype), slot_pos, self.valid[:, slot_pos.clamp(min=0)]
+            return (self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos,
+                    self.valid[:, slot_pos.clamp(min=0)])
         # Sliding ring: what the ring held before this chunk plus the chunk itself, then keep the newest
         # `window` entries (as KVCache does).
         keys = kc.read(joined(K, new_k), self.dtype, s)
@@ -88,6 +92,13 @@ class CompressedKVCache(KVCache):
             buf[:, :, slots] = new[:, :, -window:]
         slot_pos[slots] = keep
         return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
+
+    def _read(self, codec, parts: tuple, key_scale, one_token: bool):
+        """What attention reads: for one new token of one sequence, TurboQuant codes as they are (Coded) where
+        the compiled decode attention reads them, so that nothing is decoded; else the codec's read."""
+        if one_token and self.batch == 1 and isinstance(codec, TQ) and native.reads_cache_codes(codec.cfg):
+            return Coded(parts, codec, key_scale)
+        return codec.read(parts, self.dtype, key_scale)
 
 
 def joined(old: tuple, new: tuple) -> tuple:

@@ -119,6 +119,19 @@ class InFrame(NamedTuple):
     scale: torch.Tensor | None = None
 
 
+class Coded(NamedTuple):
+    """Cached keys or values still as a TurboQuant cache holds them (kv/codecs.py TQ): `parts` (codes
+    [B, Hkv, S, bytes], fp16 scales [B, Hkv, S]), for the compiled decode attention to read as they are;
+    `in_frame` decodes them for `attend` where it does not run."""
+
+    parts: tuple
+    codec: object
+    key_scale: torch.Tensor | None = None
+
+    def in_frame(self, dtype: torch.dtype) -> InFrame:
+        return self.codec.read(self.parts, dtype, self.key_scale)
+
+
 def attend(q: torch.Tensor, k, v, mask: torch.Tensor, scale: float,
            softcap: float | None = None) -> torch.Tensor:
     """Grouped-query attention. q: [B, H, T, D]; k, v: [B, Hkv, S, D] tensors or InFrame; mask: bool
@@ -165,6 +178,9 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
     keys, values, key_pos, key_valid = kv
     if native.attends(q, keys, values):
         return native.attend_one(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
+    if native.attends_codes(q, keys, values):
+        return native.attend_codes(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
+    keys, values = (t.in_frame(q.dtype) if isinstance(t, Coded) else t for t in (keys, values))
     # a dense cache in another dtype (an f16 cache of an fp32 model) is read in the query's
     keys, values = (t.to(q.dtype) if isinstance(t, torch.Tensor) else t for t in (keys, values))
     key_pos = key_pos.expand(q.shape[0], -1)
