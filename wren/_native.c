@@ -343,6 +343,30 @@ VBMI static inline __attribute__((always_inline)) void direct_rows(int count, in
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) * L->step;
 }
 
+/* v[i] (16 dwords of row i) -> v[j] (dword j of rows 0..15): a 16 x 16 transpose of 32-bit elements. */
+VBMI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    __m512i u[16]; /* u[4g + k]: in each 128-bit lane L, dword 4L + k of rows 4g .. 4g + 3 */
+    for (int g = 0; g < 4; g++) {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i a = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), b = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+        const __m512i c = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE), d = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        v[k] = _mm512_shuffle_i32x4(a, b, 0x88);
+        v[4 + k] = _mm512_shuffle_i32x4(a, b, 0xDD);
+        v[8 + k] = _mm512_shuffle_i32x4(c, d, 0x88);
+        v[12 + k] = _mm512_shuffle_i32x4(c, d, 0xDD);
+    }
+}
+
 /* Prefill: a block of 16 rows unpacked once into `tiles` [K / 4][16 rows][4 bytes], so that one 64-byte load
    holds four weights of each of the 16 rows and VNNI sums them lane by lane: a lane is a row, the input's
    four bytes are broadcast, and a group's scales are one vector of the 16 rows'. Eight input rows at a time
@@ -423,23 +447,25 @@ VBMI static void codes_block(const int8_t *x, const float *xs, const int32_t *co
             }
         return;
     }
-    /* unpack: row r's 64 bytes of a chunk go to 16 tiles, 4 bytes each (rows past N: zero weights) */
+    /* unpack: the 16 rows' 64 bytes of a chunk, as 16 x 16 dwords, transposed into 16 tiles (rows past N:
+       zero weights) */
     uint8_t *tiles = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *block_scales = (float *)(tiles + (size_t)16 * K);
-    const __m512i dword = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int r = 0; r < 16; r++)
-        for (int g = 0; g < groups; g++) {
-            block_scales[(size_t)g * 16 + r] = r < rows ? _cvtsh_ss(scales[(size_t)r * groups + g]) : 0.0f;
-            for (int c = 0; c < L->chunks; c++) {
-                const int bits = L->bits[c], k = g * group + 64 * c;
-                const __m512i v = r < rows ? unpack_chunk(codes + r * row_bytes + (size_t)g * L->group_bytes + L->offset[c],
-                                                          bits, _mm512_load_si512(spread_of[bits]),
-                                                          _mm512_load_si512(shift_of[bits]),
-                                                          _mm512_loadu_si512(L->table[L->table_of[c]]), tail)
-                                           : _mm512_set1_epi8((char)128);
-                /* dword j of v (weights k + 4j .. k + 4j + 3) -> tile (k / 4 + j), lane r */
-                _mm512_i32scatter_epi32(tiles + (size_t)k * 16 + 4 * r, _mm512_slli_epi32(dword, 4), v, 4);
-            }
+        for (int g = 0; g < groups; g++) block_scales[(size_t)g * 16 + r] = r < rows ? _cvtsh_ss(scales[(size_t)r * groups + g]) : 0.0f;
+    for (int g = 0; g < groups; g++)
+        for (int c = 0; c < L->chunks; c++) {
+            const int bits = L->bits[c];
+            const __m512i spread = _mm512_load_si512(spread_of[bits]), shift = _mm512_load_si512(shift_of[bits]);
+            const __m512i table = _mm512_loadu_si512(L->table[L->table_of[c]]);
+            __m512i v[16];
+            for (int r = 0; r < 16; r++)
+                v[r] = r < rows ? unpack_chunk(codes + r * row_bytes + (size_t)g * L->group_bytes + L->offset[c], bits,
+                                               spread, shift, table, tail)
+                                : _mm512_set1_epi8((char)128);
+            transpose16(v); /* v[j]: dword j (weights 4j .. 4j + 3 of the chunk) of every row */
+            uint8_t *t = tiles + (size_t)(g * group + 64 * c) * 16;
+            for (int j = 0; j < 16; j++) _mm512_store_si512(t + 64 * j, v[j]);
         }
     float *out = w->y + n0;
     int m = 0;
