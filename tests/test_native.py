@@ -110,16 +110,35 @@ def _decode(model, spec, steps=20):
     return torch.cat(logits, dim=1), cache
 
 
-@pytest.mark.parametrize("spec,planned", [(None, True), ("f16", True), ("bf16", True), ("q8", False), ("tq4", False)])
+@pytest.mark.parametrize("spec,planned", [(None, True), ("f16", True), ("bf16", True), ("q8", False), ("tq4", True),
+                                          ("tq3/tq2", True), ("tq3.5", False)])
 def test_decode_plan_computes_what_the_layers_compute(quantized_gemma3, monkeypatch, spec, planned):
-    from wren import decode_plan
+    """Step by step from the same cache: the layers' modules decode, and at each step a copy of their cache
+    takes the plan (dense caches of one sequence; TurboQuant ones whose codes the kernel reads)."""
+    import copy
 
-    got, cache = _decode(quantized_gemma3, spec)
-    assert (cache._decode_plan[1] is not None) == planned  # dense caches of one sequence only
-    monkeypatch.setattr(decode_plan, "ENABLED", False)
-    expected, cache = _decode(quantized_gemma3, spec)
+    from wren import decode_plan
+    from wren.kv import make_kv_cache
+
+    model = quantized_gemma3
+    ids = torch.randint(0, 384, (1, 25), generator=_gen(11))
+    got, expected = [], []
+    with torch.inference_mode():
+        cache = make_kv_cache(model, batch=1, max_len=ids.shape[1], spec=spec)
+        model(ids[:, :5], cache, logits_to_keep=1)
+        for i in range(5, ids.shape[1]):  # past the window of 6
+            planned_cache = copy.deepcopy(cache)
+            got.append(model(ids[:, i:i + 1], planned_cache))
+            assert (planned_cache._decode_plan[1] is not None) == planned
+            monkeypatch.setattr(decode_plan, "ENABLED", False)
+            expected.append(model(ids[:, i:i + 1], cache))
+            monkeypatch.setattr(decode_plan, "ENABLED", True)
+            if planned and spec is not None and spec.startswith("tq"):  # the first layer's codes: the same
+                layer = min(cache.keys)  # (later layers' inputs may differ by an int8 rounding flip)
+                for mine, theirs in ((planned_cache.keys, cache.keys), (planned_cache.values, cache.values)):
+                    assert torch.equal(mine[layer][0], theirs[layer][0]) and torch.equal(mine[layer][1], theirs[layer][1])
     assert not hasattr(cache, "_decode_plan")
-    assert_same_steps(got, expected)
+    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
 
 
 def assert_same_steps(got, expected):
@@ -166,10 +185,14 @@ def test_attention_from_cache_codes_matches_attend(types, d, heads, kv_heads, sl
 @needs_codes
 @pytest.mark.parametrize("spec", ["tq4", "tq3/tq2"])  # (3.5 bits of 64 split inside a chunk)
 def test_a_turboquant_cache_is_read_from_its_codes_when_decoding(quantized_gemma3, monkeypatch, spec):
-    """Every layer of every decoded token attends from the codes, and each time gives what `attend` gives
-    on the same cache decoded (compared call by call: over steps, int8 rounding flips of the next matmuls'
-    inputs would change the codes written after)."""
+    """The modules' path (the decode plan off; it is what Gemma 4 and the plan's misfits run): every layer of
+    every decoded token attends from the codes, and each time gives what `attend` gives on the same cache
+    decoded (compared call by call: over steps, int8 rounding flips of the next matmuls' inputs would change
+    the codes written after)."""
+    from wren import decode_plan
     from wren.kv import cache as kv_cache
+
+    monkeypatch.setattr(decode_plan, "ENABLED", False)
 
     errors = []
     real = native.attend_codes

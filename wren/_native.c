@@ -740,6 +740,12 @@ static void gelu_mul(const float *gate, const float *up, float *out, long long n
 enum {
     P_HIDDEN, P_HEADS, P_KV_HEADS, P_HEAD_DIM, P_WIDTH, P_WINDOW, P_SLOTS, P_RING, P_KV_DTYPE, P_KEYS, P_VALUES,
     P_HEAD_STRIDE, P_SLOT_STRIDE, P_SLOT_POS,
+    /* a TurboQuant cache (kv_dtype KV_CODES; wren/kv/codecs.py TQ): the values' strides (bytes), the fp16
+       vector scales and their head stride, the keys' channel scales (0: none), the rotation's signs [2, D],
+       then per keys and values: the layout, centroids [2][16] and midpoints [2][16] of its runs */
+    P_VALUE_HEAD_STRIDE, P_VALUE_SLOT_STRIDE, P_KEY_SCALES, P_VALUE_SCALES, P_SCALE_HEAD_STRIDE,
+    P_KEY_CHANNEL_SCALE, P_KV_SIGNS, P_KEY_LAYOUT, P_KEY_CENTROIDS, P_KEY_MIDPOINTS, P_VALUE_LAYOUT,
+    P_VALUE_CENTROIDS, P_VALUE_MIDPOINTS,
     P_INPUT_NORM, P_POST_ATTENTION_NORM, P_PRE_FEEDFORWARD_NORM, P_POST_FEEDFORWARD_NORM, P_Q_NORM, P_K_NORM,
     P_QKV, P_O = P_QKV + 15, P_GATE_UP = P_O + 7, P_DOWN = P_GATE_UP + 11, /* group, in_scale, signs, then
                                                                        format, data, scale, extra a matrix */
@@ -788,6 +794,83 @@ VNNI static void store_kv(void *buffer, int dtype, const float *v, int n) {
     }
 }
 
+/* x [D] (divided by `divisor` first, if any) -> its TurboQuant rotation in place: two rounds of signs and the
+   normalised Walsh-Hadamard transform (turboquant.rotate, one block of D, a power of two); or back. */
+VNNI static void rotate_vector(float *x, int D, const float *signs, const float *divisor) {
+    for (int i = 0; i < D; i++) x[i] = (divisor ? x[i] / divisor[i] : x[i]) * signs[i];
+    fwht(x, D);
+    for (int i = 0; i < D; i++) x[i] *= signs[D + i];
+    fwht(x, D);
+    for (int i = 0; i < D; i++) x[i] *= 1.0f / (float)D; /* two normalised transforms: (1/sqrt(D))^2 */
+}
+
+VNNI static void unrotate_vector(float *x, int D, const float *signs) {
+    const float norm = 1.0f / sqrtf((float)D);
+    fwht(x, D);
+    for (int i = 0; i < D; i++) x[i] *= norm * signs[D + i];
+    fwht(x, D);
+    for (int i = 0; i < D; i++) x[i] *= norm * signs[i];
+}
+
+/* The TQ codec's encode (wren/kv/codecs.py) of one vector x [D] (times `channel` first, if any): rotate, the
+   nearest centroid of each coordinate of the unit vector (the count of midpoints below it, as
+   torch.bucketize), the codes packed per chunk of 64 as a little-endian bit stream, and the fp16 scale that
+   fits the rotated vector to its centroids. */
+VBMI static void encode_vector(const float *x, const float *channel, int D, const float *signs,
+                               const codes_layout *L, const float *centroids, const float *midpoints, uint8_t *codes,
+                               uint16_t *scale) {
+    float xr[MAX_GROUP];
+    for (int i = 0; i < D; i++) xr[i] = channel ? x[i] * channel[i] : x[i];
+    rotate_vector(xr, D, signs, NULL);
+    float sum = 0.0f;
+    for (int i = 0; i < D; i++) sum += xr[i] * xr[i];
+    const float norm = sum > 0.0f ? sqrtf(sum) : 1.0f;
+    float dot = 0.0f, energy = 0.0f;
+    for (int c = 0; c < L->chunks; c++) {
+        const int bits = L->bits[c], run = L->table_of[c];
+        const __m512 table = _mm512_loadu_ps(centroids + 16 * run);
+        uint8_t chunk[64];
+        for (int i = 0; i < 64; i += 16) {
+            const __m512 r = _mm512_loadu_ps(xr + 64 * c + i), u = _mm512_div_ps(r, _mm512_set1_ps(norm));
+            __m512i code = _mm512_setzero_si512();
+            for (int m = 0; m < (1 << bits) - 1; m++)
+                code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(u, _mm512_set1_ps(midpoints[16 * run + m]), _CMP_GT_OQ),
+                                             code, _mm512_set1_epi32(1));
+            const __m512 value = _mm512_permutexvar_ps(code, table);
+            dot += _mm512_reduce_add_ps(_mm512_mul_ps(r, value));
+            energy += _mm512_reduce_add_ps(_mm512_mul_ps(value, value));
+            _mm_storeu_si128((__m128i *)(chunk + i), _mm512_cvtepi32_epi8(code));
+        }
+        uint8_t *out = codes + L->offset[c];
+        memset(out, 0, (size_t)8 * bits);
+        for (int i = 0; i < 64; i++) {
+            const int at = i * bits;
+            out[at >> 3] |= (uint8_t)(chunk[i] << (at & 7));
+            if ((at & 7) + bits > 8) out[(at >> 3) + 1] |= (uint8_t)(chunk[i] >> (8 - (at & 7)));
+        }
+    }
+    float fit = dot / (energy > 1e-12f ? energy : 1e-12f);
+    fit = fit > 65504.0f ? 65504.0f : fit < -65504.0f ? -65504.0f : fit;
+    *scale = _cvtss_sh(fit, _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* Write the new token's key and value into a TurboQuant cache (slot `slot`), rotate the queries into the
+   keys' frame; after attend_one, decode_layer rotates the output out of the values'. */
+VNNI static void store_codes(const long long *p, int Hkv, int D, long long slot, const float *k, const float *v) {
+    for (int kh = 0; kh < Hkv; kh++) {
+        const size_t scale_at = (size_t)kh * p[P_SCALE_HEAD_STRIDE] + (size_t)slot;
+        encode_vector(k + (size_t)kh * D, PTR(const float *, P_KEY_CHANNEL_SCALE), D, PTR(const float *, P_KV_SIGNS),
+                      PTR(const codes_layout *, P_KEY_LAYOUT), PTR(const float *, P_KEY_CENTROIDS),
+                      PTR(const float *, P_KEY_MIDPOINTS),
+                      PTR(uint8_t *, P_KEYS) + (size_t)kh * p[P_HEAD_STRIDE] + (size_t)slot * p[P_SLOT_STRIDE],
+                      PTR(uint16_t *, P_KEY_SCALES) + scale_at);
+        encode_vector(v + (size_t)kh * D, NULL, D, PTR(const float *, P_KV_SIGNS), PTR(const codes_layout *, P_VALUE_LAYOUT),
+                      PTR(const float *, P_VALUE_CENTROIDS), PTR(const float *, P_VALUE_MIDPOINTS),
+                      PTR(uint8_t *, P_VALUES) + (size_t)kh * p[P_VALUE_HEAD_STRIDE] + (size_t)slot * p[P_VALUE_SLOT_STRIDE],
+                      PTR(uint16_t *, P_VALUE_SCALES) + scale_at);
+    }
+}
+
 VNNI static int decode_layer(const long long *p, const double *f, float *x, const float *cos, const float *sin,
                              long long position, int threads) {
     const int hidden = (int)p[P_HIDDEN], H = (int)p[P_HEADS], Hkv = (int)p[P_KV_HEADS], D = (int)p[P_HEAD_DIM];
@@ -808,18 +891,30 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
 
     const int slots = (int)p[P_SLOTS], ring = (int)p[P_RING];
     const long long slot = ring ? position % slots : position;
-    const size_t es = elem_size(dtype);
-    for (int kh = 0; kh < Hkv; kh++) {
-        const size_t at = ((size_t)kh * p[P_HEAD_STRIDE] + (size_t)slot * p[P_SLOT_STRIDE]) * es;
-        store_kv(PTR(char *, P_KEYS) + at, dtype, k + (size_t)kh * D, D);
-        store_kv(PTR(char *, P_VALUES) + at, dtype, v + (size_t)kh * D, D);
+    if (dtype == KV_CODES) {
+        store_codes(p, Hkv, D, slot, k, v);
+        for (int h = 0; h < H; h++)
+            rotate_vector(q + (size_t)h * D, D, PTR(const float *, P_KV_SIGNS), PTR(const float *, P_KEY_CHANNEL_SCALE));
+    } else {
+        const size_t es = elem_size(dtype);
+        for (int kh = 0; kh < Hkv; kh++) {
+            const size_t at = ((size_t)kh * p[P_HEAD_STRIDE] + (size_t)slot * p[P_SLOT_STRIDE]) * es;
+            store_kv(PTR(char *, P_KEYS) + at, dtype, k + (size_t)kh * D, D);
+            store_kv(PTR(char *, P_VALUES) + at, dtype, v + (size_t)kh * D, D);
+        }
     }
     PTR(int64_t *, P_SLOT_POS)[slot] = position;
     const attention_args a = {q, PTR(const void *, P_KEYS), PTR(const void *, P_VALUES), dtype, H, Hkv, D,
                               ring ? slots : (int)position + 1, p[P_HEAD_STRIDE], p[P_SLOT_STRIDE],
                               PTR(const int64_t *, P_SLOT_POS), NULL, position, p[P_WINDOW], (float)f[F_SCALE],
-                              (float)f[F_SOFTCAP], p[P_HEAD_STRIDE], p[P_SLOT_STRIDE]};
+                              (float)f[F_SOFTCAP], p[P_VALUE_HEAD_STRIDE], p[P_VALUE_SLOT_STRIDE],
+                              PTR(const uint16_t *, P_KEY_SCALES), PTR(const uint16_t *, P_VALUE_SCALES),
+                              p[P_SCALE_HEAD_STRIDE], PTR(const codes_layout *, P_KEY_LAYOUT),
+                              PTR(const codes_layout *, P_VALUE_LAYOUT), PTR(const float *, P_KEY_CENTROIDS),
+                              PTR(const float *, P_VALUE_CENTROIDS)};
     if (attend_one(&a, attn, threads) < 0) return -1;
+    if (dtype == KV_CODES)
+        for (int h = 0; h < H; h++) unrotate_vector(attn + (size_t)h * D, D, PTR(const float *, P_KV_SIGNS));
 
     float *o_out[1] = {o};
     const int o_n[1] = {hidden};
@@ -1071,6 +1166,12 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_ValueError, "decode_layer takes hidden and head_dim up to 4096");
         return NULL;
     }
+    if (p[P_KV_DTYPE] == KV_CODES &&
+        (!codes_supported() || p[P_HEAD_DIM] % 64 || PTR(const codes_layout *, P_KEY_LAYOUT)->chunks * 64 != p[P_HEAD_DIM] ||
+         PTR(const codes_layout *, P_VALUE_LAYOUT)->chunks * 64 != p[P_HEAD_DIM])) {
+        PyErr_SetString(PyExc_ValueError, "the decode plan's TurboQuant cache does not fit its head_dim or this CPU");
+        return NULL;
+    }
     if (p[P_SCRATCH_BYTES] < 4 * scratch_floats((int)p[P_HIDDEN], (int)p[P_HEADS], (int)p[P_KV_HEADS],
                                                 (int)p[P_HEAD_DIM], (int)p[P_WIDTH]) || p[P_HEAD_DIM] % 16) {
         PyErr_SetString(PyExc_ValueError, "the decode plan's scratch is too small or its head_dim not a multiple of 16");
@@ -1088,16 +1189,62 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize
 
 static PyObject *py_plan_layout(PyObject *self, PyObject *unused) {
     /* the field indices decode_plan.py fills, so that the two never drift apart */
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,"
-                         "s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
-                         "hidden", P_HIDDEN, "heads", P_HEADS, "kv_heads", P_KV_HEADS, "head_dim", P_HEAD_DIM,
-                         "width", P_WIDTH, "window", P_WINDOW, "slots", P_SLOTS, "ring", P_RING, "kv_dtype", P_KV_DTYPE,
-                         "keys", P_KEYS, "values", P_VALUES, "head_stride", P_HEAD_STRIDE, "slot_stride", P_SLOT_STRIDE,
-                         "slot_pos", P_SLOT_POS, "input_norm", P_INPUT_NORM, "post_attention_norm", P_POST_ATTENTION_NORM,
-                         "pre_feedforward_norm", P_PRE_FEEDFORWARD_NORM, "post_feedforward_norm", P_POST_FEEDFORWARD_NORM,
-                         "q_norm", P_Q_NORM, "k_norm", P_K_NORM, "qkv", P_QKV, "o", P_O, "gate_up", P_GATE_UP,
-                         "down", P_DOWN, "scratch", P_SCRATCH, "scratch_bytes", P_SCRATCH_BYTES, "fields", P_FIELDS,
-                         "eps", F_EPS, "offset", F_OFFSET, "scale", F_SCALE, "softcap", F_SOFTCAP, "float_fields", F_FIELDS);
+    static const struct {
+        const char *name;
+        int index;
+    } fields[] = {
+        {"hidden", P_HIDDEN},
+        {"heads", P_HEADS},
+        {"kv_heads", P_KV_HEADS},
+        {"head_dim", P_HEAD_DIM},
+        {"width", P_WIDTH},
+        {"window", P_WINDOW},
+        {"slots", P_SLOTS},
+        {"ring", P_RING},
+        {"kv_dtype", P_KV_DTYPE},
+        {"keys", P_KEYS},
+        {"values", P_VALUES},
+        {"head_stride", P_HEAD_STRIDE},
+        {"slot_stride", P_SLOT_STRIDE},
+        {"slot_pos", P_SLOT_POS},
+        {"value_head_stride", P_VALUE_HEAD_STRIDE},
+        {"value_slot_stride", P_VALUE_SLOT_STRIDE},
+        {"key_scales", P_KEY_SCALES},
+        {"value_scales", P_VALUE_SCALES},
+        {"scale_head_stride", P_SCALE_HEAD_STRIDE},
+        {"key_channel_scale", P_KEY_CHANNEL_SCALE},
+        {"kv_signs", P_KV_SIGNS},
+        {"key_layout", P_KEY_LAYOUT},
+        {"key_centroids", P_KEY_CENTROIDS},
+        {"key_midpoints", P_KEY_MIDPOINTS},
+        {"value_layout", P_VALUE_LAYOUT},
+        {"value_centroids", P_VALUE_CENTROIDS},
+        {"value_midpoints", P_VALUE_MIDPOINTS},
+        {"input_norm", P_INPUT_NORM},
+        {"post_attention_norm", P_POST_ATTENTION_NORM},
+        {"pre_feedforward_norm", P_PRE_FEEDFORWARD_NORM},
+        {"post_feedforward_norm", P_POST_FEEDFORWARD_NORM},
+        {"q_norm", P_Q_NORM},
+        {"k_norm", P_K_NORM},
+        {"qkv", P_QKV},
+        {"o", P_O},
+        {"gate_up", P_GATE_UP},
+        {"down", P_DOWN},
+        {"scratch", P_SCRATCH},
+        {"scratch_bytes", P_SCRATCH_BYTES},
+        {"fields", P_FIELDS},
+        {"eps", F_EPS},
+        {"offset", F_OFFSET},
+        {"scale", F_SCALE},
+        {"softcap", F_SOFTCAP},
+        {"float_fields", F_FIELDS}};
+    PyObject *layout = PyDict_New();
+    for (size_t i = 0; layout && i < sizeof fields / sizeof fields[0]; i++) {
+        PyObject *value = PyLong_FromLong(fields[i].index);
+        if (!value || PyDict_SetItemString(layout, fields[i].name, value) < 0) Py_CLEAR(layout);
+        Py_XDECREF(value);
+    }
+    return layout;
 }
 
 static PyObject *py_scratch_floats(PyObject *self, PyObject *const *args, Py_ssize_t n) {

@@ -43,6 +43,10 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickle) drops the decode plan: it points at this cache's buffers, not the copy's
+        return {k: v for k, v in self.__dict__.items() if k != "_decode_plan"}
+
     def positions(self, n_new: int) -> torch.Tensor:
         if self.length + n_new > self.max_len:
             raise ContextLengthError(

@@ -7,8 +7,9 @@ addresses the kernel reads and writes (the int8 levels of the seven TurboQuant p
 cache's buffers) once, at the first decoded token of a cache; every later token is one call per layer.
 
 It is built only where it computes what the modules compute: a Gemma 3 model in float32 with TurboQuant
-projections the compiled kernels take, a dense cache (f32, f16 or bf16) of one sequence. Anything else
-returns None and the modules run. A plan belongs to its cache and the model it was built for (a cache handed
+projections the compiled kernels take, and a cache of one sequence that is dense (f32, f16 or bf16) or
+TurboQuant-coded in a layout the kernel reads (it then codes the new key and value itself, as the codec
+does, and attends from the codes). Anything else returns None and the modules run. A plan belongs to its cache and the model it was built for (a cache handed
 to another model gets a new one); like the cache's contents, it assumes that model's weights are not changed
 while the cache is in use (the tensors it points to are kept alive either way).
 """
@@ -54,21 +55,48 @@ def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | None:
     return built[1]
 
 
-def _cache_buffers(cache, layer: int):
-    """(keys, values, slot positions, ring) of a dense cache, or None."""
-    from .kv.codecs import Dense
+def _cache_fields(cache, layer: int, head_dim: int) -> dict | None:
+    """The plan's fields for one layer's cache: a dense cache (KVCache, or a CompressedKVCache of dense
+    types), or a TurboQuant one whose codes the kernel reads (both halves); None for anything else."""
+    from .kv.codecs import TQ, Dense
 
     if type(cache) is KVCache:
         keys, values = cache.keys.get(layer), cache.values.get(layer)
-    elif all(isinstance(c, Dense) for c in cache.codecs.get(layer, ())):  # a CompressedKVCache
-        if cache.key_scale.get(layer) is not None:
+        parts = None
+    else:  # a CompressedKVCache
+        codecs = cache.codecs.get(layer, ())
+        if all(isinstance(c, Dense) for c in codecs):
+            if cache.key_scale.get(layer) is not None:
+                return None
+            keys, values = cache.keys[layer][0], cache.values[layer][0]
+            parts = None
+        elif all(isinstance(c, TQ) and c.cfg.dim == head_dim and c.cfg.seed == codecs[0].cfg.seed
+                 and native.reads_cache_codes(c.cfg) for c in codecs):
+            parts = cache.keys[layer], cache.values[layer]
+            keys, values = parts[0][0], parts[1][0]
+        else:
             return None
-        keys, values = cache.keys[layer][0], cache.values[layer][0]
-    else:
+    if keys is None or keys.shape[0] != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         return None
-    if keys is None or keys.shape[0] != 1 or keys.dtype not in native._KV_DTYPES or keys.stride() != values.stride():
+    fields = {"keys": keys, "values": values, "slots": keys.shape[2], "slot_pos": cache.slot_pos[layer],
+              "ring": int(cache.ring[layer]), "head_stride": keys.stride(1), "slot_stride": keys.stride(2),
+              "value_head_stride": values.stride(1), "value_slot_stride": values.stride(2)}
+    if parts is None:
+        if keys.dtype not in native._KV_DTYPES or keys.stride() != values.stride() or values.dtype != keys.dtype:
+            return None
+        return {**fields, "kv_dtype": native._KV_DTYPES[keys.dtype]}
+    (_, key_scales), (_, value_scales) = parts
+    if key_scales.stride() != value_scales.stride() or key_scales.stride(-1) != 1:
         return None
-    return keys, values, cache.slot_pos[layer], cache.ring[layer]
+    kc, vc = cache.codecs[layer]
+    channel = cache.key_scale.get(layer)
+    fields.update(kv_dtype=native.KV_CODES, key_scales=key_scales, value_scales=value_scales,
+                  scale_head_stride=key_scales.stride(1), kv_signs=native._signs(head_dim, kc.cfg.seed),
+                  key_channel_scale=None if channel is None else channel.float().contiguous())
+    for name, codec in (("key", kc), ("value", vc)):
+        layout, centroids, midpoints = native._kv_layout(codec.cfg)
+        fields.update({f"{name}_layout": layout, f"{name}_centroids": centroids, f"{name}_midpoints": midpoints})
+    return fields
 
 
 def _projection(modules, x_width: int) -> list | None:
@@ -105,22 +133,18 @@ def _build(model, cache) -> DecodePlan | None:
     layers, keep = [], []
     for spec, layer in zip(model.specs, model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        buffers = _cache_buffers(cache, attn.index)
         d, h, hkv, width = spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads, spec.mlp_width
+        cache_fields = _cache_fields(cache, attn.index, d)
         projections = [_projection((attn.q_proj, attn.k_proj, attn.v_proj), hidden), _projection((attn.o_proj,), h * d),
                        _projection((mlp.gate_proj, mlp.up_proj), hidden), _projection((mlp.down_proj,), width)]
         norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
                  layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm]
-        if (buffers is None or None in projections or d % 16 or d > native.MAX_WIDTH
+        if (cache_fields is None or None in projections or d % 16 or d > native.MAX_WIDTH
                 or any(n.weight is None or n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms)):
             return None
-        keys, values, slot_pos, ring = buffers
         p = torch.zeros(layout["fields"], dtype=torch.int64)
-        fields = {"hidden": hidden, "heads": h, "kv_heads": hkv, "head_dim": d, "width": width,
-                  "window": attn.window or 0, "slots": keys.shape[2], "ring": int(ring),
-                  "kv_dtype": native._KV_DTYPES[keys.dtype], "keys": keys, "values": values,
-                  "head_stride": keys.stride(1), "slot_stride": keys.stride(2), "slot_pos": slot_pos,
-                  "input_norm": norms[0].weight, "post_attention_norm": norms[1].weight,
+        fields = {**cache_fields, "hidden": hidden, "heads": h, "kv_heads": hkv, "head_dim": d, "width": width,
+                  "window": attn.window or 0, "input_norm": norms[0].weight, "post_attention_norm": norms[1].weight,
                   "pre_feedforward_norm": norms[2].weight, "post_feedforward_norm": norms[3].weight,
                   "q_norm": norms[4].weight, "k_norm": norms[5].weight}
         for name, value in fields.items():

@@ -176,6 +176,7 @@ def matmul_many(q: QuantizedInput, weights) -> list[Tensor]:
 
 
 _KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KV_CODES = 3  # a TurboQuant cache (_native.c attention_args)
 
 
 def attends(q: Tensor, keys, values) -> bool:
@@ -226,27 +227,29 @@ def reads_cache_codes(cfg: TQConfig) -> bool:
     return available() and _native.codes_supported() and _kv_layout(cfg) is not None
 
 
-def _kv_layout(cfg: TQConfig) -> tuple[Tensor, Tensor] | None:
-    """(a codes layout whose table gives each code itself, the runs' centroids [2, 16] float32) for a cache
-    codec, or None where the kernel cannot read it (its float lookup takes up to 4 bits)."""
+def _kv_layout(cfg: TQConfig) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(a codes layout whose table gives each code itself, the runs' centroids and midpoints [2, 16] float32)
+    for a cache codec, or None where the kernel cannot read it (its float lookup takes up to 4 bits)."""
     if cfg.bits > 4 or not takes_layout(cfg):
         return None
     return _identity_layout(cfg.bits, cfg.dim, cfg.codebook)
 
 
 @functools.lru_cache(maxsize=16)
-def _identity_layout(bits: float, dim: int, codebook: str) -> tuple[Tensor, Tensor] | None:
+def _identity_layout(bits: float, dim: int, codebook: str) -> tuple[Tensor, Tensor, Tensor] | None:
     runs = _runs(bits, dim)
     codes = [(torch.arange(2 ** b) - 128).to(torch.int8) for *_, b in runs]
-    centroids = torch.zeros(2, 16)
+    centroids, midpoints = torch.zeros(2, 16), torch.zeros(2, 16)
     for i, (*_, b) in enumerate(runs):
-        centroids[i if len(runs) == 2 else 1, : 2 ** b] = _centroids(b, dim, codebook, torch.device("cpu"))[0]
+        row = i if len(runs) == 2 else 1  # the kernel's second table is the (only or) lower run's
+        c, m = _centroids(b, dim, codebook, torch.device("cpu"))
+        centroids[row, : 2 ** b], midpoints[row, : 2 ** b - 1] = c, m
     layout = torch.zeros(_native.codes_layout_size(), dtype=torch.uint8)
     split = runs[0][1] if len(runs) == 2 else 0
     if not _native.codes_layout(layout.data_ptr(), dim, split, runs[0][2], runs[-1][2], codes[0].data_ptr(),
                                 codes[-1].data_ptr(), 1.0):
         return None
-    return layout, centroids
+    return layout, centroids, midpoints
 
 
 def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | None, position: int,
@@ -261,8 +264,8 @@ def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | N
     (kcodes, kscales), (vcodes, vscales) = keys.parts, values.parts
     _, hkv, s, _ = kcodes.shape
     q_in = Frame(keys.codec.cfg, keys.key_scale).enter(q).reshape(h, d).float().contiguous()
-    key_layout, key_centroids = _kv_layout(keys.codec.cfg)
-    value_layout, value_centroids = _kv_layout(values.codec.cfg)
+    key_layout, key_centroids, _ = _kv_layout(keys.codec.cfg)
+    value_layout, value_centroids, _ = _kv_layout(values.codec.cfg)
     key_pos = key_pos.to(torch.int64).contiguous()
     valid = None if key_valid is None else key_valid.reshape(-1).to(torch.bool).contiguous()
     out = torch.empty(h, d, dtype=torch.float32)

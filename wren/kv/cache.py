@@ -3,7 +3,9 @@
 Same interface and layout as wren.cache.KVCache (full layers indexed by position, sliding layers in a ring,
 nothing for KV-shared layers); `update` returns what `attend` reads: dense and q8 vectors decoded to the
 model's dtype, TurboQuant ones decoded to codebook values in their rotated frame (InFrame), never rotated
-back: attention rotates the query in and its output out instead. The new chunk's own keys/values come back
+back: attention rotates the query in and its output out instead. (For one decoded token of one sequence,
+where the compiled kernels read them, the codes come back as they are, models.layers.Coded, and attention
+reads them without decoding; the decode plan goes further and writes them too.) The new chunk's own keys/values come back
 decoded too, so every query attends to exactly what the cache holds, whichever way the sequence was chunked.
 
 TurboQuant keys are stored scaled per channel (`key_scales`, kv/scales.py) and the query divided by the
