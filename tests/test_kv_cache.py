@@ -222,3 +222,22 @@ def test_compressed_slot_cache_rows_equal_each_sequence_alone(tiny, name, types)
         for r in seqs:
             assert (out[r] - alone[r]).abs().max() < 5e-4
         assert (again - alone[3][29]).abs().max() < 5e-4
+
+
+@pytest.mark.parametrize("window", [None, 50])
+@pytest.mark.parametrize("coded", [False, True])
+def test_prefill_attention_skips_the_slots_no_query_of_a_block_sees(window, coded):
+    """300 queries attend 128 at a time; each block is cut to the slots its queries see (causal, windowed):
+    the same output as attending over every slot with the mask."""
+    from wren.models.layers import attend, attention_mask, cached_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 300, 64, generator=g)
+    k, v = torch.randn(1, 2, 300, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g)
+    if coded:  # keys and values in a TurboQuant frame, as the compressed cache's prefill reads them
+        codec = codec_for("tq4", 64)
+        k, v = codec.read(codec.encode(k), torch.float32), codec.read(codec.encode(v), torch.float32)
+    pos = torch.arange(300)[None]
+    got = cached_attention(q, (k, v, torch.arange(300), None), pos, window, 0.125)
+    expected = attend(q, k, v, attention_mask(pos, pos, window), 0.125)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
