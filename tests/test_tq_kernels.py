@@ -149,6 +149,24 @@ def test_gradients_reach_the_input_of_a_frozen_turboquant_layer():
     assert (x.grad - expected).norm() / expected.expand_as(x.grad).norm() < 0.01
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_tables_first_built_in_inference_mode_serve_training(compiled, monkeypatch):
+    """Rotation signs, Hadamard matrices and codebooks are cached; one first built during a decode step
+    (inference mode) must still be usable where autograd records."""
+    from wren.quant import turboquant
+
+    for cached in (turboquant._hadamard_plan, turboquant._centroids, cpu_kernels._sylvester, native._signs):
+        cached.cache_clear()
+    layer = _layer(4, 128, 640)
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        if not compiled:  # the matrix-product rotation (the Sylvester matrix) is what gets cached
+            patch.setattr(native, "available", lambda: False)
+        layer(torch.randn(3, 640, generator=_gen(7)))
+    x = torch.randn(40, 640, generator=_gen(8), requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_native_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("WREN_NATIVE", "0")
     native.available.cache_clear()

@@ -854,6 +854,29 @@ VBMI static void encode_vector(const float *x, const float *channel, int D, cons
     *scale = _cvtss_sh(fit, _MM_FROUND_TO_NEAREST_INT);
 }
 
+/* Rows of x [N, D] rotated (or, inverse, rotated back) in place, rows in parallel: turboquant.rotate for a
+   Hadamard rotation of one block of D (a power of two from 16 to 4096); divisor [D] (or NULL) first. */
+VNNI static void rotate_rows(float *x, long long N, int D, const float *signs, const float *divisor, int inverse,
+                             int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (N >= 8)
+    for (long long n = 0; n < N; n++) {
+        if (inverse)
+            unrotate_vector(x + (size_t)n * D, D, signs);
+        else
+            rotate_vector(x + (size_t)n * D, D, signs, divisor);
+    }
+}
+
+/* The TQ codec's encode of x [N, D] (times `channel`, if any): codes [N, layout bytes], fp16 scales [N]. */
+VNNI static void encode_rows(const float *x, long long N, int D, const float *channel, const float *signs,
+                             const codes_layout *L, const float *centroids, const float *midpoints, uint8_t *codes,
+                             uint16_t *scales, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (N >= 8)
+    for (long long n = 0; n < N; n++)
+        encode_vector(x + (size_t)n * D, channel, D, signs, L, centroids, midpoints, codes + (size_t)n * L->group_bytes,
+                      scales + n);
+}
+
 /* Write the new token's key and value into a TurboQuant cache (slot `slot`), rotate the queries into the
    keys' frame; after attend_one, decode_layer rotates the output out of the values'. */
 VNNI static void store_codes(const long long *p, int Hkv, int D, long long slot, const float *k, const float *v) {
@@ -1137,6 +1160,48 @@ static PyObject *py_attend_codes(PyObject *self, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+static PyObject *py_rotate_rows(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[7];
+    /* x (float32 [N, D], in place), N, D, signs [2, D], divisor (0: none), inverse, threads */
+    if (as_ints(args, n, 7, a) < 0) return NULL;
+    if (need_vnni() < 0) return NULL;
+    if (a[2] < 16 || a[2] > MAX_GROUP || (a[2] & (a[2] - 1)) || a[1] < 0) {
+        PyErr_SetString(PyExc_ValueError, "D must be a power of two from 16 to 4096");
+        return NULL;
+    }
+#ifdef WREN_X86
+    Py_BEGIN_ALLOW_THREADS
+    rotate_rows((float *)(intptr_t)a[0], a[1], (int)a[2], (const float *)(intptr_t)a[3], (const float *)(intptr_t)a[4],
+                (int)a[5], a[6] > 0 ? (int)a[6] : 1);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_encode_rows(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[11];
+    /* x (float32 [N, D]), N, D, channel (0: none), signs [2, D], layout, centroids, midpoints, codes, scales,
+       threads */
+    if (as_ints(args, n, 11, a) < 0) return NULL;
+    if (!codes_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VBMI");
+        return NULL;
+    }
+#ifdef WREN_X86
+    const codes_layout *L = (const codes_layout *)(intptr_t)a[5];
+    if (a[2] < 64 || a[2] > MAX_GROUP || (a[2] & (a[2] - 1)) || L->chunks * 64 != a[2] || a[1] < 0) {
+        PyErr_SetString(PyExc_ValueError, "D must be a power of two from 64 to 4096, as the layout");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    encode_rows((const float *)(intptr_t)a[0], a[1], (int)a[2], (const float *)(intptr_t)a[3],
+                (const float *)(intptr_t)a[4], L, (const float *)(intptr_t)a[6], (const float *)(intptr_t)a[7],
+                (uint8_t *)(intptr_t)a[8], (uint16_t *)(intptr_t)a[9], a[10] > 0 ? (int)a[10] : 1);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[11];
     /* x, rows, dim, weight (0: none), cos (0: none), sin, heads, residual (0: none), out, threads; offset, eps */
@@ -1286,6 +1351,10 @@ static PyMethodDef methods[] = {
      "attend_codes(q, keys, values, H, Hkv, D, S, key strides, value strides, key scales, value scales, "
      "scale head stride, key layout, value layout, key centroids, value centroids, slot_pos, slot_valid, qpos, "
      "window, out, threads, scale, softcap): one query over a TurboQuant cache"},
+    {"rotate_rows", (PyCFunction)(void (*)(void))py_rotate_rows, METH_FASTCALL,
+     "rotate_rows(x, N, D, signs, divisor, inverse, threads): TurboQuant's Hadamard rotation of rows, in place"},
+    {"encode_rows", (PyCFunction)(void (*)(void))py_encode_rows, METH_FASTCALL,
+     "encode_rows(x, N, D, channel, signs, layout, centroids, midpoints, codes, scales, threads): the TQ cache codec"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      "rms_norm(x, rows, dim, weight, cos, sin, heads, residual, out, threads, offset, eps)"},
     {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL,

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .quant.turboquant import TQConfig, _block_size, _centroids, _hadamard_plan, _runs, codes_nbytes
+from .quant.turboquant import TQConfig, _block_size, _centroids, _hadamard_plan, _runs, codes_nbytes, tensor_cache
 
 try:  # built by setup.py when a C compiler was there; torch is imported first, so its libgomp is shared
     from . import _native
@@ -56,7 +56,7 @@ class QuantizedInput(NamedTuple):
     group: int
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _signs(group: int, seed: int) -> Tensor:
     return _hadamard_plan(group, group, seed, torch.device("cpu"))[0].float().contiguous()
 
@@ -141,7 +141,7 @@ class CodesWeight(Weight):
         return _codes_layout(cfg.bits, cfg.dim, cfg.codebook)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _codes_layout(bits: float, dim: int, codebook: str) -> Tensor | None:
     runs = _runs(bits, dim)
     if any(b > 6 for _, _, b in runs):
@@ -206,6 +206,42 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_val
     return out
 
 
+def rotates(x: Tensor, cfg: TQConfig) -> bool:
+    """Whether `rotate_rows` takes x [..., cfg.dim]: float32 on the CPU outside autograd, a Hadamard rotation
+    of one block of 16 to 4096."""
+    return (available() and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] == cfg.dim
+            and cfg.rotation == "hadamard" and 16 <= cfg.dim <= MAX_WIDTH and _block_size(cfg.dim, cfg.block) == cfg.dim
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def rotate_rows(x: Tensor, cfg: TQConfig, inverse: bool = False) -> Tensor:
+    """turboquant.rotate (or its inverse) of each row of x [..., cfg.dim], by the vectorised Walsh-Hadamard
+    transform: a few thousand adds a row where the matrix products of `cpu_kernels.rotate_fast` take
+    dim^2 multiply-adds a round (a prefill's queries, keys and values into a TurboQuant cache's frame)."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    _native.rotate_rows(out.data_ptr(), out.numel() // cfg.dim, cfg.dim, _signs(cfg.dim, cfg.seed).data_ptr(), 0,
+                        int(inverse), torch.get_num_threads())
+    return out
+
+
+def encodes(x: Tensor, cfg: TQConfig) -> bool:
+    """Whether `encode_rows` codes x [..., cfg.dim] for a TurboQuant cache here."""
+    return rotates(x, cfg) and reads_cache_codes(cfg)
+
+
+def encode_rows(x: Tensor, cfg: TQConfig) -> tuple[Tensor, Tensor]:
+    """The TQ cache codec's encode (kv/codecs.py) in one call: (codes uint8 [..., bytes], fp16 scales [...]),
+    the codes `decode_layer` writes too."""
+    layout, centroids, midpoints = _kv_layout(cfg)
+    flat = x.reshape(-1, cfg.dim).contiguous()
+    codes = torch.empty(flat.shape[0], codes_nbytes(cfg), dtype=torch.uint8)
+    scales = torch.empty(flat.shape[0], dtype=torch.float16)
+    _native.encode_rows(flat.data_ptr(), flat.shape[0], cfg.dim, 0, _signs(cfg.dim, cfg.seed).data_ptr(),
+                        layout.data_ptr(), centroids.data_ptr(), midpoints.data_ptr(), codes.data_ptr(),
+                        scales.data_ptr(), torch.get_num_threads())
+    return codes.reshape(*x.shape[:-1], -1), scales.reshape(x.shape[:-1])
+
+
 def attends_codes(q: Tensor, keys, values) -> bool:
     """Whether `attend_codes` takes this step: one fp32 query of one sequence over a TurboQuant cache's
     codes (models.layers.Coded) on a CPU with AVX-512 VBMI, in a layout the kernel reads, outside autograd."""
@@ -235,7 +271,7 @@ def _kv_layout(cfg: TQConfig) -> tuple[Tensor, Tensor, Tensor] | None:
     return _identity_layout(cfg.bits, cfg.dim, cfg.codebook)
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(16)
 def _identity_layout(bits: float, dim: int, codebook: str) -> tuple[Tensor, Tensor, Tensor] | None:
     runs = _runs(bits, dim)
     codes = [(torch.arange(2 ** b) - 128).to(torch.int8) for *_, b in runs]

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import native
 from ..models.layers import InFrame
 from ..quant.cpu_kernels import rotate_fast, unrotate_fast
 from ..quant.turboquant import TQConfig, codes_nbytes, decode_rotated, encode_with_values
@@ -94,6 +95,8 @@ class TQ:
                 torch.zeros(prefix, dtype=torch.float16, device=device))
 
     def encode(self, x: Tensor) -> tuple[Tensor, ...]:
+        if native.encodes(x, self.cfg):  # the same steps in one compiled call (what the decode plan writes)
+            return native.encode_rows(x, self.cfg)
         xr = rotate_fast(x, self.cfg)
         norms = torch.linalg.vector_norm(xr, dim=-1)
         unit = xr / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)

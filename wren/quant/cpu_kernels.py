@@ -23,14 +23,15 @@ import math
 import torch
 from torch import Tensor
 
-from .turboquant import TQConfig, _block_size, _hadamard_plan, _HADAMARD_ROUNDS, decode_rotated
+from .. import native
+from .turboquant import TQConfig, _block_size, _hadamard_plan, _HADAMARD_ROUNDS, decode_rotated, tensor_cache
 
 SMALL_BATCH = 32  # rows up to which the int8 kernel beats dequantize + bf16 matmul (measured at 4096×640)
 DEQUANT_ROWS = 16384  # output rows dequantized at a time on the wide path: bounds the bf16 temporary
 _DIRECT_BLOCK = 256  # blocks up to this size are one dense product; larger ones factor into two
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(32)
 def _sylvester(n: int, device: torch.device) -> Tensor:
     """The normalised n×n Sylvester Hadamard matrix (symmetric; the matrix `_fwht` applies)."""
     h = torch.ones(1, 1, dtype=torch.float64)
@@ -50,8 +51,11 @@ def _hadamard_blocks(x: Tensor, block: int) -> Tensor:
 
 
 def rotate_fast(x: Tensor, cfg: TQConfig) -> Tensor:
-    """`turboquant.rotate` for the Hadamard rotation, by matrix products; float32 out."""
+    """`turboquant.rotate` for the Hadamard rotation, by matrix products (or the compiled kernels'
+    Walsh-Hadamard transform where they take it); float32 out."""
     x = x.float()
+    if native.rotates(x, cfg):
+        return native.rotate_rows(x, cfg)
     block = _block_size(cfg.dim, cfg.block)
     signs, perm, _ = _hadamard_plan(cfg.dim, block, cfg.seed, x.device)
     for r in range(_HADAMARD_ROUNDS):
@@ -64,6 +68,8 @@ def rotate_fast(x: Tensor, cfg: TQConfig) -> Tensor:
 def unrotate_fast(y: Tensor, cfg: TQConfig) -> Tensor:
     """The inverse of `rotate_fast`."""
     y = y.float()
+    if native.rotates(y, cfg):
+        return native.rotate_rows(y, cfg, inverse=True)
     block = _block_size(cfg.dim, cfg.block)
     signs, perm, inverse = _hadamard_plan(cfg.dim, block, cfg.seed, y.device)
     for r in reversed(range(_HADAMARD_ROUNDS)):

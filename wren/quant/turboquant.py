@@ -48,6 +48,23 @@ _QJL_SCALE = math.sqrt(math.pi / 2)  # E|<s, r>| = √(2/π)·||r|| for s ~ N(0,
 _STREAM_HADAMARD, _STREAM_QJL, _STREAM_QR = 1, 2, 3
 
 
+def tensor_cache(maxsize: int | None):
+    """functools.lru_cache for functions that build tensors (rotation signs, codebooks): built outside
+    inference mode, so that a tensor first asked for under torch.inference_mode() (a decode step) can still
+    be saved by autograd later (training through a TurboQuant layer)."""
+
+    def wrap(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return fn(*args)
+
+        return cached
+
+    return wrap
+
+
 @dataclass(frozen=True)
 class TQConfig:
     """Quantize dim-vectors at `bits` per coordinate; a fractional rate (2.5) splits the coordinates."""
@@ -135,7 +152,7 @@ def _block_size(dim: int, block: int | None) -> int:
     return block
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _hadamard_plan(dim: int, block: int, seed: int, device: torch.device):
     """(±1 signs [rounds, dim], permutation between rounds and its inverse, or None for one block)."""
     g = _generator(seed, _STREAM_HADAMARD)
@@ -183,7 +200,7 @@ def hadamard_unrotate(y: Tensor, seed: int = 0, block: int | None = None) -> Ten
     return y
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(16)
 def _qr_matrix(dim: int, seed: int, device: torch.device) -> Tensor:
     g = torch.randn(dim, dim, generator=_generator(seed, _STREAM_QR), dtype=torch.float64)
     q, r = torch.linalg.qr(g)
@@ -286,7 +303,7 @@ def expected_mse(bits: float, dim: int, kind: str = "beta") -> float:
     return sum((stop - start) * _lloyd_max(b, dim if kind == "beta" else None)[1] for start, stop, b in runs) / dim
 
 
-@functools.lru_cache(maxsize=128)
+@tensor_cache(128)
 def _centroids(bits: int, dim: int, kind: str, device: torch.device) -> tuple[Tensor, Tensor]:
     """(centroids, the midpoints between them) in float32 on `device`, for nearest-centroid search."""
     c = torch.tensor(_lloyd_max(bits, dim if kind == "beta" else None)[0], dtype=torch.float64) / math.sqrt(dim)
@@ -367,7 +384,7 @@ def _decode(codes: Tensor, bits: float, cfg: TQConfig) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _word_table(bits: int, per_word: int, dim: int, kind: str, device: torch.device) -> Tensor:
     """[2**(bits·per_word), per_word]: the centroids of the `per_word` codes packed in each possible word."""
     centroids, _ = _centroids(bits, dim, kind, device)
@@ -414,7 +431,7 @@ def dequantize_mse(q: QuantizedMSE) -> Tensor:
     return unrotate(_decode(q.codes, cfg.bits, cfg) * q.norms.unsqueeze(-1), cfg.seed, cfg.rotation, cfg.block)
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(16)
 def _qjl_matrix(dim: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.randn(dim, dim, generator=_generator(seed, _STREAM_QJL), dtype=torch.float64).to(device, dtype)
 
