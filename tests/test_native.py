@@ -183,6 +183,26 @@ def test_attention_from_cache_codes_matches_attend(types, d, heads, kv_heads, sl
 
 
 @needs_codes
+@pytest.mark.parametrize("name", ["tq4", "tq3.5", "tq3", "tq2.5", "tq2"])
+@pytest.mark.parametrize("d", [128, 256])
+def test_cache_codes_encode_and_decode_in_one_call_as_the_codec_does(name, d, monkeypatch):
+    """The compiled encode (what the decode plan writes) gives the codes and scales of the codec's PyTorch
+    steps (nearest centroid by bucketize, bit packing, least-squares scale); the compiled decode gives
+    decode_rotated's centroids; bit for bit."""
+    from wren.kv import codec_for
+    from wren.quant.turboquant import decode_rotated
+
+    codec = codec_for(name, d)
+    x = torch.randn(3, 40, d, generator=_gen(d)) * 3
+    assert native.encodes(x, codec.cfg)
+    codes, scales = codec.encode(x)
+    monkeypatch.setattr(native, "encodes", lambda *a: False)
+    want_codes, want_scales = codec.encode(x)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    assert torch.equal(native.decode_rows(codes[:, 5:30], codec.cfg), decode_rotated(codes[:, 5:30], codec.cfg))
+
+
+@needs_codes
 @pytest.mark.parametrize("spec", ["tq4", "tq3/tq2"])  # (3.5 bits of 64 split inside a chunk)
 def test_a_turboquant_cache_is_read_from_its_codes_when_decoding(quantized_gemma3, monkeypatch, spec):
     """The modules' path (the decode plan off; it is what Gemma 4 and the plan's misfits run): every layer of

@@ -877,6 +877,15 @@ VNNI static void encode_rows(const float *x, long long N, int D, const float *ch
                       scales + n);
 }
 
+/* The centroids of codes [N, layout bytes] (a TurboQuant cache's vectors in their rotated frame, unscaled):
+   out [N, D] float32. */
+VNNI static void decode_rows(const uint8_t *codes, long long N, int D, const codes_layout *L, const float *centroids,
+                             float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (N >= 64)
+    for (long long n = 0; n < N; n++)
+        decode_vector(codes + (size_t)n * L->group_bytes, L, centroids, 0x3C00 /* fp16 1.0 */, out + (size_t)n * D);
+}
+
 /* Write the new token's key and value into a TurboQuant cache (slot `slot`), rotate the queries into the
    keys' frame; after attend_one, decode_layer rotates the output out of the values'. */
 VNNI static void store_codes(const long long *p, int Hkv, int D, long long slot, const float *k, const float *v) {
@@ -1202,6 +1211,28 @@ static PyObject *py_encode_rows(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+static PyObject *py_decode_rows(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[7];
+    /* codes [N, bytes], N, D, layout, centroids, out (float32 [N, D]), threads */
+    if (as_ints(args, n, 7, a) < 0) return NULL;
+    if (!codes_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VBMI");
+        return NULL;
+    }
+#ifdef WREN_X86
+    const codes_layout *L = (const codes_layout *)(intptr_t)a[3];
+    if (a[2] < 64 || a[2] > MAX_GROUP || L->chunks * 64 != a[2] || a[1] < 0) {
+        PyErr_SetString(PyExc_ValueError, "D must be a multiple of 64 up to 4096, as the layout");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    decode_rows((const uint8_t *)(intptr_t)a[0], a[1], (int)a[2], L, (const float *)(intptr_t)a[4],
+                (float *)(intptr_t)a[5], a[6] > 0 ? (int)a[6] : 1);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[11];
     /* x, rows, dim, weight (0: none), cos (0: none), sin, heads, residual (0: none), out, threads; offset, eps */
@@ -1355,6 +1386,8 @@ static PyMethodDef methods[] = {
      "rotate_rows(x, N, D, signs, divisor, inverse, threads): TurboQuant's Hadamard rotation of rows, in place"},
     {"encode_rows", (PyCFunction)(void (*)(void))py_encode_rows, METH_FASTCALL,
      "encode_rows(x, N, D, channel, signs, layout, centroids, midpoints, codes, scales, threads): the TQ cache codec"},
+    {"decode_rows", (PyCFunction)(void (*)(void))py_decode_rows, METH_FASTCALL,
+     "decode_rows(codes, N, D, layout, centroids, out, threads): a TurboQuant cache's vectors, unscaled"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      "rms_norm(x, rows, dim, weight, cos, sin, heads, residual, out, threads, offset, eps)"},
     {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL,

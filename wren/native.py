@@ -242,6 +242,17 @@ def encode_rows(x: Tensor, cfg: TQConfig) -> tuple[Tensor, Tensor]:
     return codes.reshape(*x.shape[:-1], -1), scales.reshape(x.shape[:-1])
 
 
+def decode_rows(codes: Tensor, cfg: TQConfig) -> Tensor:
+    """`turboquant.decode_rotated` of a TurboQuant cache codec's codes [..., bytes] (`reads_cache_codes`):
+    the centroids, float32 [..., cfg.dim], in one call instead of a lookup per run and a concatenation."""
+    layout, centroids, _ = _kv_layout(cfg)
+    flat = codes.reshape(-1, codes.shape[-1]).contiguous()
+    out = torch.empty(flat.shape[0], cfg.dim, dtype=torch.float32)
+    _native.decode_rows(flat.data_ptr(), flat.shape[0], cfg.dim, layout.data_ptr(), centroids.data_ptr(),
+                        out.data_ptr(), torch.get_num_threads())
+    return out.reshape(*codes.shape[:-1], cfg.dim)
+
+
 def attends_codes(q: Tensor, keys, values) -> bool:
     """Whether `attend_codes` takes this step: one fp32 query of one sequence over a TurboQuant cache's
     codes (models.layers.Coded) on a CPU with AVX-512 VBMI, in a layout the kernel reads, outside autograd."""

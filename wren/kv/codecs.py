@@ -117,6 +117,8 @@ class TQ:
         """The vectors left in the rotated frame, for `attend` (models/layers.py InFrame). Keys coded as
         k·key_scale are read with that scale, which the query is divided by on entering the frame."""
         codes, scale = parts
+        if codes.device.type == "cpu" and native.reads_cache_codes(self.cfg):  # one compiled call
+            return InFrame(native.decode_rows(codes, self.cfg).to(dtype), Frame(self.cfg, key_scale), scale)
         return InFrame(decode_rotated(codes, self.cfg).to(dtype), Frame(self.cfg, key_scale), scale)
 
 
