@@ -990,6 +990,22 @@ static int need_vnni(void) {
     return -1;
 }
 
+static int need_vbmi(void) {
+    if (codes_supported()) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VBMI");
+    return -1;
+}
+
+#ifdef WREN_X86
+/* The codes layout at `address`, if it reads vectors of D; else NULL with the error set. */
+static const codes_layout *layout_for(long long address, long long D) {
+    const codes_layout *L = (const codes_layout *)(intptr_t)address;
+    if (L && D >= 64 && D <= MAX_GROUP && L->chunks * 64 == D) return L;
+    PyErr_SetString(PyExc_ValueError, "vectors must be a multiple of 64 up to 4096 wide, as their codes' layout");
+    return NULL;
+}
+#endif
+
 static int as_ints(PyObject *const *args, Py_ssize_t n, Py_ssize_t want, long long *out) {
     if (n != want) {
         PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, n);
@@ -1109,6 +1125,17 @@ static PyObject *py_codes_layout_size(PyObject *self, PyObject *unused) {
 
 static PyObject *py_codes_supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(codes_supported()); }
 
+#ifdef WREN_X86
+static PyObject *run_attention(const attention_args *a, long long out, long long threads) {
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = attend_one(a, (float *)(intptr_t)out, threads > 0 ? (int)threads : 1);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+#endif
+
 static PyObject *py_attend_one(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[16];
     /* q, keys, values, dtype, H, Hkv, D, S, head_stride, slot_stride, slot_pos, slot_valid (0: none), qpos,
@@ -1126,13 +1153,10 @@ static PyObject *py_attend_one(PyObject *self, PyObject *const *args, Py_ssize_t
                             (int)a[3], (int)a[4], (int)a[5], (int)a[6], (int)a[7], a[8], a[9],
                             (const int64_t *)(intptr_t)a[10], (const uint8_t *)(intptr_t)a[11], a[12], a[13],
                             (float)scale, (float)softcap, a[8], a[9]};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = attend_one(&args_, (float *)(intptr_t)a[14], a[15] > 0 ? (int)a[15] : 1);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return PyErr_NoMemory();
-#endif
+    return run_attention(&args_, a[14], a[15]);
+#else
     Py_RETURN_NONE;
+#endif
 }
 
 static PyObject *py_attend_codes(PyObject *self, PyObject *const *args, Py_ssize_t n) {
@@ -1142,16 +1166,12 @@ static PyObject *py_attend_codes(PyObject *self, PyObject *const *args, Py_ssize
        layout, key centroids, value centroids, slot_pos, slot_valid (0: none), qpos, window (0: none), out (in
        the values' frame), threads; then scale and softcap (0: none) as floats */
     double f[2];
-    if (ints_then_floats(args, n, 24, a, 2, f) < 0) return NULL;
-    if (!codes_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VBMI");
-        return NULL;
-    }
+    if (ints_then_floats(args, n, 24, a, 2, f) < 0 || need_vbmi() < 0) return NULL;
 #ifdef WREN_X86
-    const codes_layout *kl = (const codes_layout *)(intptr_t)a[14], *vl = (const codes_layout *)(intptr_t)a[15];
-    if (a[3] < 1 || a[4] < 1 || a[3] % a[4] || a[5] < 64 || a[5] > MAX_GROUP || a[6] < 0 || kl->chunks * 64 != a[5] ||
-        vl->chunks * 64 != a[5]) {
-        PyErr_SetString(PyExc_ValueError, "bad attention shapes (head_dim a multiple of 64 up to 4096, as the layouts)");
+    const codes_layout *kl = layout_for(a[14], a[5]), *vl = kl ? layout_for(a[15], a[5]) : NULL;
+    if (!vl) return NULL;
+    if (a[3] < 1 || a[4] < 1 || a[3] % a[4] || a[6] < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad attention shapes");
         return NULL;
     }
     attention_args args_ = {(const float *)(intptr_t)a[0], (const void *)(intptr_t)a[1], (const void *)(intptr_t)a[2],
@@ -1160,13 +1180,10 @@ static PyObject *py_attend_codes(PyObject *self, PyObject *const *args, Py_ssize
                             (float)f[0], (float)f[1], a[9], a[10], (const uint16_t *)(intptr_t)a[11],
                             (const uint16_t *)(intptr_t)a[12], a[13], kl, vl, (const float *)(intptr_t)a[16],
                             (const float *)(intptr_t)a[17]};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = attend_one(&args_, (float *)(intptr_t)a[22], a[23] > 0 ? (int)a[23] : 1);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return PyErr_NoMemory();
-#endif
+    return run_attention(&args_, a[22], a[23]);
+#else
     Py_RETURN_NONE;
+#endif
 }
 
 static PyObject *py_rotate_rows(PyObject *self, PyObject *const *args, Py_ssize_t n) {
@@ -1191,15 +1208,12 @@ static PyObject *py_encode_rows(PyObject *self, PyObject *const *args, Py_ssize_
     long long a[11];
     /* x (float32 [N, D]), N, D, channel (0: none), signs [2, D], layout, centroids, midpoints, codes, scales,
        threads */
-    if (as_ints(args, n, 11, a) < 0) return NULL;
-    if (!codes_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VBMI");
-        return NULL;
-    }
+    if (as_ints(args, n, 11, a) < 0 || need_vbmi() < 0) return NULL;
 #ifdef WREN_X86
-    const codes_layout *L = (const codes_layout *)(intptr_t)a[5];
-    if (a[2] < 64 || a[2] > MAX_GROUP || (a[2] & (a[2] - 1)) || L->chunks * 64 != a[2] || a[1] < 0) {
-        PyErr_SetString(PyExc_ValueError, "D must be a power of two from 64 to 4096, as the layout");
+    const codes_layout *L = layout_for(a[5], a[2]);
+    if (!L) return NULL;
+    if ((a[2] & (a[2] - 1)) || a[1] < 0) { /* the rotation is one Walsh-Hadamard block */
+        PyErr_SetString(PyExc_ValueError, "D must be a power of two");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -1214,15 +1228,12 @@ static PyObject *py_encode_rows(PyObject *self, PyObject *const *args, Py_ssize_
 static PyObject *py_decode_rows(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[7];
     /* codes [N, bytes], N, D, layout, centroids, out (float32 [N, D]), threads */
-    if (as_ints(args, n, 7, a) < 0) return NULL;
-    if (!codes_supported()) {
-        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VBMI");
-        return NULL;
-    }
+    if (as_ints(args, n, 7, a) < 0 || need_vbmi() < 0) return NULL;
 #ifdef WREN_X86
-    const codes_layout *L = (const codes_layout *)(intptr_t)a[3];
-    if (a[2] < 64 || a[2] > MAX_GROUP || L->chunks * 64 != a[2] || a[1] < 0) {
-        PyErr_SetString(PyExc_ValueError, "D must be a multiple of 64 up to 4096, as the layout");
+    const codes_layout *L = layout_for(a[3], a[2]);
+    if (!L) return NULL;
+    if (a[1] < 0) {
+        PyErr_SetString(PyExc_ValueError, "N must not be negative");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
