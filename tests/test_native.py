@@ -202,17 +202,11 @@ def test_cache_codes_encode_and_decode_in_one_call_as_the_codec_does(name, d, mo
     assert torch.equal(native.decode_rows(codes[:, 5:30], codec.cfg), decode_rotated(codes[:, 5:30], codec.cfg))
 
 
-@needs_codes
-@pytest.mark.parametrize("spec", ["tq4", "tq3/tq2"])  # (3.5 bits of 64 split inside a chunk)
-def test_a_turboquant_cache_is_read_from_its_codes_when_decoding(quantized_gemma3, monkeypatch, spec):
-    """The modules' path (the decode plan off; it is what Gemma 4 and the plan's misfits run): every layer of
-    every decoded token attends from the codes, and each time gives what `attend` gives on the same cache
-    decoded (compared call by call: over steps, int8 rounding flips of the next matmuls' inputs would change
-    the codes written after)."""
-    from wren import decode_plan
+def _check_attention_from_codes(model, spec, monkeypatch):
+    """Decode 20 tokens one at a time; every layer of every decoded token must attend from the codes and give
+    what `attend` gives on the same cache decoded (compared call by call: over steps, int8 rounding flips of
+    the next matmuls' inputs would change the codes written after). Then, with the kernel off, none may."""
     from wren.kv import cache as kv_cache
-
-    monkeypatch.setattr(decode_plan, "ENABLED", False)
 
     errors = []
     real = native.attend_codes
@@ -225,11 +219,33 @@ def test_a_turboquant_cache_is_read_from_its_codes_when_decoding(quantized_gemma
         return got
 
     monkeypatch.setattr(native, "attend_codes", checked)
-    _decode(quantized_gemma3, spec)
-    assert len(errors) == 20 * len(quantized_gemma3.layers) and max(errors) < 1e-5
+    _decode(model, spec)
+    assert len(errors) == 20 * len(model.layers) and max(errors) < 1e-5
     monkeypatch.setattr(kv_cache.native, "reads_cache_codes", lambda cfg: False)  # decoded, then `attend`
-    _decode(quantized_gemma3, spec)
-    assert len(errors) == 20 * len(quantized_gemma3.layers)
+    _decode(model, spec)
+    assert len(errors) == 20 * len(model.layers)
+
+
+@needs_codes
+@pytest.mark.parametrize("spec", ["tq4", "tq3/tq2"])  # (3.5 bits of 64 split inside a chunk)
+def test_a_turboquant_cache_is_read_from_its_codes_when_decoding(quantized_gemma3, monkeypatch, spec):
+    """The modules' path (the decode plan off; what Gemma 4 and the plan's misfits run)."""
+    from wren import decode_plan
+
+    monkeypatch.setattr(decode_plan, "ENABLED", False)
+    _check_attention_from_codes(quantized_gemma3, spec, monkeypatch)
+
+
+@needs_codes
+def test_gemma4_reads_a_turboquant_cache_from_its_codes(tmp_path, monkeypatch):
+    """Gemma 4 (E2B shape: per-layer embeddings, layers reading another layer's keys and values), heads of
+    64 and 128."""
+    import wren
+    from gguf_writer import save_hf
+    from tiny_models import gemma4_hf
+
+    save_hf(gemma4_hf("e2b", seed=4, head_dim=64), tmp_path)
+    _check_attention_from_codes(wren.load(tmp_path), "tq4", monkeypatch)
 
 
 def test_without_the_compiled_kernels_the_model_runs_on_pytorch(quantized_gemma3, monkeypatch):
