@@ -40,6 +40,11 @@ def available() -> bool:
     return _native is not None and _native.supported()
 
 
+def codes_readable() -> bool:
+    """Whether the kernels that read packed codes run here: the built module on a CPU with AVX-512 VBMI."""
+    return available() and _native.codes_supported()
+
+
 def takes_layout(cfg: TQConfig) -> bool:
     """Whether the kernels take this weight's layout: one Hadamard block per group of a multiple of 64."""
     return cfg.rotation == "hadamard" and cfg.dim % 64 == 0 and cfg.dim <= 4096 and _block_size(cfg.dim, cfg.block) == cfg.dim
@@ -93,8 +98,6 @@ class Weight:
     """A weight as `matmul` reads it: int8 levels [out, width], bf16 row scales [out] and their `group_sums`,
     checked once, so that a matmul costs one allocation and one call."""
 
-    format = LEVELS
-
     def __init__(self, levels: Tensor, row_scales: Tensor, group: int):
         if levels.dtype != torch.int8 or row_scales.dtype != torch.bfloat16 or row_scales.shape != levels.shape[:1]:
             raise ValueError(f"levels {tuple(levels.shape)} {levels.dtype} and scales {row_scales.dtype} do not fit")
@@ -117,8 +120,6 @@ class CodesWeight(Weight):
     scales [out, width / group] (_native.c, format CODES): 2-6 bits a weight read instead of the levels' 8,
     nothing decoded at load. `layout` builds it, or None where the kernel cannot read this config."""
 
-    format = CODES
-
     def __init__(self, codes: Tensor, scales: Tensor, layout: Tensor, cfg: TQConfig):
         out, groups = scales.shape
         if (codes.dtype != torch.uint8 or scales.dtype != torch.float16 or codes.shape != (out, groups, codes_nbytes(cfg))
@@ -136,7 +137,7 @@ class CodesWeight(Weight):
         """The kernel's description of cfg's codes (bytes of each chunk of 64, and the centroids on an int8
         grid), or None where it cannot read them: no AVX-512 VBMI, a layout `takes_layout` refuses, over 6
         bits, or a fractional rate whose split is not a multiple of 64 coordinates."""
-        if not (READ_CODES and supports(cfg) and _native.codes_supported()):
+        if not (READ_CODES and codes_readable() and takes_layout(cfg)):
             return None
         return _codes_layout(cfg.bits, cfg.dim, cfg.codebook)
 
@@ -258,20 +259,19 @@ def attends_codes(q: Tensor, keys, values) -> bool:
     codes (models.layers.Coded) on a CPU with AVX-512 VBMI, in a layout the kernel reads, outside autograd."""
     from .models.layers import Coded
 
-    if not (available() and _native.codes_supported() and isinstance(keys, Coded) and isinstance(values, Coded)
-            and q.dtype == torch.float32 and q.shape[0] == 1 and q.shape[2] == 1
-            and not (torch.is_grad_enabled() and q.requires_grad)):
+    if not (isinstance(keys, Coded) and isinstance(values, Coded) and q.dtype == torch.float32 and q.shape[0] == 1
+            and q.shape[2] == 1 and not (torch.is_grad_enabled() and q.requires_grad)
+            and reads_cache_codes(keys.codec.cfg) and reads_cache_codes(values.codec.cfg)):
         return False
     (kcodes, kscales), (vcodes, vscales) = keys.parts, values.parts
     return (kcodes.device.type == "cpu" and kcodes.shape[:3] == vcodes.shape[:3] == kscales.shape == vscales.shape
             and kscales.stride() == vscales.stride() and kcodes.stride(-1) == vcodes.stride(-1) == 1
-            and kscales.stride(-1) == 1 and _kv_layout(keys.codec.cfg) is not None
-            and _kv_layout(values.codec.cfg) is not None)
+            and kscales.stride(-1) == 1)
 
 
 def reads_cache_codes(cfg: TQConfig) -> bool:
     """Whether `attend_codes` reads a TurboQuant cache codec's codes here (its layout, this CPU)."""
-    return available() and _native.codes_supported() and _kv_layout(cfg) is not None
+    return codes_readable() and _kv_layout(cfg) is not None
 
 
 def _kv_layout(cfg: TQConfig) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -190,7 +190,9 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
     outs = []
     for s in range(0, q.shape[2], block):
         mask = attention_mask(pos[:, s:s + block], key_pos, window, key_valid)
-        k, v, mask = _seen_slots(keys, values, mask)
+        k, v = keys, values
+        if q.shape[2] > 1:  # a prefill's blocks (a decoded token of a batch sees its whole cache anyway)
+            k, v, mask = _seen_slots(keys, values, mask)
         outs.append(attend(q[:, :, s:s + block], k, v, mask, scale, softcap))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

@@ -5,7 +5,8 @@ model, paid at the first forward of every process, and the levels then sit in an
 codes they came from. Kept under $WREN_CACHE/levels/ (default ~/.cache/wren/levels/; $WREN_LEVEL_CACHE
 moves them), a later load maps them instead: nothing is decoded, and the codes' pages are never touched
 on the CPU (the embedding reads only the rows of the tokens it sees), so resident memory holds the levels
-alone, as clean file pages.
+alone, as clean file pages. Weights the compiled kernels read straight from their codes (up to 6 bits, on a
+CPU with AVX-512 VBMI: native.CodesWeight) get no levels: there the codes are what stays resident.
 
 The cache is keyed by the folder's path and its safetensors files' sizes and mtimes, so a rewritten folder
 gets new levels; the newest KEEP caches are kept. Any failure (a read-only home, a full disk, a corrupt

@@ -104,6 +104,7 @@ class TQWeight(nn.Module):
         self._column_scale = None  # (input_scale, its float32 copy, its bytes): column_scale()
         self._native = None  # the compiled kernels' native.Weight
         self._native_layout = None  # whether they take this layout (checked once)
+        self._codes_layout_for = None  # (the switches it was asked under, native.CodesWeight.layout)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, bits: float, group: int, seed: int,
@@ -171,18 +172,27 @@ class TQWeight(nn.Module):
             self._native_layout = native.takes_layout(self.cfg)
         return self._native_layout and native.available()
 
+    def _codes_layout(self):
+        """native.CodesWeight.layout(cfg), asked again only when the kernels are switched (a matmul's path)."""
+        switches = (native.READ_CODES, native.available())
+        if self._codes_layout_for is None or self._codes_layout_for[0] != switches:
+            self._codes_layout_for = (switches, native.CodesWeight.layout(self.cfg))
+        return self._codes_layout_for[1]
+
     def reads_codes(self) -> bool:
         """Whether the compiled kernels read this weight's packed codes themselves (no int8 levels)."""
-        return (native.CodesWeight.layout(self.cfg) is not None and self.codes.is_contiguous()
-                and self.scales.is_contiguous())
+        return self._codes_layout() is not None and self.codes.is_contiguous() and self.scales.is_contiguous()
 
     def native_weight(self) -> native.Weight:
         """The weight as the compiled kernels read it: its codes where they can, else its int8 levels."""
-        if self.reads_codes():
-            held = self._native
-            if held is None or getattr(held, "codes", None) is not self.codes or held.scales is not self.scales:
-                self._native = native.CodesWeight(self.codes, self.scales, native.CodesWeight.layout(self.cfg), self.cfg)
-            return self._native
+        layout = self._codes_layout()
+        if layout is not None:
+            codes, scales, held = self.codes, self.scales, self._native  # (module attributes cost ~0.5 us each)
+            if held is not None and getattr(held, "codes", None) is codes and held.scales is scales:
+                return held
+            if codes.is_contiguous() and scales.is_contiguous():
+                self._native = native.CodesWeight(codes, scales, layout, self.cfg)
+                return self._native
         levels, row_scales = self.int8_levels()
         if self._native is None or getattr(self._native, "levels", None) is not levels:  # the level cache may swap them
             self._native = native.Weight(levels, row_scales, self.group)
