@@ -29,6 +29,10 @@ class KVCache:
         self.max_len, self.batch = max_len, batch
         self.length = 0  # the next position to be written
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        # While set (graphs.StaticDecoder), a one-token step reads its position from this device tensor and
+        # full layers hand attention their whole buffers: no shape or value depends on the position, so
+        # the step can be captured once in a CUDA graph and replayed.
+        self.step_position: torch.Tensor | None = None
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.slot_pos: dict[int, torch.Tensor] = {}
@@ -52,6 +56,8 @@ class KVCache:
             raise ContextLengthError(
                 f"{self.length + n_new} tokens do not fit the context of {self.max_len}; "
                 "shorten the prompt or raise num_ctx")
+        if self.step_position is not None and n_new == 1:
+            return self.step_position
         return torch.arange(self.length, self.length + n_new, device=self.valid.device)
 
     def advance(self, n_new: int) -> None:
@@ -61,10 +67,12 @@ class KVCache:
         """Store new K/V ([B, Hkv, T, D]) at positions `pos` ([T]) and return what the new queries attend
         to: (keys, values, key positions [S], key validity [B, S])."""
         if not self.ring[layer]:
-            end = int(pos[-1]) + 1
             self.keys[layer][:, :, pos] = k
             self.values[layer][:, :, pos] = v
             self.slot_pos[layer][pos] = pos
+            if self.step_position is not None and k.shape[2] == 1:  # every slot; empty ones have position -1
+                return self.keys[layer], self.values[layer], self.slot_pos[layer], self.valid
+            end = int(pos[-1]) + 1
             return (self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self.slot_pos[layer][:end],
                     self.valid[:, :end])
         ring_k, ring_v, ring_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]

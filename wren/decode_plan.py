@@ -46,7 +46,8 @@ class DecodePlan:
 def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | None:
     """The plan for one decoded token with this cache (built at its first such token), or None where the
     modules must run."""
-    if not ENABLED or cache is None or ids.shape != (1, 1) or torch.is_grad_enabled() or not native.available():
+    if (not ENABLED or cache is None or ids.shape != (1, 1) or ids.device.type != "cpu" or torch.is_grad_enabled()
+            or not native.available() or getattr(cache, "step_position", None) is not None):
         return None
     built = getattr(cache, "_decode_plan", None)  # (the model it was built for, the plan or None)
     if built is None or built[0]() is not model:  # a cache handed to another model gets a plan of its own

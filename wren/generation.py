@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import chat
+from .graphs import decode_step
 from .errors import BadOptionError, ContextLengthError
 from .kv import make_kv_cache, resolve_types
 from .sampling import Options, make_sampler
@@ -87,6 +88,7 @@ class Generation:
             t0 = time.perf_counter()
             logits = self._prefill(cache)
             self.stats.prompt_seconds = time.perf_counter() - t0
+            step_model = decode_step(model, cache)  # on a GPU, the step captured in a CUDA graph
             t0 = time.perf_counter()
             steps = 0
             while True:
@@ -115,8 +117,7 @@ class Generation:
                 if cache.length >= self.ctx:
                     self.stats.done_reason = "length"
                     break
-                nxt = torch.tensor([[t if t is not None else 0] for t in step], device=cache.valid.device)
-                logits = model(nxt, cache, logits_to_keep=1)[:, -1]
+                logits = step_model(torch.tensor([[t if t is not None else 0] for t in step]))
             self.stats.generate_seconds = time.perf_counter() - t0
 
 

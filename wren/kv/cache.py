@@ -43,6 +43,7 @@ class CompressedKVCache(KVCache):
         self.max_len, self.batch, self.types, self.dtype = max_len, batch, tuple(types), dtype
         self.length = 0  # the next position to be written
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.step_position: torch.Tensor | None = None  # as in KVCache
         self.keys: dict[int, tuple[torch.Tensor, ...]] = {}
         self.values: dict[int, tuple[torch.Tensor, ...]] = {}
         self.codecs: dict[int, tuple] = {}
@@ -67,11 +68,13 @@ class CompressedKVCache(KVCache):
         s = self.key_scale.get(layer)
         new_k, new_v = encode_keys(kc, k, s), vc.encode(v)
         if not self.ring[layer]:
-            end = int(pos[-1]) + 1
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, pos] = new
             slot_pos[pos] = pos
             one = k.shape[2] == 1
+            if self.step_position is not None and one:  # every slot, as KVCache does
+                return self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos, self.valid
+            end = int(pos[-1]) + 1
             keys = self._read(kc, tuple(b[:, :, :end] for b in K), s, one)
             values = self._read(vc, tuple(b[:, :, :end] for b in V), None, one)
             return keys, values, slot_pos[:end], self.valid[:, :end]

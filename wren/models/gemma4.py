@@ -160,18 +160,22 @@ class Gemma4(nn.Module):
     def make_cache(self, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         return KVCache.for_model(self, batch, max_len, dtype, device)
 
-    def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The PLE inputs of every layer; `rows` are the table's rows for `ids` when the caller looked them
+        up already (graphs.StaticDecoder gathers them on the host and copies them over asynchronously)."""
         b, t = ids.shape
         n, p = self.config.num_hidden_layers, self.ple_dim
         proj = self.per_layer_model_projection(embeds) * (self.config.hidden_size ** -0.5)
         proj = self.per_layer_projection_norm(proj.reshape(b, t, n, p))
-        rows = self.embed_tokens_per_layer.lookup(ids, embeds.device, embeds.dtype)
+        if rows is None:
+            rows = self.embed_tokens_per_layer.lookup(ids, embeds.device, embeds.dtype)
         rows = rows * embed_scale(p, rows.dtype)
         return (proj + rows.reshape(b, t, n, p)) * (2.0 ** -0.5)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0,
+                ple_rows: torch.Tensor | None = None) -> torch.Tensor:
         x = embed(self, ids)
-        ple = self.per_layer_inputs(ids, x) if self.ple_dim else None
+        ple = self.per_layer_inputs(ids, x, ple_rows) if self.ple_dim else None
         pos = positions(ids, cache)
         rope = {}
         shared: dict = {}

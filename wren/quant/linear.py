@@ -136,7 +136,7 @@ class TQWeight(nn.Module):
             return None, None
         if self._column_scale is None or self._column_scale[0] is not self.input_scale:
             f32 = self.input_scale.float().contiguous()
-            self._column_scale = (self.input_scale, f32, f32.numpy().tobytes())
+            self._column_scale = (self.input_scale, f32, f32.cpu().numpy().tobytes())  # once, at the first call
         return self._column_scale[1], self._column_scale[2]
 
     def _input_key(self, x: torch.Tensor, column_bytes: bytes | None) -> tuple:

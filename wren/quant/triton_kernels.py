@@ -129,6 +129,58 @@ if triton is not None:
             acc = acc * tl.load(scales_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
         tl.atomic_add(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=ok_m[:, None] & ok_n[None, :])
 
+    @triton.jit
+    def _tq_gemv(x_ptr, words_ptr, scales_ptr, table_ptr, out_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr,
+                 BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                 SPLITS: tl.constexpr):
+        """out[m, n] += sum_k x[m, k] * table[code[n, k]] * scale[n, k // GROUP] for a few rows m, over the
+        words of this program's share of the input (split K; partial sums added atomically)."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        ROW_WORDS: tl.constexpr = K // PER_WORD
+        GROUP_WORDS: tl.constexpr = GROUP // PER_WORD
+        GROUPS: tl.constexpr = K // GROUP
+        PER_SPLIT: tl.constexpr = (ROW_WORDS + SPLITS * BLOCK_W - 1) // (SPLITS * BLOCK_W) * BLOCK_W
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        ok_n = rn < N
+        ok_m = rm < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(0, PER_SPLIT, BLOCK_W):
+            rw = pid_k * PER_SPLIT + i + tl.arange(0, BLOCK_W)
+            ok_w = rw < ROW_WORDS
+            ok = ok_n[:, None] & ok_w[None, :]
+            # 32-bit words of packed codes: each thread reads whole 16-byte runs of a row
+            words = tl.load(words_ptr + rn[:, None] * ROW_WORDS + rw[None, :], mask=ok, other=0)
+            # one scale per word (a word never straddles two groups), not one per weight
+            scale = tl.load(scales_ptr + rn[:, None] * GROUPS + (rw // GROUP_WORDS)[None, :], mask=ok,
+                            other=0.0).to(tl.float32)
+            part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+            for j in tl.static_range(PER_WORD):
+                w = tl.load(table_ptr + ((words >> (j * BITS)) & ((1 << BITS) - 1)))  # the codebook, in L1
+                x = tl.load(x_ptr + rm[:, None] * K + (rw * PER_WORD + j)[None, :],
+                            mask=ok_m[:, None] & ok_w[None, :], other=0.0).to(tl.float32)
+                part += w[None, :, :] * x[:, None, :]
+            acc += tl.sum(part * scale[None, :, :], axis=2)
+        ok_out = ok_m[:, None] & ok_n[None, :]
+        where = out_ptr + rm[:, None] * N + rn[None, :]
+        if SPLITS == 1:
+            tl.store(where, acc, mask=ok_out)
+        else:
+            tl.atomic_add(where, acc, mask=ok_out)
+
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
+                     for n, w, nw in ((16, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8), (64, 32, 8), (8, 128, 4),
+                                      (128, 16, 8))]
+    # Split the input only as far as needed for ~_TARGET_PROGRAMS programs (fewer atomics); never for a
+    # row block count that fills the GPU already.
+    _tq_gemv_split = triton.heuristics({"SPLITS": lambda a: max(1, min(
+        triton.cdiv(a["K"] * a["BITS"] // 32, a["BLOCK_W"]), _TARGET_PROGRAMS // triton.cdiv(a["N"], a["BLOCK_N"])))})(
+        _tq_gemv)
+    _tq_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "BLOCK_M"],
+                                     reset_to_zero=["out_ptr"])(_tq_gemv_split)
+
     _ALIGNED_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w)
                         for n, b, w in ((64, 64, 4), (128, 32, 4), (32, 128, 4), (16, 128, 2), (128, 64, 8))]
     # Split the input dimension only as far as needed for ~_TARGET_PROGRAMS programs: fewer atomics.
@@ -147,6 +199,31 @@ def _aligned(cfg: TQConfig) -> bool:
     return cfg.bits in (1, 2, 4, 8) and (cfg.dim * int(cfg.bits)) % 8 == 0
 
 
+GEMV_ROWS = 8  # up to this many activation rows (decode, small batches) take _tq_gemv; more take tl.dot
+
+
+def _word_aligned(cfg: TQConfig, k: int) -> bool:
+    """Codes that _tq_gemv reads as 32-bit words: 2, 4 or 8 bits, groups (and rows) of whole words."""
+    return cfg.bits in (2, 4, 8) and (cfg.dim * int(cfg.bits)) % 32 == 0 and (k * int(cfg.bits)) % 32 == 0
+
+
+def _gemv(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQConfig, interpret: bool) -> torch.Tensor:
+    m, k = x2.shape
+    n = codes.shape[0]
+    words = codes.reshape(n, -1).view(torch.int32)  # little-endian: code j of a word sits at bits j*BITS
+    table = _layout(cfg, x2.device)[0]
+    out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+    block_m = triton.next_power_of_2(m)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])  # noqa: E731
+    args = (x2, words, scales, table, out, m, n)
+    meta = dict(K=k, GROUP=cfg.dim, BITS=int(cfg.bits), BLOCK_M=block_m)
+    if interpret:
+        _tq_gemv_split[grid](*args, **meta, BLOCK_N=16, BLOCK_W=8)
+    else:
+        _tq_gemv_tuned[grid](*args, **meta)
+    return out
+
+
 def tq_linear(x_rotated: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQConfig) -> torch.Tensor:
     """x_rotated [..., in] times the TurboQuant weight (codes [out, in/group, bytes], scales [out, in/group])."""
     shape = x_rotated.shape
@@ -158,6 +235,8 @@ def tq_linear(x_rotated: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     bucket = 1 << max(0, math.ceil(math.log2(m)))
     ieee = x2.dtype == torch.float32
     codes, scales = codes.contiguous(), scales.contiguous()
+    if m <= GEMV_ROWS and _word_aligned(cfg, k):
+        return _gemv(x2, codes, scales, cfg, interpret).to(x_rotated.dtype).reshape(*shape[:-1], n)
     if _aligned(cfg):
         table = _layout(cfg, x2.device)[0]
         out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
