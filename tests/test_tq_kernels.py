@@ -203,7 +203,7 @@ def test_triton_kernel_in_the_interpreter():
         for bits, group, width in {CASES!r}:
             w = torch.randn(80, width, generator=torch.Generator().manual_seed(width))
             layer = TQLinear.from_dense(w, bits, group or width, seed=1)
-            for batch in (1, 3, 20):  # the reduction path, and tl.dot
+            for batch in (1, 3, 8, 20):  # the GEMV (words, up to 8 rows), and tl.dot
                 x = torch.randn(batch, width, generator=torch.Generator().manual_seed(1))
                 with reference_path():
                     ref = layer(x)
@@ -212,9 +212,40 @@ def test_triton_kernel_in_the_interpreter():
                 assert err < 1e-5, (bits, group, width, batch, err)
         print("ok")
     """)
+    _interpret(script)
+
+
+def _interpret(script: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_triton_rotation_in_the_interpreter():
+    """The CUDA path's activation rotation (one kernel; two where a group spans several Hadamard blocks)
+    against the CPU's, with and without column scales, in float32 and bf16."""
+    script = textwrap.dedent("""
+        import torch
+        from wren.quant import cpu_kernels, triton_kernels
+        from wren.quant.turboquant import TQConfig
+        g = torch.Generator().manual_seed(0)
+        for dim, block, width in [(128, None, 640), (640, None, 640), (32, 16, 96), (256, 64, 512)]:
+            cfg = TQConfig(bits=4, dim=dim, seed=3, block=block)
+            assert triton_kernels.rotates(cfg)
+            for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
+                x = torch.randn(3, width, generator=g).to(dtype)
+                for column in (None, torch.rand(width, generator=g) + 0.5):
+                    xs = x.float() if column is None else x.float() * column
+                    ref = cpu_kernels.rotate_fast(xs.reshape(3, width // dim, dim), cfg).reshape(3, width)
+                    got = triton_kernels.rotate(x, cfg, column)
+                    assert got.dtype == dtype
+                    err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                    assert err < tol, (dim, block, dtype, column is None, err)
+        assert not triton_kernels.rotates(TQConfig(bits=4, dim=512, seed=0))  # a 512 block: the matrix path
+        print("ok")
+    """)
+    _interpret(script)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -80,6 +80,12 @@ def quantize_weight(w: torch.Tensor, bits: float, group: int, seed: int) -> tupl
     return torch.cat(codes), torch.cat(scales)
 
 
+def _triton_rotates(cfg) -> bool:
+    from . import triton_kernels  # imported on first CUDA use: Triton holds ~50 MB on a CPU machine
+
+    return triton_kernels.available() and triton_kernels.rotates(cfg)
+
+
 def _version(x: torch.Tensor) -> int | None:
     # inference-mode tensors keep no version counter (and are not modified in place); asking raises, slowly
     return None if x.is_inference() else x._version
@@ -149,6 +155,10 @@ class TQWeight(nn.Module):
         shape = x.shape
 
         def compute():
+            if fast and x.is_cuda and _triton_rotates(self.cfg):  # one kernel instead of ~7 small ops
+                from . import triton_kernels
+
+                return triton_kernels.rotate(x.reshape(-1, self.in_features), self.cfg, column).reshape(shape)
             xs = x.float() if column is None else x.float() * column
             xg = xs.reshape(*shape[:-1], self.in_features // self.group, self.group)
             if fast:

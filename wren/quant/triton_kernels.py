@@ -22,7 +22,8 @@ import os
 
 import torch
 
-from .turboquant import TQConfig, _centroids, _runs, packed_size
+from . import cpu_kernels
+from .turboquant import _HADAMARD_ROUNDS, TQConfig, _block_size, _centroids, _hadamard_plan, _runs, packed_size
 
 try:  # Triton is optional: CUDA machines have it, the CPU wheels of PyTorch do not
     import triton
@@ -181,6 +182,34 @@ if triton is not None:
     _tq_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "BLOCK_M"],
                                      reset_to_zero=["out_ptr"])(_tq_gemv_split)
 
+    @triton.jit
+    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, ROWS, K: tl.constexpr,
+                        DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr, HAS_COL: tl.constexpr,
+                        HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr):
+        """A round of the rotation on TILE runs of BLOCK values (a run: one Hadamard block of one group):
+        read (through the permutation between rounds, if any; times the column scales before the first),
+        times the round's signs, times the normalised Sylvester matrix. With BOTH (a group that is one
+        block: no permutation), the second round follows in registers."""
+        NB: tl.constexpr = DIM // BLOCK
+        r = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        c = tl.arange(0, BLOCK)
+        ok = (r < ROWS)[:, None]
+        at = (r % NB)[:, None] * BLOCK + c[None, :]  # position within the group
+        flat = r[:, None] * BLOCK + c[None, :]
+        if HAS_PERM:
+            x = tl.load(src_ptr + (r // NB)[:, None] * DIM + tl.load(perm_ptr + at), mask=ok, other=0.0)
+        else:
+            x = tl.load(src_ptr + flat, mask=ok, other=0.0)
+        x = x.to(tl.float32)
+        if HAS_COL:
+            x = x * tl.load(col_ptr + flat % K)
+        x = x * tl.load(signs_ptr + ROUND * DIM + at)
+        h = tl.load(h_ptr + c[:, None] * BLOCK + c[None, :])
+        y = tl.dot(x, h, input_precision="ieee")
+        if BOTH:
+            y = tl.dot(y * tl.load(signs_ptr + (ROUND + 1) * DIM + at), h, input_precision="ieee")
+        tl.store(dst_ptr + flat, y.to(dst_ptr.dtype.element_ty), mask=ok)
+
     _ALIGNED_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w)
                         for n, b, w in ((64, 64, 4), (128, 32, 4), (32, 128, 4), (16, 128, 2), (128, 64, 8))]
     # Split the input dimension only as far as needed for ~_TARGET_PROGRAMS programs: fewer atomics.
@@ -197,6 +226,42 @@ if triton is not None:
 
 def _aligned(cfg: TQConfig) -> bool:
     return cfg.bits in (1, 2, 4, 8) and (cfg.dim * int(cfg.bits)) % 8 == 0
+
+
+def rotates(cfg: TQConfig) -> bool:
+    """Whether `rotate` takes this rotation: Hadamard blocks of 16 to 128 (one tl.dot tile)."""
+    if cfg.rotation != "hadamard":
+        return False
+    block = _block_size(cfg.dim, cfg.block)
+    return 16 <= block <= 128
+
+
+def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None) -> torch.Tensor:
+    """`cpu_kernels.rotate_fast` of x [M, K] by groups of cfg.dim, x first times `column` [K] (float32), in
+    one kernel (two where a group spans several Hadamard blocks); x's dtype out."""
+    x = x.contiguous()
+    rows, k = x.shape
+    block = _block_size(cfg.dim, cfg.block)
+    signs, perm, _ = _hadamard_plan(cfg.dim, block, cfg.seed, x.device)
+    h = cpu_kernels._sylvester(block, x.device)
+    runs = rows * k // block
+    tile = 16
+    grid = (triton.cdiv(runs, tile),)
+    assert _HADAMARD_ROUNDS == 2
+    col = column if column is not None else x  # (an unused pointer where there is none)
+    if perm is None:
+        out = torch.empty_like(x)
+        _hadamard_round[grid](x, col, signs, signs, h, out, runs, K=k, DIM=cfg.dim, BLOCK=block, ROUND=0,
+                              HAS_COL=column is not None, HAS_PERM=False, BOTH=True, TILE=tile)
+        return out
+    # a permutation across the group's blocks between the rounds: a round trip through float32 memory
+    mid = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _hadamard_round[grid](x, col, signs, perm, h, mid, runs, K=k, DIM=cfg.dim, BLOCK=block, ROUND=0,
+                          HAS_COL=column is not None, HAS_PERM=False, BOTH=False, TILE=tile)
+    out = torch.empty_like(x)
+    _hadamard_round[grid](mid, col, signs, perm, h, out, runs, K=k, DIM=cfg.dim, BLOCK=block, ROUND=1,
+                          HAS_COL=False, HAS_PERM=True, BOTH=False, TILE=tile)
+    return out
 
 
 GEMV_ROWS = 8  # up to this many activation rows (decode, small batches) take _tq_gemv; more take tl.dot
