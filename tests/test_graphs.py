@@ -113,3 +113,14 @@ def test_gpu_bench_runs_on_a_tiny_shape(tmp_path):
         assert r["wren_tok_s"] > 0 and r["transformers_tok_s"] > 0 and r["limit_425_tok_s"] > 0
         assert r["logit_distance_bf16"] < 1e-2
     assert "| tiny | 2 |" in run.stdout
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly(tiny):
+    """Capture fails (here: no CUDA at all): a warning, then the same logits from the eager static step."""
+    model = wren.load(tiny["gemma3"][1])
+    prompts = torch.randint(5, 384, (2, 5), generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        captured = _steps(model, None, prompts, 3, static=True, graph=True)
+    eager = _steps(model, None, prompts, 3, static=True, graph=False)
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)

@@ -13,6 +13,8 @@ ordinary step.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import ContextLengthError
@@ -63,7 +65,15 @@ class StaticDecoder:
         if not self.graph_wanted:
             return self._forward()
         if self.graph is None:
-            self._capture()
+            length = cache.length
+            try:
+                self._capture()
+            except Exception as exc:  # noqa: BLE001 - an op that cannot be captured here: run eagerly
+                cache.length = length
+                self.graph_wanted = False
+                warnings.warn(f"wren: the decode step could not be captured in a CUDA graph, so it runs "
+                              f"eagerly ({type(exc).__name__}: {str(exc)[:300]})", RuntimeWarning, stacklevel=2)
+                return self._forward()
         self.graph.replay()
         cache.advance(1)
         return self.logits

@@ -158,7 +158,12 @@ class TQWeight(nn.Module):
             if fast and x.is_cuda and _triton_rotates(self.cfg):  # one kernel instead of ~7 small ops
                 from . import triton_kernels
 
-                return triton_kernels.rotate(x.reshape(-1, self.in_features), self.cfg, column).reshape(shape)
+                return triton_kernels.guarded(
+                    "_hadamard_round", lambda: triton_kernels.rotate(x.reshape(-1, self.in_features), self.cfg,
+                                                                     column).reshape(shape), by_matrices)
+            return by_matrices()
+
+        def by_matrices():
             xs = x.float() if column is None else x.float() * column
             xg = xs.reshape(*shape[:-1], self.in_features // self.group, self.group)
             if fast:

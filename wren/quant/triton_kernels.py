@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 
@@ -34,6 +35,24 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 def available() -> bool:
     return triton is not None and torch.cuda.is_available()
+
+
+broken: dict[str, str] = {}  # kernel -> the error that turned it off in this process
+
+
+def guarded(kernel: str, launch, fallback):
+    """launch(), or where this kernel failed to compile or launch here (a Triton or GPU this code has not
+    met), a warning, the kernel off for the rest of the process, and fallback(): a slower path still runs."""
+    if kernel not in broken:
+        try:
+            return launch()
+        except Exception as exc:  # noqa: BLE001 - compiler and driver errors have no common type
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # inside a graph capture the stream is spoiled: the capture's owner falls back
+            broken[kernel] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"wren: the Triton kernel {kernel} failed here and is off from now on "
+                          f"({broken[kernel][:300]})", RuntimeWarning, stacklevel=2)
+    return fallback()
 
 
 @functools.lru_cache(maxsize=64)
@@ -297,11 +316,19 @@ def tq_linear(x_rotated: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     x2 = x_rotated.reshape(-1, k).contiguous()
     m = x2.shape[0]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter (tests on CPU) cannot autotune
-    bucket = 1 << max(0, math.ceil(math.log2(m)))
-    ieee = x2.dtype == torch.float32
     codes, scales = codes.contiguous(), scales.contiguous()
     if m <= GEMV_ROWS and _word_aligned(cfg, k):
-        return _gemv(x2, codes, scales, cfg, interpret).to(x_rotated.dtype).reshape(*shape[:-1], n)
+        return guarded("_tq_gemv", lambda: _gemv(x2, codes, scales, cfg, interpret),
+                       lambda: _matmul(x2, codes, scales, cfg, interpret)).to(x_rotated.dtype).reshape(*shape[:-1], n)
+    return _matmul(x2, codes, scales, cfg, interpret).to(x_rotated.dtype).reshape(*shape[:-1], n)
+
+
+def _matmul(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQConfig, interpret: bool) -> torch.Tensor:
+    """Any number of rows, any rate: _tq_aligned (tl.dot per code position) or _tq_generic; float32 out."""
+    m, k = x2.shape
+    n = codes.shape[0]
+    bucket = 1 << max(0, math.ceil(math.log2(m)))
+    ieee = x2.dtype == torch.float32
     if _aligned(cfg):
         table = _layout(cfg, x2.device)[0]
         out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
@@ -313,7 +340,7 @@ def tq_linear(x_rotated: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
             _tq_aligned_split[grid](*args, **meta, BLOCK_N=16, BLOCK_B=32)
         else:
             _tq_aligned_tuned[grid](*args, **meta)
-        return out.to(x_rotated.dtype).reshape(*shape[:-1], n)
+        return out
     table, k_high, hb, lb, low_byte0, high_levels = _layout(cfg, x2.device)
     out = torch.empty(m, n, device=x2.device, dtype=torch.float32)
     block_m = 16 if m <= 16 else 64
@@ -325,4 +352,4 @@ def tq_linear(x_rotated: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
         _tq_generic[grid](*args, **meta, BLOCK_N=32, BLOCK_K=64)
     else:
         _tq_generic_tuned[grid](*args, **meta)
-    return out.to(x_rotated.dtype).reshape(*shape[:-1], n)
+    return out
