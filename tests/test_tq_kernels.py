@@ -286,19 +286,3 @@ def test_quantized_tiny_model_on_the_gpu(tiny, name):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-3
     assert wren.generate(model, "the tea", temperature=0, num_predict=4) is not None
 
-
-def test_a_failing_triton_kernel_falls_back_once_and_stays_off(monkeypatch):
-    from wren.quant import triton_kernels
-
-    monkeypatch.setattr(triton_kernels, "broken", {})
-    launches = []
-
-    def launch():
-        launches.append(1)
-        raise RuntimeError("PTX assembly failed")
-
-    with pytest.warns(RuntimeWarning, match="_k failed here"):
-        assert triton_kernels.guarded("_k", launch, lambda: "slow") == "slow"
-    assert triton_kernels.guarded("_k", launch, lambda: "slow") == "slow"
-    assert len(launches) == 1 and "PTX assembly failed" in triton_kernels.broken["_k"]
-    assert triton_kernels.guarded("_other", lambda: "fast", lambda: "slow") == "fast"

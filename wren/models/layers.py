@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import native
+from .. import native, triton_ops
 from ..quant.linear import linears
+from ..triton_ops import guarded
 
 
 class RMSNorm(nn.Module):
@@ -26,8 +27,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or residual + norm(x): one pass of the compiled kernel where it runs."""
-        if native.norms(x, self.weight) and (residual is None or residual.dtype == x.dtype):
-            return native.rms_norm(x, self.weight, self.offset, self.eps, residual=residual)
+        if residual is None or residual.dtype == x.dtype:
+            if native.norms(x, self.weight):
+                return native.rms_norm(x, self.weight, self.offset, self.eps, residual=residual)
+            if triton_ops.norms(x, self.weight):
+                return guarded("rms_norm", lambda: triton_ops.rms_norm(x, self.weight, self.offset, self.eps,
+                                                                       residual=residual),
+                               lambda: self.by_ops(x, residual))
+        return self.by_ops(x, residual)
+
+    def by_ops(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         h = x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
@@ -64,6 +73,10 @@ def norm_rope(norm: RMSNorm, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """apply_rope(norm(x), cos, sin) for x [B, T, H, D]; one pass of the compiled kernel where it runs."""
     if native.norms(x, norm.weight):
         return native.rms_norm(x, norm.weight, norm.offset, norm.eps, rope=(cos, sin))
+    if triton_ops.norms(x, norm.weight):
+        return guarded("rms_norm_rope", lambda: triton_ops.rms_norm(x, norm.weight, norm.offset, norm.eps,
+                                                                    rope=(cos, sin)),
+                       lambda: apply_rope(norm.by_ops(x), cos, sin))
     return apply_rope(norm(x), cos, sin)
 
 

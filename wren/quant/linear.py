@@ -23,6 +23,7 @@ import contextlib
 
 from ..errors import BadOptionError
 from .. import native
+from ..triton_ops import guarded
 from . import cpu_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
 
@@ -158,7 +159,7 @@ class TQWeight(nn.Module):
             if fast and x.is_cuda and _triton_rotates(self.cfg):  # one kernel instead of ~7 small ops
                 from . import triton_kernels
 
-                return triton_kernels.guarded(
+                return guarded(
                     "_hadamard_round", lambda: triton_kernels.rotate(x.reshape(-1, self.in_features), self.cfg,
                                                                      column).reshape(shape), by_matrices)
             return by_matrices()

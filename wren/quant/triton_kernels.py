@@ -19,10 +19,10 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 
 import torch
 
+from ..triton_ops import guarded
 from . import cpu_kernels
 from .turboquant import _HADAMARD_ROUNDS, TQConfig, _block_size, _centroids, _hadamard_plan, _runs, packed_size
 
@@ -37,22 +37,6 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-broken: dict[str, str] = {}  # kernel -> the error that turned it off in this process
-
-
-def guarded(kernel: str, launch, fallback):
-    """launch(), or where this kernel failed to compile or launch here (a Triton or GPU this code has not
-    met), a warning, the kernel off for the rest of the process, and fallback(): a slower path still runs."""
-    if kernel not in broken:
-        try:
-            return launch()
-        except Exception as exc:  # noqa: BLE001 - compiler and driver errors have no common type
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise  # inside a graph capture the stream is spoiled: the capture's owner falls back
-            broken[kernel] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"wren: the Triton kernel {kernel} failed here and is off from now on "
-                          f"({broken[kernel][:300]})", RuntimeWarning, stacklevel=2)
-    return fallback()
 
 
 @functools.lru_cache(maxsize=64)
