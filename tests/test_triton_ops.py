@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from wren import triton_ops
 
@@ -55,6 +56,48 @@ def test_rms_norm_kernel_in_the_interpreter():
     """)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_decode_attention_kernel_in_the_interpreter():
+    """One query a sequence over a cache: grouped heads, empty slots (position -1), left padding (valid),
+    a sliding window, soft-capping, a query that sees nothing, K/V in another dtype than q."""
+    _interpret("""
+        import torch
+        from wren import triton_ops
+        from wren.models.layers import _attention_by_ops
+        g = torch.Generator().manual_seed(0)
+        cases = [  # (heads, kv heads, head dim, slots, window, softcap, q dtype, kv dtype, tolerance)
+            (4, 1, 32, 70, None, None, torch.float32, torch.float32, 1e-5),
+            (8, 2, 16, 40, 6, None, torch.float32, torch.float32, 1e-5),
+            (2, 2, 64, 130, None, 30.0, torch.float32, torch.float32, 1e-5),
+            (4, 2, 32, 50, None, None, torch.float16, torch.float16, 3e-3),  # (the interpreter's bf16 dot is wrong)
+            (4, 1, 32, 50, 9, None, torch.float32, torch.float16, 3e-3),
+        ]
+        for h, hkv, d, slots, window, cap, qt, kt, tol in cases:
+            b = 2
+            q = torch.randn(b, 1, h, d, generator=g).to(qt).transpose(1, 2)  # [B, H, 1, D], as the models make it
+            keys = torch.randn(b, hkv, slots, d, generator=g).to(kt)
+            values = torch.randn(b, hkv, slots, d, generator=g).to(kt)
+            key_pos = torch.arange(slots)
+            key_pos[slots - 7:] = -1  # empty slots
+            valid = torch.ones(b, slots, dtype=torch.bool)
+            valid[1, :5] = False  # the second sequence is left-padded
+            pos = torch.full((b, 1), slots - 10)
+            for kv_valid in (None, valid):
+                kv = (keys, values, key_pos, kv_valid)
+                ref = _attention_by_ops(q, kv, pos, window, 0.3, cap)
+                got = triton_ops.attend_one(q, keys, values, key_pos, kv_valid, pos, window, 0.3, cap)
+                assert got.shape == ref.shape and got.dtype == qt
+                err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                assert err < tol, (h, hkv, d, slots, window, cap, qt, kt, err)
+        # a query before every cached position sees nothing: zeros, as attend's nan_to_num gives
+        q = torch.randn(1, 2, 1, 16, generator=g)
+        keys = torch.randn(1, 1, 20, 16, generator=g)
+        got = triton_ops.attend_one(q, keys, keys, torch.arange(5, 25), None, torch.tensor([[2]]), None, 1.0, None)
+        assert torch.equal(got, torch.zeros_like(got))
+        print("ok")
+    """)
+
+
 def test_a_failing_triton_kernel_falls_back_once_and_stays_off(monkeypatch):
     monkeypatch.setattr(triton_ops, "broken", {})
     launches = []
@@ -71,6 +114,37 @@ def test_a_failing_triton_kernel_falls_back_once_and_stays_off(monkeypatch):
 
 
 def test_cpu_tensors_never_take_the_triton_path():
-    import torch
-
     assert not triton_ops.norms(torch.ones(2, 8), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_kernel_on_the_gpu(dtype):
+    from wren.models.layers import _attention_by_ops
+
+    g = torch.Generator().manual_seed(0)
+    for h, hkv, d, slots, window in ((32, 16, 256, 300, 64), (32, 4, 512, 300, None), (8, 1, 256, 1000, None)):
+        q = torch.randn(2, 1, h, d, generator=g).to(dtype).transpose(1, 2).cuda()
+        keys, values = (torch.randn(2, hkv, slots, d, generator=g).to(dtype).cuda() for _ in range(2))
+        key_pos = torch.arange(slots).cuda()
+        key_pos[-20:] = -1
+        pos = torch.full((2, 1), slots - 30).cuda()
+        kv = (keys, values, key_pos, None)
+        ref = _attention_by_ops(q, kv, pos, window, d ** -0.5, None)
+        assert triton_ops.attends(q, keys, values)
+        got = triton_ops.attend_one(q, keys, values, key_pos, None, pos, window, d ** -0.5, None)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_rms_norm_kernel_on_the_gpu():
+    from wren.models.layers import RMSNorm
+
+    norm = RMSNorm(5376, 1e-6).cuda()
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5376, device="cuda", dtype=torch.bfloat16)
+    assert triton_ops.norms(x, norm.weight)
+    got = triton_ops.rms_norm(x, norm.weight, 0.0, 1e-6, residual=x)
+    ref = norm.by_ops(x, x)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2

@@ -193,6 +193,17 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
         return native.attend_one(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
     if native.attends_codes(q, keys, values):
         return native.attend_codes(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
+    if triton_ops.attends(q, keys, values):  # CUDA: one kernel, the mask made inside it
+        return guarded("attend_one", lambda: triton_ops.attend_one(q, keys, values, key_pos, key_valid, pos, window,
+                                                                   scale, softcap),
+                       lambda: _attention_by_ops(q, kv, pos, window, scale, softcap))
+    return _attention_by_ops(q, kv, pos, window, scale, softcap)
+
+
+def _attention_by_ops(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int | None, scale: float,
+                      softcap: float | None) -> torch.Tensor:
+    """`cached_attention` through the mask and `attend`, in query blocks."""
+    keys, values, key_pos, key_valid = kv
     keys, values = (t.in_frame(q.dtype) if isinstance(t, Coded) else t for t in (keys, values))
     # a dense cache in another dtype (an f16 cache of an fp32 model) is read in the query's
     keys, values = (t.to(q.dtype) if isinstance(t, torch.Tensor) else t for t in (keys, values))
