@@ -98,6 +98,43 @@ def test_decode_attention_kernel_in_the_interpreter():
     """)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_decode_attention_from_cache_codes_in_the_interpreter():
+    """A TurboQuant cache read from its codes (whole and fractional rates, keys scaled per channel, other
+    rates for keys and values) against decoding them and attending with the ops."""
+    _interpret("""
+        import torch
+        from wren import triton_ops
+        from wren.kv.cache import encode_keys
+        from wren.kv.codecs import codec_for
+        from wren.models.layers import Coded, _attention_by_ops
+        g = torch.Generator().manual_seed(0)
+        b, slots = 2, 45
+        for kname, vname, h, hkv, d, window in (("tq4", "tq4", 4, 1, 64, None), ("tq3.5", "tq2.5", 8, 2, 128, 7),
+                                                  ("tq3", "tq2", 2, 2, 32, None)):
+            kc, vc = codec_for(kname, d), codec_for(vname, d)
+            key_scale = torch.rand(d, generator=g) + 0.5
+            k = torch.randn(b, hkv, slots, d, generator=g)
+            v = torch.randn(b, hkv, slots, d, generator=g)
+            keys = Coded(tuple(t.contiguous() for t in encode_keys(kc, k, key_scale)), kc, key_scale)
+            values = Coded(tuple(t.contiguous() for t in vc.encode(v)), vc)
+            q = torch.randn(b, 1, h, d, generator=g).transpose(1, 2)
+            key_pos = torch.arange(slots)
+            key_pos[-4:] = -1
+            valid = torch.ones(b, slots, dtype=torch.bool)
+            valid[0, :3] = False
+            pos = torch.full((b, 1), slots - 6)
+            for kv_valid in (None, valid):
+                kv = (keys, values, key_pos, kv_valid)
+                ref = _attention_by_ops(q, kv, pos, window, d ** -0.5, None)
+                got = triton_ops.attend_codes(q, keys, values, key_pos, kv_valid, pos, window, d ** -0.5, None)
+                assert got.shape == ref.shape and got.dtype == q.dtype
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-5, (kname, vname, h, hkv, d, window, err)
+        print("ok")
+    """)
+
+
 def test_a_failing_triton_kernel_falls_back_once_and_stays_off(monkeypatch):
     monkeypatch.setattr(triton_ops, "broken", {})
     launches = []

@@ -1,10 +1,11 @@
-"""Triton kernels for the small ops of a decode step on CUDA: RMSNorm with its residual add or RoPE, and
-one query's attention over the cache.
+"""The small ops of a decode step on CUDA as one Triton kernel each: RMSNorm with its residual add or
+RoPE, and one query's attention over the cache (dense, or a TurboQuant cache read from its codes).
 
 A token's step runs each of these once a layer on a few kilobytes; written as PyTorch ops they are ~8
 (a norm) to ~16 (attention) kernels each, and the launches, not the bytes, cost the time, even inside a
-CUDA graph. Here each is one kernel. Checked against the PyTorch ops in Triton's CPU interpreter
-(tests/test_triton_ops.py). Triton is imported at the first CUDA call only.
+CUDA graph. The kernels are in _triton_ops.py, imported at the first CUDA call only; checked against the
+PyTorch ops in Triton's CPU interpreter (tests/test_triton_ops.py). `guarded` turns off a kernel that
+fails on a GPU and takes the ops instead.
 """
 
 from __future__ import annotations
@@ -37,94 +38,10 @@ def guarded(kernel: str, launch, fallback):
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    from .quant import triton_kernels
+    from . import _triton_ops
 
-    if triton_kernels.triton is None:
-        return None
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def rms_norm_kernel(x_ptr, w_ptr, res_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps, offset, D: tl.constexpr,
-                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr, ROPE: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
-        d = tl.arange(0, BLOCK_D)
-        ok = d < D
-        x = tl.load(x_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-        y = x * r
-        if HAS_W:
-            y = y * (tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32) + offset)
-        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # the norm is rounded to x's dtype, as in PyTorch
-        if ROPE:  # half-split RoPE: the partner of coordinate d is d +- D/2, normed the same way
-            half: tl.constexpr = D // 2
-            partner = tl.where(d < half, d + half, d - half)
-            yp = tl.load(x_ptr + row * D + partner, mask=ok, other=0.0).to(tl.float32) * r
-            if HAS_W:
-                yp = yp * (tl.load(w_ptr + partner, mask=ok, other=0.0).to(tl.float32) + offset)
-            yp = yp.to(out_ptr.dtype.element_ty).to(tl.float32)
-            at = (row // heads) * D + d
-            c = tl.load(cos_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            s = tl.load(sin_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            y = y * c + tl.where(d < half, -yp, yp) * s
-        if HAS_RES:
-            y = tl.load(res_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32) + y
-        tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def attend_one_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, valid_ptr, qpos_ptr, out_ptr, S, sq_b, sq_h, sk_b, sk_h,
-                          sk_s, sv_b, sv_h, sv_s, skp_b, sva_b, sqp_b, window, scale, softcap,
-                          G: tl.constexpr, D: tl.constexpr, HAS_VALID: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
-        """The G query heads that share KV head h of sequence b, over every cache slot at once-through
-        (online softmax): a slot counts where its position is known (>= 0), not after the query's, within
-        the window, and valid."""
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
-        ok_g = g < G
-        q = tl.load(q_ptr + b * sq_b + (h * G + g)[:, None] * sq_h + d[None, :], mask=ok_g[:, None], other=0.0)
-        q = q.to(k_ptr.dtype.element_ty)
-        qpos = tl.load(qpos_ptr + b * sqp_b)
-        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_G,), tl.float32)
-        acc = tl.zeros((BLOCK_G, D), tl.float32)
-        s0 = 0
-        while s0 < S:  # (a while loop: Triton's interpreter cannot range() to a run-time bound)
-            s = s0 + tl.arange(0, BLOCK_S)
-            s0 += BLOCK_S
-            ok_s = s < S
-            kpos = tl.load(kpos_ptr + b * skp_b + s, mask=ok_s, other=-1)
-            seen = (kpos >= 0) & (kpos <= qpos)
-            if HAS_WINDOW:
-                seen = seen & (kpos > qpos - window)
-            if HAS_VALID:
-                seen = seen & (tl.load(valid_ptr + b * sva_b + s, mask=ok_s, other=0) != 0)
-            k = tl.load(k_ptr + b * sk_b + h * sk_h + s[:, None] * sk_s + d[None, :], mask=ok_s[:, None], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                scores = tl.dot(q, tl.trans(k)) * scale
-            if SOFTCAP:
-                scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))  # softcap * tanh(x / softcap)
-            scores = tl.where(seen[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            base = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() finite
-            p = tl.exp(scores - base[:, None])
-            alpha = tl.exp(m - base)
-            total = total * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + b * sv_b + h * sv_h + s[:, None] * sv_s + d[None, :], mask=ok_s[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]  # a query that sees nothing attends to nothing
-        tl.store(out_ptr + b * (G * tl.num_programs(1) * D) + (h * G + g)[:, None] * D + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=ok_g[:, None])
-
-    return {"rms_norm": rms_norm_kernel, "attend_one": attend_one_kernel, "next_power_of_2": triton.next_power_of_2}
+    return {"rms_norm": _triton_ops.rms_norm_kernel, "attend_one": _triton_ops.attend_one_kernel,
+            "attend_codes": _triton_ops.attend_codes_kernel, "next_power_of_2": _triton_ops.triton.next_power_of_2}
 
 
 def _on(x: Tensor) -> bool:
@@ -200,3 +117,52 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_val
         IEEE=keys.dtype == torch.float32, BLOCK_G=max(16, k["next_power_of_2"](group)),
         BLOCK_S=32 if d > 256 else 64)
     return out
+
+
+def reads_codes(parts: tuple) -> bool:
+    """Whether `attend_codes` can read a TurboQuant cache's buffers (codes, scales) as they lie: on CUDA."""
+    return _on(parts[0])
+
+
+def attends_codes(q: Tensor, keys, values) -> bool:
+    """Whether `attend_codes` takes this step: one query a sequence on CUDA over TurboQuant codes
+    (models.layers.Coded) of a power-of-two head size from 16 to 256, outside autograd."""
+    from .models.layers import Coded
+
+    d = q.shape[-1]
+    if not (isinstance(keys, Coded) and isinstance(values, Coded) and _on(q) and q.shape[2] == 1
+            and 16 <= d <= 256 and d & (d - 1) == 0 and not (torch.is_grad_enabled() and q.requires_grad)):
+        return False
+    (kc, ks), (vc, vs) = keys.parts, values.parts
+    return all(t.is_contiguous() for t in (kc, ks, vc, vs)) and kc.shape[:3] == vc.shape[:3]
+
+
+def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | None, pos: Tensor,
+                 window: int | None, scale: float, softcap: float | None) -> Tensor:
+    """`attend` over Coded keys and values (q [B, H, 1, D]): the query enters the keys' frame, one kernel
+    scores and weighs the codes, the output leaves the values' frame. [B, 1, H*D] in q's dtype."""
+    from .quant.triton_kernels import _layout
+
+    k = _kernels()
+    b, h, _, d = q.shape
+    (kc, ks), (vc, vs) = keys.parts, values.parts
+    hkv, slots = kc.shape[1], kc.shape[2]
+    q_in = keys.frame().enter(q).float().contiguous()
+    out = torch.empty(b, h, 1, d, dtype=torch.float32, device=q.device)
+    key_pos = key_pos if key_pos.dim() == 2 else key_pos[None]
+    valid = key_valid if key_valid is not None else key_pos
+    if valid.dtype == torch.bool:
+        valid = valid.view(torch.uint8)
+    ktab, k_high, k_hb, k_lb, k_low0, k_hl = _layout(keys.codec.cfg, q.device)
+    vtab, v_high, v_hb, v_lb, v_low0, v_hl = _layout(values.codec.cfg, q.device)
+    group = h // hkv
+    k["attend_codes"][(b, hkv)](
+        q_in, kc, ks, vc, vs, ktab, vtab, key_pos, valid, pos, out, slots,
+        key_pos.stride(0) if key_pos.shape[0] > 1 else 0, valid.stride(0) if key_valid is not None else 0,
+        pos.stride(0), int(window or 0), float(scale), float(softcap or 0.0), h, G=group, D=d,
+        K_NBYTES=kc.shape[-1], K_HIGH=k_high, K_HB=k_hb, K_LB=k_lb, K_LOW0=k_low0, K_HL=k_hl,
+        V_NBYTES=vc.shape[-1], V_HIGH=v_high, V_HB=v_hb, V_LB=v_lb, V_LOW0=v_low0, V_HL=v_hl,
+        HAS_VALID=key_valid is not None, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
+        BLOCK_G=max(16, k["next_power_of_2"](group)), BLOCK_S=32)
+    out = values.frame().leave(out).to(q.dtype)
+    return out.transpose(1, 2).reshape(b, 1, h * d)

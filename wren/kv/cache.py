@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import native
+from .. import native, triton_ops
 from ..cache import KVCache, owned_layers
 from ..models.layers import Coded
 from ..config import LayerSpec
@@ -99,9 +99,11 @@ class CompressedKVCache(KVCache):
         return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
 
     def _read(self, codec, parts: tuple, key_scale, one_token: bool):
-        """What attention reads: for one new token of one sequence, TurboQuant codes as they are (Coded) where
-        the compiled decode attention reads them, so that nothing is decoded; else the codec's read."""
-        if one_token and self.batch == 1 and isinstance(codec, TQ) and native.reads_cache_codes(codec.cfg):
+        """What attention reads: for one new token, TurboQuant codes as they are (Coded) where a decode
+        attention kernel reads them (the CPU's compiled one for one sequence, Triton's on CUDA), so that
+        nothing is decoded; else the codec's read."""
+        if one_token and isinstance(codec, TQ) and (
+                (self.batch == 1 and native.reads_cache_codes(codec.cfg)) or triton_ops.reads_codes(parts)):
             return Coded(parts, codec, key_scale)
         return codec.read(parts, self.dtype, key_scale)
 

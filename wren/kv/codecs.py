@@ -121,6 +121,9 @@ class TQ:
             return InFrame(native.decode_rows(codes, self.cfg).to(dtype), Frame(self.cfg, key_scale), scale)
         return InFrame(decode_rotated(codes, self.cfg).to(dtype), Frame(self.cfg, key_scale), scale)
 
+    def frame(self, key_scale: Tensor | None = None) -> "Frame":
+        return Frame(self.cfg, key_scale)
+
 
 class Frame(NamedTuple):
     """The rotated frame of a TQ codec, for InFrame: queries enter it, attention outputs leave it."""

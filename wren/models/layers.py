@@ -144,6 +144,10 @@ class Coded(NamedTuple):
     def in_frame(self, dtype: torch.dtype) -> InFrame:
         return self.codec.read(self.parts, dtype, self.key_scale)
 
+    def frame(self):
+        """The rotated frame the codes live in (.enter(q), .leave(out)), as `in_frame(...).frame`."""
+        return self.codec.frame(self.key_scale)
+
 
 def attend(q: torch.Tensor, k, v, mask: torch.Tensor, scale: float,
            softcap: float | None = None) -> torch.Tensor:
@@ -193,6 +197,10 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
         return native.attend_one(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
     if native.attends_codes(q, keys, values):
         return native.attend_codes(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
+    if triton_ops.attends_codes(q, keys, values):  # CUDA, a TurboQuant cache: read from its codes
+        return guarded("attend_codes", lambda: triton_ops.attend_codes(q, keys, values, key_pos, key_valid, pos,
+                                                                       window, scale, softcap),
+                       lambda: _attention_by_ops(q, kv, pos, window, scale, softcap))
     if triton_ops.attends(q, keys, values):  # CUDA: one kernel, the mask made inside it
         return guarded("attend_one", lambda: triton_ops.attend_one(q, keys, values, key_pos, key_valid, pos, window,
                                                                    scale, softcap),

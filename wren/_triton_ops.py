@@ -1,0 +1,152 @@
+"""The Triton kernels behind wren/triton_ops.py, in a module of their own: imported at the first CUDA call
+(or by the tests' interpreter runs), so that a CPU-only process never loads Triton."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, res_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps, offset, D: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_RES: tl.constexpr, ROPE: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    x = tl.load(x_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = x * r
+    if HAS_W:
+        y = y * (tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32) + offset)
+    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # the norm is rounded to x's dtype, as in PyTorch
+    if ROPE:  # half-split RoPE: the partner of coordinate d is d +- D/2, normed the same way
+        half: tl.constexpr = D // 2
+        partner = tl.where(d < half, d + half, d - half)
+        yp = tl.load(x_ptr + row * D + partner, mask=ok, other=0.0).to(tl.float32) * r
+        if HAS_W:
+            yp = yp * (tl.load(w_ptr + partner, mask=ok, other=0.0).to(tl.float32) + offset)
+        yp = yp.to(out_ptr.dtype.element_ty).to(tl.float32)
+        at = (row // heads) * D + d
+        c = tl.load(cos_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        y = y * c + tl.where(d < half, -yp, yp) * s
+    if HAS_RES:
+        y = tl.load(res_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32) + y
+    tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+@triton.jit
+def attend_one_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, valid_ptr, qpos_ptr, out_ptr, S, sq_b, sq_h, sk_b, sk_h,
+                      sk_s, sv_b, sv_h, sv_s, skp_b, sva_b, sqp_b, window, scale, softcap,
+                      G: tl.constexpr, D: tl.constexpr, HAS_VALID: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The G query heads that share KV head h of sequence b, over every cache slot at once-through
+    (online softmax): a slot counts where its position is known (>= 0), not after the query's, within
+    the window, and valid."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    ok_g = g < G
+    q = tl.load(q_ptr + b * sq_b + (h * G + g)[:, None] * sq_h + d[None, :], mask=ok_g[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    qpos = tl.load(qpos_ptr + b * sqp_b)
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    s0 = 0
+    while s0 < S:  # (a while loop: Triton's interpreter cannot range() to a run-time bound)
+        s = s0 + tl.arange(0, BLOCK_S)
+        s0 += BLOCK_S
+        ok_s = s < S
+        kpos = tl.load(kpos_ptr + b * skp_b + s, mask=ok_s, other=-1)
+        seen = (kpos >= 0) & (kpos <= qpos)
+        if HAS_WINDOW:
+            seen = seen & (kpos > qpos - window)
+        if HAS_VALID:
+            seen = seen & (tl.load(valid_ptr + b * sva_b + s, mask=ok_s, other=0) != 0)
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + s[:, None] * sk_s + d[None, :], mask=ok_s[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))  # softcap * tanh(x / softcap)
+        scores = tl.where(seen[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() finite
+        p = tl.exp(scores - base[:, None])
+        alpha = tl.exp(m - base)
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + s[:, None] * sv_s + d[None, :], mask=ok_s[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]  # a query that sees nothing attends to nothing
+    tl.store(out_ptr + b * (G * tl.num_programs(1) * D) + (h * G + g)[:, None] * D + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok_g[:, None])
+
+@triton.jit
+def coded_vectors(codes_ptr, s, ok_s, d, table_ptr, NBYTES: tl.constexpr, K_HIGH: tl.constexpr,
+                  HB: tl.constexpr, LB: tl.constexpr, LOW_BYTE0: tl.constexpr, HIGH_LEVELS: tl.constexpr):
+    """Codebook values [BLOCK_S, D] of the vectors at rows `s` of a code buffer (NBYTES a row): each
+    coordinate's bits found in the packed row (a fractional rate's two runs), looked up in the table."""
+    high = d < K_HIGH
+    bit = tl.where(high, d * HB, LOW_BYTE0 * 8 + (d - K_HIGH) * LB)
+    byte = bit >> 3
+    where = codes_ptr + s[:, None] * NBYTES + byte[None, :]
+    b0 = tl.load(where, mask=ok_s[:, None], other=0).to(tl.int32)
+    b1 = tl.load(where + 1, mask=ok_s[:, None] & (byte + 1 < NBYTES)[None, :], other=0).to(tl.int32)
+    code = ((b0 | (b1 << 8)) >> (bit & 7)[None, :]) & tl.where(high, (1 << HB) - 1, (1 << LB) - 1)[None, :]
+    return tl.load(table_ptr + tl.where(high[None, :], code, HIGH_LEVELS + code))
+
+@triton.jit
+def attend_codes_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, ktab_ptr, vtab_ptr, kpos_ptr, valid_ptr, qpos_ptr,
+                        out_ptr, S, skp_b, sva_b, sqp_b, window, scale, softcap, H, G: tl.constexpr,
+                        D: tl.constexpr, K_NBYTES: tl.constexpr, K_HIGH: tl.constexpr, K_HB: tl.constexpr,
+                        K_LB: tl.constexpr, K_LOW0: tl.constexpr, K_HL: tl.constexpr, V_NBYTES: tl.constexpr,
+                        V_HIGH: tl.constexpr, V_HB: tl.constexpr, V_LB: tl.constexpr, V_LOW0: tl.constexpr,
+                        V_HL: tl.constexpr, HAS_VALID: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        SOFTCAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """attend_one_kernel over a TurboQuant cache's codes: queries already in the keys' frame, each
+    vector's fp16 scale applied to its score (keys) or its probability (values); out in the values'
+    frame, float32 [B, H, D]."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    hkv = tl.num_programs(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    ok_g = g < G
+    q = tl.load(q_ptr + (b * H + h * G + g)[:, None] * D + d[None, :], mask=ok_g[:, None], other=0.0)
+    qpos = tl.load(qpos_ptr + b * sqp_b)
+    rows = (b * hkv + h) * S  # this head's first vector in the [B, Hkv, S, ...] buffers
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    s0 = 0
+    while s0 < S:
+        s = s0 + tl.arange(0, BLOCK_S)
+        s0 += BLOCK_S
+        ok_s = s < S
+        kpos = tl.load(kpos_ptr + b * skp_b + s, mask=ok_s, other=-1)
+        seen = (kpos >= 0) & (kpos <= qpos)
+        if HAS_WINDOW:
+            seen = seen & (kpos > qpos - window)
+        if HAS_VALID:
+            seen = seen & (tl.load(valid_ptr + b * sva_b + s, mask=ok_s, other=0) != 0)
+        k = coded_vectors(kc_ptr, rows + s, ok_s, d, ktab_ptr, K_NBYTES, K_HIGH, K_HB, K_LB, K_LOW0, K_HL)
+        kscale = tl.load(ks_ptr + rows + s, mask=ok_s, other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * kscale[None, :] * scale
+        if SOFTCAP:
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+        scores = tl.where(seen[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - base[:, None])
+        alpha = tl.exp(m - base)
+        total = total * alpha + tl.sum(p, axis=1)
+        v = coded_vectors(vc_ptr, rows + s, ok_s, d, vtab_ptr, V_NBYTES, V_HIGH, V_HB, V_LB, V_LOW0, V_HL)
+        vscale = tl.load(vs_ptr + rows + s, mask=ok_s, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p * vscale[None, :], v, input_precision="ieee")
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + (b * H + h * G + g)[:, None] * D + d[None, :], out, mask=ok_g[:, None])
