@@ -143,6 +143,24 @@ def wren_decode(model, ids: torch.Tensor, tokens: int, graph: bool | None) -> fl
     return tokens / (time.perf_counter() - t0)
 
 
+def profile_step(model, ids: torch.Tensor, path: Path) -> None:
+    """The kernels of a few eager decode steps, by total device time: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.norm.weight.device
+    cache = make_kv_cache(model, batch=ids.shape[0], max_len=ids.shape[1] + 8)
+    logits = model(ids.to(device), cache, logits_to_keep=1)[:, -1]
+    step = StaticDecoder(model, cache, graph=False)
+    token = step(logits.argmax(-1, keepdim=True)).argmax(-1, keepdim=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            token = step(token).argmax(-1, keepdim=True)
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
 def check_logits(hf, model, vocab: int, device: str) -> float:
     """Relative L2 distance of wren's logits (before quantizing) from transformers' on one prompt."""
     ids = prompt(vocab, 1, 16).to(device)
@@ -206,6 +224,8 @@ def run_shape(shape: str, args, bandwidth: float) -> list[dict]:
                          "weight_bytes_read": read, "kv_bytes_read": kv, "logit_distance_bf16": distance})
             log(f"{shape}: wren TQ4 batch {b}: {rate:.1f} tok/s ({rate / limit_425:.0%} of the 4.25-bit limit), "
                 f"without the graph {eager:.1f}")
+            if args.profile:
+                profile_step(model, prompt(vocab, b, args.prompt), Path(args.profile) / f"profile-{shape}-b{b}.txt")
     del model
     gc.collect()
     if device == "cuda":
@@ -235,6 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--profile", help="write each row's kernel profile (3 eager steps) into this folder")
     args = ap.parse_args(argv)
     bandwidth = copy_bandwidth(args.device, nbytes=(1 << 30) if args.device == "cuda" else (64 << 20))
     rows = []

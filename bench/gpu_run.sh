@@ -30,6 +30,6 @@ timeout 90 python3 bench/tq_kernels.py --shapes 31b >"$OUT/kernels.md" 2>&1
 echo "kernels rc=$?" >>"$OUT/gpu.txt"
 
 # 3. the table: decode tokens/s, wren TQ4 vs transformers bf16, as a fraction of the limit
-timeout 320 python3 bench/gpu_decode.py --json "$OUT/decode.json" >"$OUT/decode.md" 2>"$OUT/decode.log"
+timeout 320 python3 bench/gpu_decode.py --json "$OUT/decode.json" --profile "$OUT" >"$OUT/decode.md" 2>"$OUT/decode.log"
 echo "decode rc=$?" >>"$OUT/gpu.txt"
 cat "$OUT/gpu.txt" "$OUT/decode.md"
