@@ -1,17 +1,20 @@
 """The CUDA path for TurboQuant weights: Triton kernels that multiply rotated activations by packed codes.
 
 Only the packed codes cross memory (0.5 byte per weight at 4 bits); the weight is never de-rotated, the
-caller rotates the activation once (`cpu_kernels.rotate_fast` runs on any device).
+activation is rotated once instead (`rotate`: column scales, signs and Hadamard blocks in one kernel).
 
-* `_tq_aligned`: 1, 2, 4 or 8 bits, where every byte holds whole codes, so a row's groups are one
-  contiguous byte stream. Each program reads a [rows, bytes] tile with wide loads, splits each byte into
-  its codes with shifts, looks each code up in the (L1-resident) codebook and accumulates: a reduction
-  for one activation row, `tl.dot` for more. Programs also split the input dimension when there are too
-  few row blocks to fill the GPU, and add their partial sums atomically.
+* `_tq_gemv_pairs`: one activation row (decode at batch 1) at 4 bits. Each thread reads 16-byte runs of
+  32-bit code words; each byte (two codes) is looked up once in a 256-entry table of value pairs, the
+  row of x read as matching pairs; one group scale per word; programs split the input dimension (and add
+  their sums atomically) only as far as needed to fill the GPU.
+* `_tq_gemv`: up to GEMV_ROWS rows at 2, 4 or 8 bits: the same word reads, one lookup per code.
+* `_tq_aligned`: more rows (prefill) at 1, 2, 4 or 8 bits: byte tiles split into codes, `tl.dot` per
+  code position.
 * `_tq_generic`: any rate (3 bits, fractional rates' two runs): finds every code's bits in the packed
   stream one coordinate at a time. Correct everywhere, slower.
 
-Without Triton (or without a GPU) `available()` is False and the module costs nothing but this import.
+All are checked against the reference in Triton's CPU interpreter (tests/test_tq_kernels.py). Without
+Triton (or without a GPU) `available()` is False and the module costs nothing but this import.
 """
 
 from __future__ import annotations
@@ -174,6 +177,49 @@ if triton is not None:
         else:
             tl.atomic_add(where, acc, mask=ok_out)
 
+    @triton.jit
+    def _tq_gemv_pairs(x_ptr, words_ptr, scales_ptr, pairs_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLITS: tl.constexpr):
+        """_tq_gemv for one activation row at 4 bits, with half the lookups: each byte of codes (two codes)
+        is looked up once in a 256-entry table of value pairs (two float32 bit patterns in an int64), and
+        the row of x is read as contiguous pairs that line up with them."""
+        ROW_WORDS: tl.constexpr = K // 8
+        GROUP_WORDS: tl.constexpr = GROUP // 8
+        GROUPS: tl.constexpr = K // GROUP
+        PER_SPLIT: tl.constexpr = (ROW_WORDS + SPLITS * BLOCK_W - 1) // (SPLITS * BLOCK_W) * BLOCK_W
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok_n = rn < N
+        byte = tl.arange(0, 4)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i in range(0, PER_SPLIT, BLOCK_W):
+            rw = pid_k * PER_SPLIT + i + tl.arange(0, BLOCK_W)
+            ok_w = rw < ROW_WORDS
+            ok = ok_n[:, None] & ok_w[None, :]
+            words = tl.load(words_ptr + rn[:, None] * ROW_WORDS + rw[None, :], mask=ok, other=0)
+            scale = tl.load(scales_ptr + rn[:, None] * GROUPS + (rw // GROUP_WORDS)[None, :], mask=ok,
+                            other=0.0).to(tl.float32)
+            pair = tl.load(pairs_ptr + ((words[:, :, None] >> (byte * 8)[None, None, :]) & 255))
+            low = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # the byte's first code
+            high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # and its second
+            at = rw[:, None, None] * 8 + byte[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+            x_low, x_high = tl.split(tl.load(x_ptr + at, mask=ok_w[:, None, None], other=0.0).to(tl.float32))
+            part = tl.sum(low * x_low[None, :, :] + high * x_high[None, :, :], axis=2)
+            acc += tl.sum(part * scale, axis=1)
+        if SPLITS == 1:
+            tl.store(out_ptr + rn, acc, mask=ok_n)
+        else:
+            tl.atomic_add(out_ptr + rn, acc, mask=ok_n)
+
+    _PAIRS_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
+                      for n, w, nw in ((16, 32, 4), (32, 16, 4), (8, 64, 4), (32, 32, 8), (64, 16, 8), (16, 64, 8))]
+    _tq_gemv_pairs_split = triton.heuristics({"SPLITS": lambda a: max(1, min(
+        triton.cdiv(a["K"] // 8, a["BLOCK_W"]), _TARGET_PROGRAMS // triton.cdiv(a["N"], a["BLOCK_N"])))})(
+        _tq_gemv_pairs)
+    _tq_gemv_pairs_tuned = triton.autotune(configs=_PAIRS_CONFIGS, key=["N", "K"], reset_to_zero=["out_ptr"])(
+        _tq_gemv_pairs_split)
+
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
                      for n, w, nw in ((16, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8), (64, 32, 8), (8, 128, 4),
                                       (128, 16, 8))]
@@ -275,12 +321,29 @@ def _word_aligned(cfg: TQConfig, k: int) -> bool:
     return cfg.bits in (2, 4, 8) and (cfg.dim * int(cfg.bits)) % 32 == 0 and (k * int(cfg.bits)) % 32 == 0
 
 
+@functools.lru_cache(maxsize=64)
+def _pairs(cfg: TQConfig, device: torch.device) -> torch.Tensor:
+    """The 4-bit codebook as 256 value pairs, one per byte of codes: the float32 bits of the low nibble's
+    value in the low half of an int64, the high nibble's in the high half."""
+    bits = _layout(cfg, device)[0].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    byte = torch.arange(256, device=device)
+    return (bits[byte & 15] | (bits[byte >> 4] << 32)).contiguous()
+
+
 def _gemv(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQConfig, interpret: bool) -> torch.Tensor:
     m, k = x2.shape
     n = codes.shape[0]
     words = codes.reshape(n, -1).view(torch.int32)  # little-endian: code j of a word sits at bits j*BITS
-    table = _layout(cfg, x2.device)[0]
     out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+    if m == 1 and cfg.bits == 4:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])  # noqa: E731
+        args = (x2, words, scales, _pairs(cfg, x2.device), out, n)
+        if interpret:
+            _tq_gemv_pairs_split[grid](*args, K=k, GROUP=cfg.dim, BLOCK_N=16, BLOCK_W=8)
+        else:
+            _tq_gemv_pairs_tuned[grid](*args, K=k, GROUP=cfg.dim)
+        return out
+    table = _layout(cfg, x2.device)[0]
     block_m = triton.next_power_of_2(m)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])  # noqa: E731
     args = (x2, words, scales, table, out, m, n)
