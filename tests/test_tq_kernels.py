@@ -222,6 +222,29 @@ def _interpret(script: str) -> None:
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_triton_grouped_gemv_in_the_interpreter():
+    """q/k/v (or gate/up) of one input in one launch: each output equals its matrix's own product."""
+    script = textwrap.dedent("""
+        import torch
+        from wren.quant import triton_kernels
+        from wren.quant.linear import TQLinear, reference_path
+        g = torch.Generator().manual_seed(0)
+        for group, outs in ((128, (96, 40, 40)), (0, (64, 200))):
+            layers = [TQLinear.from_dense(torch.randn(n, 256, generator=g), 4, group or 256, seed=2) for n in outs]
+            x = torch.randn(1, 1, 256, generator=g)
+            xr = layers[0].rotate_input(x, fast=True)
+            got = triton_kernels.tq_linears(xr, [(m.codes, m.scales) for m in layers], layers[0].cfg)
+            for y, m in zip(got, layers):
+                with reference_path():
+                    ref = m(x)
+                assert y.shape == ref.shape, (y.shape, ref.shape)
+                assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+        print("ok")
+    """)
+    _interpret(script)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
 def test_triton_rotation_in_the_interpreter():
     """The CUDA path's activation rotation (one kernel; two where a group spans several Hadamard blocks)
     against the CPU's, with and without column scales, in float32 and bf16."""

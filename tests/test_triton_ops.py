@@ -135,6 +135,26 @@ def test_decode_attention_from_cache_codes_in_the_interpreter():
     """)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_gelu_mul_kernel_in_the_interpreter():
+    _interpret("""
+        import torch
+        from wren import triton_ops
+        from wren.models.layers import gelu_tanh
+        k = triton_ops._kernels()["gelu_mul"]
+        g = torch.Generator().manual_seed(0)
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+            gate = (torch.randn(3, 1500, generator=g) * 4).to(dtype)
+            up = torch.randn(3, 1500, generator=g).to(dtype)
+            out = torch.empty_like(gate)
+            k[(3,)](gate, up, out, gate.numel(), BLOCK=2048)
+            ref = gelu_tanh(gate.float()) * up.float()
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < tol, (dtype, err)
+        print("ok")
+    """)
+
+
 def test_a_failing_triton_kernel_falls_back_once_and_stays_off(monkeypatch):
     monkeypatch.setattr(triton_ops, "broken", {})
     launches = []

@@ -150,3 +150,15 @@ def attend_codes_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, ktab_ptr, vtab_pt
         m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptr + (b * H + h * G + g)[:, None] * D + d[None, :], out, mask=ok_g[:, None])
+
+
+@triton.jit
+def gelu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """gelu_tanh(gate) * up, elementwise, in float32."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    g = tl.load(gate_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) (g + 0.044715 g^3)
+    tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+    tl.store(out_ptr + i, (0.5 * g * (1.0 + tanh) * u).to(out_ptr.dtype.element_ty), mask=ok)

@@ -1,5 +1,6 @@
 """The small ops of a decode step on CUDA as one Triton kernel each: RMSNorm with its residual add or
-RoPE, and one query's attention over the cache (dense, or a TurboQuant cache read from its codes).
+RoPE, gelu(gate) * up, and one query's attention over the cache (dense, or a TurboQuant cache read from
+its codes).
 
 A token's step runs each of these once a layer on a few kilobytes; written as PyTorch ops they are ~8
 (a norm) to ~16 (attention) kernels each, and the launches, not the bytes, cost the time, even inside a
@@ -41,7 +42,8 @@ def _kernels():
     from . import _triton_ops
 
     return {"rms_norm": _triton_ops.rms_norm_kernel, "attend_one": _triton_ops.attend_one_kernel,
-            "attend_codes": _triton_ops.attend_codes_kernel, "next_power_of_2": _triton_ops.triton.next_power_of_2}
+            "attend_codes": _triton_ops.attend_codes_kernel, "gelu_mul": _triton_ops.gelu_mul_kernel,
+            "next_power_of_2": _triton_ops.triton.next_power_of_2}
 
 
 def _on(x: Tensor) -> bool:
@@ -166,3 +168,14 @@ def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | N
         BLOCK_G=max(16, k["next_power_of_2"](group)), BLOCK_S=32)
     out = values.frame().leave(out).to(q.dtype)
     return out.transpose(1, 2).reshape(b, 1, h * d)
+
+
+def gelu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
+    """gelu_tanh(gate) * up in one kernel on CUDA (outside autograd, same shapes and dtype), else None."""
+    if not (_on(gate) and gate.shape == up.shape and gate.dtype == up.dtype and gate.is_contiguous()
+            and up.is_contiguous() and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+        return None
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    _kernels()["gelu_mul"][(-(-n // 1024),)](gate, up, out, n, BLOCK=1024)
+    return out

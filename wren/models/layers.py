@@ -96,6 +96,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linears(x, (self.gate_proj, self.up_proj))
         middle = native.gelu_mul(gate, up)
+        if middle is None:
+            middle = guarded("gelu_mul", lambda: triton_ops.gelu_mul(gate, up), lambda: None)
         return self.down_proj(gelu_tanh(gate) * up if middle is None else middle)
 
 

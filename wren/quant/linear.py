@@ -253,12 +253,29 @@ class TQWeight(nn.Module):
 def linears(x: torch.Tensor, modules) -> list[torch.Tensor]:
     """[m(x) for m in modules]: TurboQuant layers that read x the same way (q/k/v, gate/up) in one call of the
     compiled kernels, one pass of the thread pool; anything else (dense, LoRA-wrapped) one by one."""
+    if x.is_cuda and _same_input(x, modules):  # one rotation, one Triton launch for all (one row, 4 bits)
+        from . import triton_kernels
+
+        if triton_kernels.available():
+            first = modules[0]
+            return triton_kernels.tq_linears(first.rotate_input(x, fast=True),
+                                             [(m.codes, m.scales) for m in modules], first.cfg)
     if len(modules) <= 8 and all(isinstance(m, TQWeight) and m.takes_native(x) for m in modules):
         inputs = [m.native_input(x) for m in modules]
         if all(q is inputs[0] for q in inputs):  # the same rotation and column scales: one quantized input
             outs = native.matmul_many(inputs[0], [m.native_weight() for m in modules])
             return [y.reshape(*x.shape[:-1], m.out_features).to(x.dtype) for y, m in zip(outs, modules)]
     return [m(x) for m in modules]
+
+
+def _same_input(x: torch.Tensor, modules) -> bool:
+    """Whether the TurboQuant layers read x alike (rate, groups, rotation, column scales): one rotated input."""
+    if not (_fast_paths and 1 < len(modules) <= 3 and all(isinstance(m, TQWeight) for m in modules)):
+        return False
+    first = modules[0]
+    return (first.cfg.rotation == "hadamard" and not (x.requires_grad and torch.is_grad_enabled())
+            and all(m.cfg == first.cfg and m.in_features == first.in_features
+                    and m.column_scale()[1] == first.column_scale()[1] for m in modules))
 
 
 class TQLinear(TQWeight):

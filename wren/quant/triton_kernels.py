@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from ..triton_ops import guarded
+from ..triton_ops import broken, guarded
 from . import cpu_kernels
 from .turboquant import _HADAMARD_ROUNDS, TQConfig, _block_size, _centroids, _hadamard_plan, _runs, packed_size
 
@@ -178,19 +178,31 @@ if triton is not None:
             tl.atomic_add(where, acc, mask=ok_out)
 
     @triton.jit
-    def _tq_gemv_pairs(x_ptr, words_ptr, scales_ptr, pairs_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLITS: tl.constexpr):
+    def _tq_gemv_pairs(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, pairs_ptr, out_ptr, N0, N1, N2,
+                       K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                       SPLITS: tl.constexpr):
         """_tq_gemv for one activation row at 4 bits, with half the lookups: each byte of codes (two codes)
         is looked up once in a 256-entry table of value pairs (two float32 bit patterns in an int64), and
-        the row of x is read as contiguous pairs that line up with them."""
+        the row of x is read as contiguous pairs that line up with them. Up to three matrices that read the
+        same input (q/k/v, gate/up) in one launch: the row blocks of each in turn, their outputs side by
+        side in one row."""
         ROW_WORDS: tl.constexpr = K // 8
         GROUP_WORDS: tl.constexpr = GROUP // 8
         GROUPS: tl.constexpr = K // GROUP
         PER_SPLIT: tl.constexpr = (ROW_WORDS + SPLITS * BLOCK_W - 1) // (SPLITS * BLOCK_W) * BLOCK_W
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok_n = rn < N
+        nb0 = tl.cdiv(N0, BLOCK_N)
+        nb1 = tl.cdiv(N1, BLOCK_N)
+        in1 = pid_n >= nb0
+        in2 = pid_n >= nb0 + nb1
+        words_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
+        scales_ptr = tl.where(in2, s2_ptr, tl.where(in1, s1_ptr, s0_ptr))
+        n = tl.where(in2, N2, tl.where(in1, N1, N0))
+        block = tl.where(in2, pid_n - nb0 - nb1, tl.where(in1, pid_n - nb0, pid_n))
+        column = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
+        rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok_n = rn < n
         byte = tl.arange(0, 4)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for i in range(0, PER_SPLIT, BLOCK_W):
@@ -208,17 +220,16 @@ if triton is not None:
             part = tl.sum(low * x_low[None, :, :] + high * x_high[None, :, :], axis=2)
             acc += tl.sum(part * scale, axis=1)
         if SPLITS == 1:
-            tl.store(out_ptr + rn, acc, mask=ok_n)
+            tl.store(out_ptr + column + rn, acc, mask=ok_n)
         else:
-            tl.atomic_add(out_ptr + rn, acc, mask=ok_n)
+            tl.atomic_add(out_ptr + column + rn, acc, mask=ok_n)
 
     _PAIRS_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
                       for n, w, nw in ((16, 32, 4), (32, 16, 4), (8, 64, 4), (32, 32, 8), (64, 16, 8), (16, 64, 8))]
     _tq_gemv_pairs_split = triton.heuristics({"SPLITS": lambda a: max(1, min(
-        triton.cdiv(a["K"] // 8, a["BLOCK_W"]), _TARGET_PROGRAMS // triton.cdiv(a["N"], a["BLOCK_N"])))})(
-        _tq_gemv_pairs)
-    _tq_gemv_pairs_tuned = triton.autotune(configs=_PAIRS_CONFIGS, key=["N", "K"], reset_to_zero=["out_ptr"])(
-        _tq_gemv_pairs_split)
+        triton.cdiv(a["K"] // 8, a["BLOCK_W"]), _TARGET_PROGRAMS // _row_blocks(a)))})(_tq_gemv_pairs)
+    _tq_gemv_pairs_tuned = triton.autotune(configs=_PAIRS_CONFIGS, key=["N0", "N1", "N2", "K"],
+                                           reset_to_zero=["out_ptr"])(_tq_gemv_pairs_split)
 
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
                      for n, w, nw in ((16, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8), (64, 32, 8), (8, 128, 4),
@@ -330,19 +341,48 @@ def _pairs(cfg: TQConfig, device: torch.device) -> torch.Tensor:
     return (bits[byte & 15] | (bits[byte >> 4] << 32)).contiguous()
 
 
+def _row_blocks(a: dict) -> int:
+    return sum(triton.cdiv(a[n], a["BLOCK_N"]) for n in ("N0", "N1", "N2"))
+
+
+def _gemv_pairs(x2: torch.Tensor, weights: list, cfg: TQConfig, interpret: bool) -> torch.Tensor:
+    """One row times up to three 4-bit matrices ((words, scales) each) in one launch: [1, sum of outs]."""
+    ns = [w.shape[0] for w, _ in weights] + [0] * (3 - len(weights))
+    padded = weights + [weights[0]] * (3 - len(weights))  # (pointers the kernel never reads)
+    out = torch.zeros(1, sum(ns), device=x2.device, dtype=torch.float32)
+    grid = lambda meta: (_row_blocks({**meta, "N0": ns[0], "N1": ns[1], "N2": ns[2]}), meta["SPLITS"])  # noqa: E731
+    args = (x2, *[t for pair in padded for t in pair], _pairs(cfg, x2.device), out, *ns)
+    if interpret:
+        _tq_gemv_pairs_split[grid](*args, K=x2.shape[1], GROUP=cfg.dim, BLOCK_N=16, BLOCK_W=8)
+    else:
+        _tq_gemv_pairs_tuned[grid](*args, K=x2.shape[1], GROUP=cfg.dim)
+    return out
+
+
+def tq_linears(x_rotated: torch.Tensor, weights: list, cfg: TQConfig) -> list[torch.Tensor]:
+    """[tq_linear(x_rotated, codes, scales, cfg) for (codes, scales) in weights]: for one row at 4 bits,
+    up to three matrices in one launch."""
+    k = x_rotated.shape[-1]
+    if not (x_rotated.numel() == k and cfg.bits == 4 and _word_aligned(cfg, k) and len(weights) <= 3):
+        return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
+    x2 = x_rotated.reshape(1, k).contiguous()
+    words = [(c.contiguous().reshape(c.shape[0], -1).view(torch.int32), s.contiguous()) for c, s in weights]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    out = guarded("_tq_gemv_pairs", lambda: _gemv_pairs(x2, words, cfg, interpret), lambda: None)
+    if out is None:
+        return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
+    out = out.to(x_rotated.dtype)
+    splits = out.split([c.shape[0] for c, _ in weights], dim=-1)
+    return [y.reshape(*x_rotated.shape[:-1], y.shape[-1]) for y in splits]
+
+
 def _gemv(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQConfig, interpret: bool) -> torch.Tensor:
     m, k = x2.shape
     n = codes.shape[0]
     words = codes.reshape(n, -1).view(torch.int32)  # little-endian: code j of a word sits at bits j*BITS
     out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
-    if m == 1 and cfg.bits == 4:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])  # noqa: E731
-        args = (x2, words, scales, _pairs(cfg, x2.device), out, n)
-        if interpret:
-            _tq_gemv_pairs_split[grid](*args, K=k, GROUP=cfg.dim, BLOCK_N=16, BLOCK_W=8)
-        else:
-            _tq_gemv_pairs_tuned[grid](*args, K=k, GROUP=cfg.dim)
-        return out
+    if m == 1 and cfg.bits == 4 and "_tq_gemv_pairs" not in broken:
+        return _gemv_pairs(x2, [(words, scales)], cfg, interpret)
     table = _layout(cfg, x2.device)[0]
     block_m = triton.next_power_of_2(m)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])  # noqa: E731
