@@ -205,3 +205,51 @@ def test_rms_norm_kernel_on_the_gpu():
     got = triton_ops.rms_norm(x, norm.weight, 0.0, 1e-6, residual=x)
     ref = norm.by_ops(x, x)
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+@pytest.mark.parametrize("name,kv", [("gemma4-e2b", None), ("gemma3", "tq3.5"), ("gemma4-e4b", "tq4")])
+def test_the_cuda_decode_step_in_the_interpreter(tiny, name, kv):
+    """The whole CUDA path of a quantized model's static decode step (rotation, grouped GEMV, norms, RoPE,
+    attention from dense or TurboQuant caches, gelu, PLE rows handed in) run on CPU tensors by Triton's
+    interpreter, against the same step on the exact float32 reference path (the Triton kernels do exact
+    float32 arithmetic on the codebook values): every dispatch, shape and stride the GPU will see, short of
+    the graph capture and the compiler."""
+    _interpret(f"""
+        import torch, wren
+        from wren import triton_ops
+        from wren.graphs import StaticDecoder
+        from wren.kv import make_kv_cache
+        from wren.quant import folder
+        from wren.quant.linear import reference_path
+        model = wren.load({str(tiny[name][1])!r})
+        folder.quantize_model(model, bits=4, group=0, embed_bits=4, module_bits={{}})
+        prompt = torch.randint(5, 384, (1, 5), generator=torch.Generator().manual_seed(4))
+        cpu_path = triton_ops.takes
+        calls = []
+
+        def everywhere(x):
+            calls.append(1)
+            return True
+
+        def run(triton):
+            triton_ops.takes = everywhere if triton else cpu_path
+            cache = make_kv_cache(model, batch=1, max_len=16, spec={kv!r})
+            with torch.inference_mode():
+                logits = model(prompt, cache, logits_to_keep=1)[:, -1]
+                step = StaticDecoder(model, cache, graph=False)
+                out = []
+                for _ in range(4):
+                    logits = step(logits.argmax(-1, keepdim=True)).clone()
+                    out.append(logits)
+            return out
+
+        with reference_path():
+            reference = run(False)
+        interpreted = run(True)
+        assert calls and not triton_ops.broken, triton_ops.broken
+        for a, b in zip(reference, interpreted):
+            err = ((a - b).abs().max() / a.abs().max()).item()
+            assert err < 1e-4, err
+        print("ok")
+    """)

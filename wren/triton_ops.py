@@ -46,7 +46,9 @@ def _kernels():
             "next_power_of_2": _triton_ops.triton.next_power_of_2}
 
 
-def _on(x: Tensor) -> bool:
+def takes(x: Tensor) -> bool:
+    """Whether tensors like x take the Triton kernels: on CUDA, where Triton is installed. (The one place
+    that decides it: the tests point it at CPU tensors to run the whole CUDA step in Triton's interpreter.)"""
     if not x.is_cuda:
         return False
     from .quant import triton_kernels
@@ -56,7 +58,7 @@ def _on(x: Tensor) -> bool:
 
 def norms(x: Tensor, weight: Tensor | None) -> bool:
     """Whether `rms_norm` takes x: a CUDA tensor (outside autograd) whose rows fit one program."""
-    return (_on(x) and 0 < x.shape[-1] <= MAX_NORM_WIDTH
+    return (takes(x) and 0 < x.shape[-1] <= MAX_NORM_WIDTH
             and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))))
 
 
@@ -91,7 +93,7 @@ def attends(q: Tensor, keys, values) -> bool:
     """Whether `attend_one` takes this step: one query a sequence, on CUDA, outside autograd, over dense
     cached K/V of one dtype whose head vectors are contiguous, a power-of-two head size of at least 16."""
     d = q.shape[-1]
-    return (isinstance(keys, Tensor) and isinstance(values, Tensor) and _on(q) and q.shape[2] == 1
+    return (isinstance(keys, Tensor) and isinstance(values, Tensor) and takes(q) and q.shape[2] == 1
             and q.stride(-1) == 1 and keys.dtype == values.dtype and keys.stride(-1) == 1 and values.stride(-1) == 1
             and 16 <= d <= 512 and d & (d - 1) == 0 and keys.shape[-1] == d
             and not (torch.is_grad_enabled() and q.requires_grad))
@@ -123,7 +125,7 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_val
 
 def reads_codes(parts: tuple) -> bool:
     """Whether `attend_codes` can read a TurboQuant cache's buffers (codes, scales) as they lie: on CUDA."""
-    return _on(parts[0])
+    return takes(parts[0])
 
 
 def attends_codes(q: Tensor, keys, values) -> bool:
@@ -132,7 +134,7 @@ def attends_codes(q: Tensor, keys, values) -> bool:
     from .models.layers import Coded
 
     d = q.shape[-1]
-    if not (isinstance(keys, Coded) and isinstance(values, Coded) and _on(q) and q.shape[2] == 1
+    if not (isinstance(keys, Coded) and isinstance(values, Coded) and takes(q) and q.shape[2] == 1
             and 16 <= d <= 256 and d & (d - 1) == 0 and not (torch.is_grad_enabled() and q.requires_grad)):
         return False
     (kc, ks), (vc, vs) = keys.parts, values.parts
@@ -172,7 +174,7 @@ def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | N
 
 def gelu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
     """gelu_tanh(gate) * up in one kernel on CUDA (outside autograd, same shapes and dtype), else None."""
-    if not (_on(gate) and gate.shape == up.shape and gate.dtype == up.dtype and gate.is_contiguous()
+    if not (takes(gate) and gate.shape == up.shape and gate.dtype == up.dtype and gate.is_contiguous()
             and up.is_contiguous() and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
         return None
     out = torch.empty_like(gate)

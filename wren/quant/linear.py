@@ -23,6 +23,7 @@ import contextlib
 
 from ..errors import BadOptionError
 from .. import native
+from .. import triton_ops
 from ..triton_ops import guarded
 from . import cpu_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
@@ -84,7 +85,7 @@ def quantize_weight(w: torch.Tensor, bits: float, group: int, seed: int) -> tupl
 def _triton_rotates(cfg) -> bool:
     from . import triton_kernels  # imported on first CUDA use: Triton holds ~50 MB on a CPU machine
 
-    return triton_kernels.available() and triton_kernels.rotates(cfg)
+    return triton_kernels.rotates(cfg)
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -156,7 +157,7 @@ class TQWeight(nn.Module):
         shape = x.shape
 
         def compute():
-            if fast and x.is_cuda and _triton_rotates(self.cfg):  # one kernel instead of ~7 small ops
+            if fast and triton_ops.takes(x) and _triton_rotates(self.cfg):  # one kernel, not ~7 small ops
                 from . import triton_kernels
 
                 return guarded(
@@ -221,11 +222,10 @@ class TQWeight(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         fast = _fast_paths and self.cfg.rotation == "hadamard"
-        if fast and x.is_cuda:
+        if fast and triton_ops.takes(x):
             from . import triton_kernels  # imported on first CUDA use: Triton holds ~50 MB on a CPU machine
 
-            if triton_kernels.available():
-                return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
+            return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
         if fast and x.device.type == "cpu":
             if self.takes_native(x):
                 y = self.native_weight().matmul(self.native_input(x))
@@ -253,13 +253,14 @@ class TQWeight(nn.Module):
 def linears(x: torch.Tensor, modules) -> list[torch.Tensor]:
     """[m(x) for m in modules]: TurboQuant layers that read x the same way (q/k/v, gate/up) in one call of the
     compiled kernels, one pass of the thread pool; anything else (dense, LoRA-wrapped) one by one."""
-    if x.is_cuda and _same_input(x, modules):  # one rotation, one Triton launch for all (one row, 4 bits)
+    if triton_ops.takes(x):  # CUDA: one rotation and one Triton launch for all where they read x alike
+        if not _same_input(x, modules):
+            return [m(x) for m in modules]
         from . import triton_kernels
 
-        if triton_kernels.available():
-            first = modules[0]
-            return triton_kernels.tq_linears(first.rotate_input(x, fast=True),
-                                             [(m.codes, m.scales) for m in modules], first.cfg)
+        first = modules[0]
+        return triton_kernels.tq_linears(first.rotate_input(x, fast=True), [(m.codes, m.scales) for m in modules],
+                                         first.cfg)
     if len(modules) <= 8 and all(isinstance(m, TQWeight) and m.takes_native(x) for m in modules):
         inputs = [m.native_input(x) for m in modules]
         if all(q is inputs[0] for q in inputs):  # the same rotation and column scales: one quantized input
