@@ -1,7 +1,7 @@
 """Decode speed on one GPU: wren's TurboQuant 4-bit weights against `transformers` bf16 eager, on Gemma 4
 shapes with random weights, as a fraction of what the memory allows.
 
-    python bench/gpu_decode.py                              # a CUDA machine: the 31B and E2B shapes
+    python bench/gpu_decode.py                              # a CUDA machine: the E2B and 31B shapes
     python bench/gpu_decode.py --shapes e2b --batch 1       # one row
     python bench/gpu_decode.py --shapes tiny --device cpu   # the same code on a tiny shape (the tests run it)
 
@@ -224,7 +224,7 @@ def run_shape(shape: str, args, bandwidth: float) -> list[dict]:
                          "weight_bytes_read": read, "kv_bytes_read": kv, "logit_distance_bf16": distance})
             log(f"{shape}: wren TQ4 batch {b}: {rate:.1f} tok/s ({rate / limit_425:.0%} of the 4.25-bit limit), "
                 f"without the graph {eager:.1f}")
-            if args.profile:
+            if args.profile and b == args.batch[0]:  # one profile a shape (the device tool returns 8 files)
                 profile_step(model, prompt(vocab, b, args.prompt), Path(args.profile) / f"profile-{shape}-b{b}.txt")
     del model
     gc.collect()
@@ -248,22 +248,23 @@ def table(rows: list[dict], bandwidth: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["31b", "e2b"], choices=sorted(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["e2b", "31b"], choices=sorted(SHAPES))
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens timed per run")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write the rows to this JSON file")
-    ap.add_argument("--profile", help="write each row's kernel profile (3 eager steps) into this folder")
+    ap.add_argument("--profile", help="write each shape's kernel profile (3 eager steps at the first batch size) "
+                                      "into this folder")
     args = ap.parse_args(argv)
     bandwidth = copy_bandwidth(args.device, nbytes=(1 << 30) if args.device == "cuda" else (64 << 20))
     rows = []
     for shape in args.shapes:
         rows += run_shape(shape, args, bandwidth)
+        if args.json:  # after each shape: a run cut short by a time limit keeps what it measured
+            Path(args.json).write_text(json.dumps({"bandwidth_bytes_s": bandwidth, "rows": rows}, indent=1))
     print(table(rows, bandwidth))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"bandwidth_bytes_s": bandwidth, "rows": rows}, indent=1))
     return 0
 
 

@@ -6,8 +6,9 @@
 #
 # .gpu/whl holds the wheels wren needs that the device image lacks (gguf), downloaded here beforehand with
 # the device README's `pip download` line. Everything lands in $OUT: the GPU tests' log, the kernel table
-# (bench/tq_kernels.py) and the decode table (bench/gpu_decode.py) with its JSON rows. Each stage has its
-# own time limit so that a hang in one still brings the others' results back.
+# (bench/tq_kernels.py) and the decode table (bench/gpu_decode.py) with its JSON rows, its log and one
+# kernel profile a shape: 8 files, the most the device tool brings back. Each stage has its own time limit
+# so that a hang in one still brings the others' results back.
 set -u
 OUT=${OUT:-/tmp/wren-gpu}
 mkdir -p "$OUT"
