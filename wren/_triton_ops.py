@@ -32,14 +32,43 @@ def rms_norm_kernel(x_ptr, w_ptr, res_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps
         y = tl.load(res_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32) + y
     tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=ok)
 
+
+@triton.jit
+def seen_slots(kpos_ptr, valid_ptr, b, skp_b, sva_b, s, ok_s, qpos, window, HAS_WINDOW: tl.constexpr,
+               HAS_VALID: tl.constexpr):
+    """Which cache slots `s` of sequence b the query at `qpos` attends to: a known position (>= 0), not
+    after the query's, within the window, and valid (not left padding)."""
+    kpos = tl.load(kpos_ptr + b * skp_b + s, mask=ok_s, other=-1)
+    seen = (kpos >= 0) & (kpos <= qpos)
+    if HAS_WINDOW:
+        seen = seen & (kpos > qpos - window)
+    if HAS_VALID:
+        seen = seen & (tl.load(valid_ptr + b * sva_b + s, mask=ok_s, other=0) != 0)
+    return seen
+
+
+@triton.jit
+def online_softmax(scores, seen, m, total, softcap, SOFTCAP: tl.constexpr):
+    """One block of slots of a running softmax: (soft-capped) scores of the unseen slots dropped, the
+    probabilities against the new running max, the factor that rescales what came before, the new max
+    and the new sum."""
+    if SOFTCAP:
+        scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))  # softcap * tanh(x / softcap)
+    scores = tl.where(seen[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() finite
+    p = tl.exp(scores - base[:, None])
+    alpha = tl.exp(m - base)
+    return p, alpha, m_new, total * alpha + tl.sum(p, axis=1)
+
+
 @triton.jit
 def attend_one_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, valid_ptr, qpos_ptr, out_ptr, S, sq_b, sq_h, sk_b, sk_h,
                       sk_s, sv_b, sv_h, sv_s, skp_b, sva_b, sqp_b, window, scale, softcap,
                       G: tl.constexpr, D: tl.constexpr, HAS_VALID: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The G query heads that share KV head h of sequence b, over every cache slot at once-through
-    (online softmax): a slot counts where its position is known (>= 0), not after the query's, within
-    the window, and valid."""
+    """The G query heads that share KV head h of sequence b, over the cache slots they see, in one pass
+    (online softmax)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -56,25 +85,13 @@ def attend_one_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, valid_ptr, qpos_ptr, out_pt
         s = s0 + tl.arange(0, BLOCK_S)
         s0 += BLOCK_S
         ok_s = s < S
-        kpos = tl.load(kpos_ptr + b * skp_b + s, mask=ok_s, other=-1)
-        seen = (kpos >= 0) & (kpos <= qpos)
-        if HAS_WINDOW:
-            seen = seen & (kpos > qpos - window)
-        if HAS_VALID:
-            seen = seen & (tl.load(valid_ptr + b * sva_b + s, mask=ok_s, other=0) != 0)
+        seen = seen_slots(kpos_ptr, valid_ptr, b, skp_b, sva_b, s, ok_s, qpos, window, HAS_WINDOW, HAS_VALID)
         k = tl.load(k_ptr + b * sk_b + h * sk_h + s[:, None] * sk_s + d[None, :], mask=ok_s[:, None], other=0.0)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             scores = tl.dot(q, tl.trans(k)) * scale
-        if SOFTCAP:
-            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))  # softcap * tanh(x / softcap)
-        scores = tl.where(seen[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() finite
-        p = tl.exp(scores - base[:, None])
-        alpha = tl.exp(m - base)
-        total = total * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, total = online_softmax(scores, seen, m, total, softcap, SOFTCAP)
         v = tl.load(v_ptr + b * sv_b + h * sv_h + s[:, None] * sv_s + d[None, :], mask=ok_s[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -84,6 +101,7 @@ def attend_one_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, valid_ptr, qpos_ptr, out_pt
     out = acc / tl.where(total > 0, total, 1.0)[:, None]  # a query that sees nothing attends to nothing
     tl.store(out_ptr + b * (G * tl.num_programs(1) * D) + (h * G + g)[:, None] * D + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=ok_g[:, None])
+
 
 @triton.jit
 def coded_vectors(codes_ptr, s, ok_s, d, table_ptr, NBYTES: tl.constexpr, K_HIGH: tl.constexpr,
@@ -98,6 +116,7 @@ def coded_vectors(codes_ptr, s, ok_s, d, table_ptr, NBYTES: tl.constexpr, K_HIGH
     b1 = tl.load(where + 1, mask=ok_s[:, None] & (byte + 1 < NBYTES)[None, :], other=0).to(tl.int32)
     code = ((b0 | (b1 << 8)) >> (bit & 7)[None, :]) & tl.where(high, (1 << HB) - 1, (1 << LB) - 1)[None, :]
     return tl.load(table_ptr + tl.where(high[None, :], code, HIGH_LEVELS + code))
+
 
 @triton.jit
 def attend_codes_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, ktab_ptr, vtab_ptr, kpos_ptr, valid_ptr, qpos_ptr,
@@ -127,23 +146,11 @@ def attend_codes_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, ktab_ptr, vtab_pt
         s = s0 + tl.arange(0, BLOCK_S)
         s0 += BLOCK_S
         ok_s = s < S
-        kpos = tl.load(kpos_ptr + b * skp_b + s, mask=ok_s, other=-1)
-        seen = (kpos >= 0) & (kpos <= qpos)
-        if HAS_WINDOW:
-            seen = seen & (kpos > qpos - window)
-        if HAS_VALID:
-            seen = seen & (tl.load(valid_ptr + b * sva_b + s, mask=ok_s, other=0) != 0)
+        seen = seen_slots(kpos_ptr, valid_ptr, b, skp_b, sva_b, s, ok_s, qpos, window, HAS_WINDOW, HAS_VALID)
         k = coded_vectors(kc_ptr, rows + s, ok_s, d, ktab_ptr, K_NBYTES, K_HIGH, K_HB, K_LB, K_LOW0, K_HL)
         kscale = tl.load(ks_ptr + rows + s, mask=ok_s, other=0.0).to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * kscale[None, :] * scale
-        if SOFTCAP:
-            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
-        scores = tl.where(seen[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - base[:, None])
-        alpha = tl.exp(m - base)
-        total = total * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, total = online_softmax(scores, seen, m, total, softcap, SOFTCAP)
         v = coded_vectors(vc_ptr, rows + s, ok_s, d, vtab_ptr, V_NBYTES, V_HIGH, V_HB, V_LB, V_LOW0, V_HL)
         vscale = tl.load(vs_ptr + rows + s, mask=ok_s, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p * vscale[None, :], v, input_precision="ieee")

@@ -137,6 +137,15 @@ if triton is not None:
         tl.atomic_add(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=ok_m[:, None] & ok_n[None, :])
 
     @triton.jit
+    def _word_tile(words_ptr, scales_ptr, rn, rw, ok, ROW_WORDS: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                   GROUPS: tl.constexpr):
+        """Rows rn, words rw of a matrix's packed codes as 32-bit words (each thread reads whole 16-byte
+        runs of a row), and the group scale of each word (a word never straddles two groups)."""
+        words = tl.load(words_ptr + rn[:, None] * ROW_WORDS + rw[None, :], mask=ok, other=0)
+        scale = tl.load(scales_ptr + rn[:, None] * GROUPS + (rw // GROUP_WORDS)[None, :], mask=ok, other=0.0)
+        return words, scale.to(tl.float32)
+
+    @triton.jit
     def _tq_gemv(x_ptr, words_ptr, scales_ptr, table_ptr, out_ptr, M, N, K: tl.constexpr, GROUP: tl.constexpr,
                  BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                  SPLITS: tl.constexpr):
@@ -158,11 +167,7 @@ if triton is not None:
             rw = pid_k * PER_SPLIT + i + tl.arange(0, BLOCK_W)
             ok_w = rw < ROW_WORDS
             ok = ok_n[:, None] & ok_w[None, :]
-            # 32-bit words of packed codes: each thread reads whole 16-byte runs of a row
-            words = tl.load(words_ptr + rn[:, None] * ROW_WORDS + rw[None, :], mask=ok, other=0)
-            # one scale per word (a word never straddles two groups), not one per weight
-            scale = tl.load(scales_ptr + rn[:, None] * GROUPS + (rw // GROUP_WORDS)[None, :], mask=ok,
-                            other=0.0).to(tl.float32)
+            words, scale = _word_tile(words_ptr, scales_ptr, rn, rw, ok, ROW_WORDS, GROUP_WORDS, GROUPS)
             part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
             for j in tl.static_range(PER_WORD):
                 w = tl.load(table_ptr + ((words >> (j * BITS)) & ((1 << BITS) - 1)))  # the codebook, in L1
@@ -209,9 +214,7 @@ if triton is not None:
             rw = pid_k * PER_SPLIT + i + tl.arange(0, BLOCK_W)
             ok_w = rw < ROW_WORDS
             ok = ok_n[:, None] & ok_w[None, :]
-            words = tl.load(words_ptr + rn[:, None] * ROW_WORDS + rw[None, :], mask=ok, other=0)
-            scale = tl.load(scales_ptr + rn[:, None] * GROUPS + (rw // GROUP_WORDS)[None, :], mask=ok,
-                            other=0.0).to(tl.float32)
+            words, scale = _word_tile(words_ptr, scales_ptr, rn, rw, ok, ROW_WORDS, GROUP_WORDS, GROUPS)
             pair = tl.load(pairs_ptr + ((words[:, :, None] >> (byte * 8)[None, None, :]) & 255))
             low = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # the byte's first code
             high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # and its second
