@@ -22,8 +22,7 @@ from torch import nn
 import contextlib
 
 from ..errors import BadOptionError
-from .. import native
-from .. import triton_ops
+from .. import native, triton_ops
 from ..triton_ops import guarded
 from . import cpu_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
