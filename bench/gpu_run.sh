@@ -17,6 +17,11 @@ if ls .gpu/whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .gpu/whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+if ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "no CUDA device here: this script is for a machine with a GPU (bench/gpu_decode.py --shapes tiny --device cpu"
+    echo "runs the same code on a tiny shape)"
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
     >>"$OUT/gpu.txt" 2>&1
