@@ -124,3 +124,31 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(tiny):
     eager = _steps(model, None, prompts, 3, static=True, graph=False)
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,kv", [("gemma3", None), ("gemma4-e2b", "tq4")])
+def test_generation_through_the_static_step(tiny, name, kv, monkeypatch):
+    """Generation as it runs on a GPU (every decode step through a StaticDecoder, eager here): a left-padded
+    batch whose first row stops early gives the tokens the ordinary step gives."""
+    from wren import generation
+    from wren.sampling import Options
+
+    model = wren.load(tiny[name][1])
+    prompts = [[2, *range(40, 52)], [2, 50, 51, 52]]  # longer than the window, left-padded
+
+    def tokens():
+        opts = Options(temperature=0, repeat_penalty=1.0, num_predict=8)
+        first = [t for (t, _) in generation.Generation(model, prompts, opts, set(), kv_cache=kv)][2]
+        rows = [[], []]
+        for step in generation.Generation(model, prompts, opts, {first}, kv_cache=kv):  # row 0 stops at step 3
+            for row, token in enumerate(step):
+                rows[row].append(token)
+        return first, rows
+
+    ordinary = tokens()
+    made = []
+    monkeypatch.setattr(generation, "decode_step",
+                        lambda m, cache: made.append(1) or StaticDecoder(m, cache, graph=False))
+    static = tokens()
+    assert made and static == ordinary
+    assert None in ordinary[1][0]  # the stop was hit
