@@ -229,16 +229,20 @@ def test_triton_grouped_gemv_in_the_interpreter():
         from wren.quant import triton_kernels
         from wren.quant.linear import TQLinear, reference_path
         g = torch.Generator().manual_seed(0)
-        for group, outs in ((128, (96, 40, 40)), (0, (64, 200))):
-            layers = [TQLinear.from_dense(torch.randn(n, 256, generator=g), 4, group or 256, seed=2) for n in outs]
-            x = torch.randn(1, 1, 256, generator=g)
+        # small outputs: the input split over programs, float32 sums added atomically; 4400 rows: each
+        # program stores its own rows, in the activation's dtype (bf16 here too)
+        for group, outs, dtype, tol in ((128, (96, 40, 40), torch.float32, 1e-5), (0, (64, 200), torch.float32, 1e-5),
+                                        (128, (4400,), torch.float32, 1e-5), (128, (4000, 400), torch.bfloat16, 1e-2)):
+            layers = [TQLinear.from_dense(torch.randn(n, 128, generator=g), 4, group or 128, seed=2) for n in outs]
+            x = torch.randn(1, 1, 128, generator=g)
             xr = layers[0].rotate_input(x, fast=True)
-            got = triton_kernels.tq_linears(xr, [(m.codes, m.scales) for m in layers], layers[0].cfg)
+            got = triton_kernels.tq_linears(xr.to(dtype), [(m.codes, m.scales) for m in layers], layers[0].cfg)
             for y, m in zip(got, layers):
                 with reference_path():
                     ref = m(x)
-                assert y.shape == ref.shape, (y.shape, ref.shape)
-                assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+                assert y.shape == ref.shape and y.dtype == dtype, (y.shape, ref.shape, y.dtype)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                assert err < tol, (outs, dtype, err)
         print("ok")
     """)
     _interpret(script)

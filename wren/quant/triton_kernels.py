@@ -222,15 +222,14 @@ if triton is not None:
             x_low, x_high = tl.split(tl.load(x_ptr + at, mask=ok_w[:, None, None], other=0.0).to(tl.float32))
             part = tl.sum(low * x_low[None, :, :] + high * x_high[None, :, :], axis=2)
             acc += tl.sum(part * scale, axis=1)
-        if SPLITS == 1:
-            tl.store(out_ptr + column + rn, acc, mask=ok_n)
+        if SPLITS == 1:  # (then the output may be the activation's dtype: no zeroing, no cast after)
+            tl.store(out_ptr + column + rn, acc.to(out_ptr.dtype.element_ty), mask=ok_n)
         else:
             tl.atomic_add(out_ptr + column + rn, acc, mask=ok_n)
 
     _PAIRS_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
                       for n, w, nw in ((16, 32, 4), (32, 16, 4), (8, 64, 4), (32, 32, 8), (64, 16, 8), (16, 64, 8))]
-    _tq_gemv_pairs_split = triton.heuristics({"SPLITS": lambda a: max(1, min(
-        triton.cdiv(a["K"] // 8, a["BLOCK_W"]), _TARGET_PROGRAMS // _row_blocks(a)))})(_tq_gemv_pairs)
+    _tq_gemv_pairs_split = triton.heuristics({"SPLITS": lambda a: _pairs_splits(a)})(_tq_gemv_pairs)
     _tq_gemv_pairs_tuned = triton.autotune(configs=_PAIRS_CONFIGS, key=["N0", "N1", "N2", "K"],
                                            reset_to_zero=["out_ptr"])(_tq_gemv_pairs_split)
 
@@ -348,15 +347,30 @@ def _row_blocks(a: dict) -> int:
     return sum(triton.cdiv(a[n], a["BLOCK_N"]) for n in ("N0", "N1", "N2"))
 
 
+def _pairs_splits(a: dict) -> int:
+    """Programs along the input for _tq_gemv_pairs: only as many as it takes to reach ~_TARGET_PROGRAMS."""
+    return max(1, min(triton.cdiv(a["K"] // 8, a["BLOCK_W"]), _TARGET_PROGRAMS // _row_blocks(a)))
+
+
+_INTERPRETER_PAIRS = {"BLOCK_N": 16, "BLOCK_W": 8}  # the interpreter cannot autotune: one config
+
+
 def _gemv_pairs(x2: torch.Tensor, weights: list, cfg: TQConfig, interpret: bool) -> torch.Tensor:
-    """One row times up to three 4-bit matrices ((words, scales) each) in one launch: [1, sum of outs]."""
+    """One row times up to three 4-bit matrices ((words, scales) each) in one launch: [1, sum of outs],
+    in x2's dtype where no config splits the input (the large matrices: each program stores its own
+    rows), else float32 sums added atomically into zeros."""
     ns = [w.shape[0] for w, _ in weights] + [0] * (3 - len(weights))
     padded = weights + [weights[0]] * (3 - len(weights))  # (pointers the kernel never reads)
-    out = torch.zeros(1, sum(ns), device=x2.device, dtype=torch.float32)
-    grid = lambda meta: (_row_blocks({**meta, "N0": ns[0], "N1": ns[1], "N2": ns[2]}), meta["SPLITS"])  # noqa: E731
+    shape = {"K": x2.shape[1], "N0": ns[0], "N1": ns[1], "N2": ns[2]}
+    configs = [_INTERPRETER_PAIRS] if interpret else [c.kwargs for c in _PAIRS_CONFIGS]
+    if all(_pairs_splits({**shape, **c}) == 1 for c in configs):
+        out = torch.empty(1, sum(ns), device=x2.device, dtype=x2.dtype)
+    else:
+        out = torch.zeros(1, sum(ns), device=x2.device, dtype=torch.float32)
+    grid = lambda meta: (_row_blocks({**meta, **shape}), meta["SPLITS"])  # noqa: E731
     args = (x2, *[t for pair in padded for t in pair], _pairs(cfg, x2.device), out, *ns)
     if interpret:
-        _tq_gemv_pairs_split[grid](*args, K=x2.shape[1], GROUP=cfg.dim, BLOCK_N=16, BLOCK_W=8)
+        _tq_gemv_pairs_split[grid](*args, K=x2.shape[1], GROUP=cfg.dim, **_INTERPRETER_PAIRS)
     else:
         _tq_gemv_pairs_tuned[grid](*args, K=x2.shape[1], GROUP=cfg.dim)
     return out
