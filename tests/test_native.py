@@ -141,6 +141,50 @@ def test_decode_plan_computes_what_the_layers_compute(quantized_gemma3, monkeypa
     assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
 
 
+@pytest.fixture(scope="module", params=["e2b", "e4b-k=v"])
+def quantized_gemma4(request, tmp_path_factory):
+    """Gemma 4 at 4 bits with heads of 64 (128 on full layers) and widths the kernels take (groups of 64):
+    E2B's layout (per-layer inputs, the last layers sharing K/V) and E4B's with K=V full layers (v is k's
+    projection)."""
+    import wren
+    from gguf_writer import save_hf
+    from tiny_models import gemma4_hf
+    from wren.quant import folder
+
+    shape, _, k_eq_v = request.param.partition("-")
+    extra = {"attention_k_eq_v": True, "num_global_key_value_heads": 1} if k_eq_v else {}
+    path = tmp_path_factory.mktemp(f"gemma4-{request.param}")
+    save_hf(gemma4_hf(shape, seed=5, head_dim=64, hidden_size_per_layer_input=64, intermediate_size=128, **extra), path)
+    model = wren.load(path)
+    folder.quantize_model(model, bits=4, group=64, embed_bits=8)
+    return model
+
+
+@pytest.mark.parametrize("spec", [None, "f16", "tq4"])
+def test_gemma4_decode_plan_computes_what_the_layers_compute(quantized_gemma4, monkeypatch, spec):
+    """As for Gemma 3: KV-shared layers reading their source's cache, K=V, v's weightless norm, per-layer
+    inputs, the layer scalar, proportional RoPE on full layers, all in the one call a layer."""
+    import copy
+
+    from wren import decode_plan
+    from wren.kv import make_kv_cache
+
+    model = quantized_gemma4
+    ids = torch.randint(0, 384, (1, 20), generator=_gen(12))
+    got, expected = [], []
+    with torch.inference_mode():
+        cache = make_kv_cache(model, batch=1, max_len=ids.shape[1], spec=spec)
+        model(ids[:, :5], cache, logits_to_keep=1)
+        for i in range(5, ids.shape[1]):  # past the window of 6
+            planned_cache = copy.deepcopy(cache)
+            got.append(model(ids[:, i:i + 1], planned_cache))
+            assert planned_cache._decode_plan[1] is not None
+            monkeypatch.setattr(decode_plan, "ENABLED", False)
+            expected.append(model(ids[:, i:i + 1], cache))
+            monkeypatch.setattr(decode_plan, "ENABLED", True)
+    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
+
+
 def assert_same_steps(got, expected):
     """The same computation, to float rounding: the kernels' inputs are rounded to int8, so a 1e-7 difference
     (a sum taken in another order) now and then puts one on the other side of a rounding boundary, and that

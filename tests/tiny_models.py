@@ -41,14 +41,14 @@ def randomize_(model: torch.nn.Module, seed: int, embed_std: float = 1.0) -> Non
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
 
 
-def gemma4_hf(shape: str, seed: int = 0, vocab: int = 384, sliding_window: int = 6, head_dim: int = 16):
+def gemma4_hf(shape: str, seed: int = 0, vocab: int = 384, sliding_window: int = 6, head_dim: int = 16, **overrides):
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
-    cfg = Gemma4TextConfig(
+    fields = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_attention_heads=4, head_dim=head_dim,
         global_head_dim=2 * head_dim, sliding_window=sliding_window, vocab_size_per_layer_input=vocab,
-        final_logit_softcapping=30.0, max_position_embeddings=256, attn_implementation="eager",
-        **GEMMA4_SHAPES[shape])
+        final_logit_softcapping=30.0, max_position_embeddings=256, attn_implementation="eager")
+    cfg = Gemma4TextConfig(**{**fields, **GEMMA4_SHAPES[shape], **overrides})
     torch.manual_seed(seed)
     model = Gemma4ForCausalLM(cfg).eval()
     randomize_(model, seed, embed_std=1.5)

@@ -749,9 +749,14 @@ enum {
     P_INPUT_NORM, P_POST_ATTENTION_NORM, P_PRE_FEEDFORWARD_NORM, P_POST_FEEDFORWARD_NORM, P_Q_NORM, P_K_NORM,
     P_QKV, P_O = P_QKV + 15, P_GATE_UP = P_O + 7, P_DOWN = P_GATE_UP + 11, /* group, in_scale, signs, then
                                                                        format, data, scale, extra a matrix */
-    P_SCRATCH = P_DOWN + 7, P_SCRATCH_BYTES, P_FIELDS
+    /* Gemma 4: how many of q, k, v the layer projects (3; 2 where v is k's projection, K=V; 1 where it reads
+       an earlier layer's cache, KV sharing), v through a weightless norm, and the per-layer input block:
+       this layer's input row [ple_dim], its gate and projection, the norm after them (ple_dim 0: none) */
+    P_QKV_COUNT = P_DOWN + 7, P_V_FROM_K, P_V_NORM, P_PLE_INPUT, P_PLE_DIM, P_PLE_NORM, P_PLE_GATE,
+    P_PLE_PROJ = P_PLE_GATE + 7,
+    P_SCRATCH = P_PLE_PROJ + 7, P_SCRATCH_BYTES, P_FIELDS
 };
-enum { F_EPS, F_OFFSET, F_SCALE, F_SOFTCAP, F_FIELDS };
+enum { F_EPS, F_OFFSET, F_SCALE, F_SOFTCAP, F_LAYER_SCALAR, F_FIELDS };
 
 #define PTR(type, i) ((type)(intptr_t)p[i])
 
@@ -917,17 +922,22 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
     rms_norm(x, 1, hidden, PTR(const float *, P_INPUT_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
     float *qkv[3] = {q, k, v};
     const int qkv_n[3] = {H * D, Hkv * D, Hkv * D};
-    if (project(p, P_QKV, 3, h, hidden, qkv, qkv_n, xq, xs, threads) < 0) return -1;
+    const int owns_kv = p[P_QKV_COUNT] > 1; /* else K/V come from an earlier layer's cache, already written */
+    if (project(p, P_QKV, (int)p[P_QKV_COUNT], h, hidden, qkv, qkv_n, xq, xs, threads) < 0) return -1;
     rms_norm(q, H, D, PTR(const float *, P_Q_NORM), offset, eps, cos, sin, H, NULL, q, 1);
-    rms_norm(k, Hkv, D, PTR(const float *, P_K_NORM), offset, eps, cos, sin, Hkv, NULL, k, 1);
+    if (owns_kv) {
+        if (p[P_V_FROM_K]) memcpy(v, k, sizeof(float) * Hkv * D); /* K=V: the key's projection, before its norm */
+        if (p[P_V_NORM]) rms_norm(v, Hkv, D, NULL, 0.0f, eps, NULL, NULL, Hkv, NULL, v, 1);
+        rms_norm(k, Hkv, D, PTR(const float *, P_K_NORM), offset, eps, cos, sin, Hkv, NULL, k, 1);
+    }
 
     const int slots = (int)p[P_SLOTS], ring = (int)p[P_RING];
     const long long slot = ring ? position % slots : position;
     if (dtype == KV_CODES) {
-        store_codes(p, Hkv, D, slot, k, v);
+        if (owns_kv) store_codes(p, Hkv, D, slot, k, v);
         for (int h = 0; h < H; h++)
             rotate_vector(q + (size_t)h * D, D, PTR(const float *, P_KV_SIGNS), PTR(const float *, P_KEY_CHANNEL_SCALE));
-    } else {
+    } else if (owns_kv) {
         const size_t es = elem_size(dtype);
         for (int kh = 0; kh < Hkv; kh++) {
             const size_t at = ((size_t)kh * p[P_HEAD_STRIDE] + (size_t)slot * p[P_SLOT_STRIDE]) * es;
@@ -935,7 +945,7 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
             store_kv(PTR(char *, P_VALUES) + at, dtype, v + (size_t)kh * D, D);
         }
     }
-    PTR(int64_t *, P_SLOT_POS)[slot] = position;
+    if (owns_kv) PTR(int64_t *, P_SLOT_POS)[slot] = position;
     const attention_args a = {q, PTR(const void *, P_KEYS), PTR(const void *, P_VALUES), dtype, H, Hkv, D,
                               ring ? slots : (int)position + 1, p[P_HEAD_STRIDE], p[P_SLOT_STRIDE],
                               PTR(const int64_t *, P_SLOT_POS), NULL, position, p[P_WINDOW], (float)f[F_SCALE],
@@ -959,6 +969,18 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
     gelu_mul(gate, up, gate, width);
     if (project(p, P_DOWN, 1, gate, width, o_out, o_n, xq, xs, threads) < 0) return -1;
     rms_norm(o, 1, hidden, PTR(const float *, P_POST_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
+    const int ple_dim = (int)p[P_PLE_DIM];
+    if (ple_dim) { /* x += norm(projection(gelu(gate(x)) * this layer's input)) */
+        float *ple_out[1] = {gate};
+        const int ple_n[1] = {ple_dim};
+        if (project(p, P_PLE_GATE, 1, x, hidden, ple_out, ple_n, xq, xs, threads) < 0) return -1;
+        gelu_mul(gate, PTR(const float *, P_PLE_INPUT), gate, ple_dim);
+        if (project(p, P_PLE_PROJ, 1, gate, ple_dim, o_out, o_n, xq, xs, threads) < 0) return -1;
+        rms_norm(o, 1, hidden, PTR(const float *, P_PLE_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
+    }
+    const float scalar = (float)f[F_LAYER_SCALAR];
+    if (scalar != 1.0f)
+        for (int i = 0; i < hidden; i++) x[i] *= scalar;
     return 0;
 }
 #endif
@@ -1279,6 +1301,11 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_ValueError, "the decode plan's TurboQuant cache does not fit its head_dim or this CPU");
         return NULL;
     }
+    if (p[P_QKV_COUNT] < 1 || p[P_QKV_COUNT] > 3 || p[P_PLE_DIM] < 0 || p[P_PLE_DIM] > p[P_WIDTH]) {
+        PyErr_SetString(PyExc_ValueError, "the decode plan projects 1 to 3 of q, k, v, and a per-layer input no wider "
+                                          "than its MLP");
+        return NULL;
+    }
     if (p[P_SCRATCH_BYTES] < 4 * scratch_floats((int)p[P_HIDDEN], (int)p[P_HEADS], (int)p[P_KV_HEADS],
                                                 (int)p[P_HEAD_DIM], (int)p[P_WIDTH]) || p[P_HEAD_DIM] % 16) {
         PyErr_SetString(PyExc_ValueError, "the decode plan's scratch is too small or its head_dim not a multiple of 16");
@@ -1337,6 +1364,14 @@ static PyObject *py_plan_layout(PyObject *self, PyObject *unused) {
         {"o", P_O},
         {"gate_up", P_GATE_UP},
         {"down", P_DOWN},
+        {"qkv_count", P_QKV_COUNT},
+        {"v_from_k", P_V_FROM_K},
+        {"v_norm", P_V_NORM},
+        {"ple_input", P_PLE_INPUT},
+        {"ple_dim", P_PLE_DIM},
+        {"ple_norm", P_PLE_NORM},
+        {"ple_gate", P_PLE_GATE},
+        {"ple_proj", P_PLE_PROJ},
         {"scratch", P_SCRATCH},
         {"scratch_bytes", P_SCRATCH_BYTES},
         {"fields", P_FIELDS},
@@ -1344,6 +1379,7 @@ static PyObject *py_plan_layout(PyObject *self, PyObject *unused) {
         {"offset", F_OFFSET},
         {"scale", F_SCALE},
         {"softcap", F_SOFTCAP},
+        {"layer_scalar", F_LAYER_SCALAR},
         {"float_fields", F_FIELDS}};
     PyObject *layout = PyDict_New();
     for (size_t i = 0; layout && i < sizeof fields / sizeof fields[0]; i++) {
@@ -1402,7 +1438,7 @@ static PyMethodDef methods[] = {
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      "rms_norm(x, rows, dim, weight, cos, sin, heads, residual, out, threads, offset, eps)"},
     {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL,
-     "decode_layer(plan, floats, x, cos, sin, position, threads): one Gemma 3 layer for one token"},
+     "decode_layer(plan, floats, x, cos, sin, position, threads): one Gemma 3 or 4 layer for one token"},
     {"plan_layout", py_plan_layout, METH_NOARGS, "the field indices of a decode_layer plan"},
     {"scratch_floats", (PyCFunction)(void (*)(void))py_scratch_floats, METH_FASTCALL,
      "scratch_floats(hidden, heads, kv_heads, head_dim, width)"},

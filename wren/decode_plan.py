@@ -1,12 +1,13 @@
-"""Gemma 3 decoding one layer a call: the compiled kernels' `decode_layer` (`_native.c`) instead of the
-layer's modules.
+"""Gemma 3 and 4 decoding one layer a call: the compiled kernels' `decode_layer` (`_native.c`) instead of
+the layer's modules.
 
 At batch 1 and one new token, a decoder layer is some seventy small PyTorch ops and Python calls around
 seven matmuls; on a 270M model that overhead was a third of a decode step. The plan lists, per layer, the
 addresses the kernel reads and writes (the int8 levels of the seven TurboQuant projections, the norms, the
 cache's buffers) once, at the first decoded token of a cache; every later token is one call per layer.
 
-It is built only where it computes what the modules compute: a Gemma 3 model in float32 with TurboQuant
+It is built only where it computes what the modules compute: a Gemma 3 or dense Gemma 4 model (KV sharing,
+K=V layers and per-layer inputs included; not MoE) in float32 with TurboQuant
 projections the compiled kernels take, and a cache of one sequence that is dense (f32, f16 or bf16) or
 TurboQuant-coded in a layout the kernel reads (it then codes the new key and value itself, as the codec
 does, and attends from the codes). Anything else returns None and the modules run. A plan belongs to its cache and the model it was built for (a cache handed
@@ -28,18 +29,23 @@ ENABLED = True  # tests turn it off to compare with the modules
 
 
 class DecodePlan:
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, str]], keep: list):
-        self.layers = [(p.data_ptr(), f.data_ptr(), kind) for p, f, kind in layers]
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, object]], keep: list,
+                 ple: torch.Tensor | None = None):
+        self.layers = [(p.data_ptr(), f.data_ptr(), rope_key) for p, f, rope_key in layers]
+        self.ple = ple  # Gemma 4: the per-layer inputs of the token [layers, ple_dim], which the layers point into
         self._keep = (layers, keep)  # what the addresses point into
 
-    def run(self, x: torch.Tensor, rope: dict, position: int) -> torch.Tensor:
-        """Every layer for one token: x [1, 1, hidden] float32, updated in place and returned."""
+    def run(self, x: torch.Tensor, rope: dict, position: int, ple: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer for one token: x [1, 1, hidden] float32, updated in place and returned; `rope` maps
+        each layer's rope key to its (cos, sin), `ple` is Gemma 4's per-layer inputs of the token."""
         x = x.contiguous()
-        tables = {kind: (cos.contiguous(), sin.contiguous()) for kind, (cos, sin) in rope.items()}
-        pointers = {kind: (cos.data_ptr(), sin.data_ptr()) for kind, (cos, sin) in tables.items()}
+        if self.ple is not None:
+            self.ple.copy_(ple.reshape(self.ple.shape))
+        tables = {key: (cos.contiguous(), sin.contiguous()) for key, (cos, sin) in rope.items()}
+        pointers = {key: (cos.data_ptr(), sin.data_ptr()) for key, (cos, sin) in tables.items()}
         threads = torch.get_num_threads()
-        for p, f, kind in self.layers:
-            native._native.decode_layer(p, f, x.data_ptr(), *pointers[kind], position, threads)
+        for p, f, key in self.layers:
+            native._native.decode_layer(p, f, x.data_ptr(), *pointers[key], position, threads)
         return x
 
 
@@ -118,9 +124,17 @@ def _projection(modules, x_width: int) -> list | None:
     return fields
 
 
+def rope_key(model, spec):
+    """What a layer's RoPE tables are keyed by in its model's forward (Gemma 3: the layer kind; Gemma 4:
+    head size, base and rotated dimensions)."""
+    return spec.kind if model.family == "gemma3" else (spec.head_dim, spec.rope_theta, spec.rope_dims)
+
+
 def _build(model, cache) -> DecodePlan | None:
     cfg = model.config
-    if getattr(model, "family", None) != "gemma3" or model.norm.weight.dtype != torch.float32:
+    family = getattr(model, "family", None)
+    if (family not in ("gemma3", "gemma4") or getattr(cfg, "enable_moe_block", False)
+            or model.norm.weight.dtype != torch.float32):
         return None
     from .kv.cache import CompressedKVCache  # here: wren.kv imports the models, which import this module
 
@@ -130,41 +144,72 @@ def _build(model, cache) -> DecodePlan | None:
     hidden = cfg.hidden_size
     if hidden > native.MAX_WIDTH:
         return None  # the kernel's norms keep a row on the stack (Gemma 3 27B's 5376 runs the modules)
+    ple_dim = getattr(model, "ple_dim", 0) or 0
+    ple = torch.zeros(len(model.layers), max(ple_dim, 1), dtype=torch.float32)
     scratch_size = 0
-    layers, keep = [], []
-    for spec, layer in zip(model.specs, model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        d, h, hkv, width = spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads, spec.mlp_width
-        cache_fields = _cache_fields(cache, attn.index, d)
-        projections = [_projection((attn.q_proj, attn.k_proj, attn.v_proj), hidden), _projection((attn.o_proj,), h * d),
-                       _projection((mlp.gate_proj, mlp.up_proj), hidden), _projection((mlp.down_proj,), width)]
-        norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
-                 layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm]
-        if (cache_fields is None or None in projections or d % 16 or d > native.MAX_WIDTH
-                or any(n.weight is None or n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms)):
+    layers, keep = [], [ple]
+    for i, (spec, layer) in enumerate(zip(model.specs, model.layers)):
+        fields = _layer_fields(model, cache, spec, layer, i, ple)
+        if fields is None:
             return None
+        ints, projections, floats = fields
         p = torch.zeros(layout["fields"], dtype=torch.int64)
-        fields = {**cache_fields, "hidden": hidden, "heads": h, "kv_heads": hkv, "head_dim": d, "width": width,
-                  "window": attn.window or 0, "input_norm": norms[0].weight, "post_attention_norm": norms[1].weight,
-                  "pre_feedforward_norm": norms[2].weight, "post_feedforward_norm": norms[3].weight,
-                  "q_norm": norms[4].weight, "k_norm": norms[5].weight}
-        for name, value in fields.items():
+        for name, value in ints.items():
             p[layout[name]] = _address(value, keep)
-        for name, values_ in zip(("qkv", "o", "gate_up", "down"), projections):
-            for i, value in enumerate(values_):
-                p[layout[name] + i] = _address(value, keep)
-        scratch_size = max(scratch_size, native._native.scratch_floats(hidden, h, hkv, d, width))
+        for name, values_ in projections.items():
+            for j, value in enumerate(values_):
+                p[layout[name] + j] = _address(value, keep)
         f = torch.zeros(layout["float_fields"], dtype=torch.float64)
-        f[layout["eps"]], f[layout["offset"]] = layer.input_layernorm.eps, layer.input_layernorm.offset
-        f[layout["scale"]], f[layout["softcap"]] = attn.scale, attn.softcap or 0.0
-        if any(n.eps != layer.input_layernorm.eps or n.offset != layer.input_layernorm.offset for n in norms):
-            return None
-        layers.append((p, f, spec.kind))
+        for name, value in floats.items():
+            f[layout[name]] = value
+        scratch_size = max(scratch_size, native._native.scratch_floats(hidden, ints["heads"], ints["kv_heads"],
+                                                                       ints["head_dim"], ints["width"]))
+        layers.append((p, f, rope_key(model, spec)))
     scratch = torch.zeros(scratch_size, dtype=torch.float32)
     keep.append(scratch)
     for p, _, _ in layers:
         p[layout["scratch"]], p[layout["scratch_bytes"]] = scratch.data_ptr(), scratch.numel() * 4
-    return DecodePlan(layers, keep)
+    return DecodePlan(layers, keep, ple if ple_dim else None)
+
+
+def _layer_fields(model, cache, spec, layer, index: int, ple: torch.Tensor):
+    """(int fields, projection fields, float fields) of one layer's plan, or None where the kernel does not
+    compute what its modules do."""
+    cfg = model.config
+    hidden = cfg.hidden_size
+    attn, mlp = layer.self_attn, layer.mlp
+    d, h, hkv, width = spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads, spec.mlp_width
+    owns_kv = spec.kv_source == index
+    cache_fields = _cache_fields(cache, spec.kv_source, d)  # a KV-shared layer reads its source's cache
+    qkv = (attn.q_proj,) if not owns_kv else tuple(m for m in (attn.q_proj, attn.k_proj, attn.v_proj) if m is not None)
+    projections = {"qkv": _projection(qkv, hidden), "o": _projection((attn.o_proj,), h * d),
+                   "gate_up": _projection((mlp.gate_proj, mlp.up_proj), hidden),
+                   "down": _projection((mlp.down_proj,), width)}
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+             layer.post_feedforward_layernorm, attn.q_norm] + ([attn.k_norm] if owns_kv else [])
+    ple_dim = getattr(model, "ple_dim", 0) or 0
+    if ple_dim:
+        projections["ple_gate"] = _projection((layer.per_layer_input_gate,), hidden)
+        projections["ple_proj"] = _projection((layer.per_layer_projection,), ple_dim)
+        norms.append(layer.post_per_layer_input_norm)
+    v_norm = getattr(attn, "v_norm", None) if owns_kv else None
+    if (cache_fields is None or None in projections.values() or d % 16 or d > native.MAX_WIDTH or ple_dim > width
+            or any(n.weight is None or n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms)
+            or any(n.eps != norms[0].eps or n.offset != norms[0].offset for n in norms)
+            or (v_norm is not None and (v_norm.weight is not None or v_norm.eps != norms[0].eps))):
+        return None
+    ints = {**cache_fields, "hidden": hidden, "heads": h, "kv_heads": hkv, "head_dim": d, "width": width,
+            "window": attn.window or 0, "input_norm": norms[0].weight, "post_attention_norm": norms[1].weight,
+            "pre_feedforward_norm": norms[2].weight, "post_feedforward_norm": norms[3].weight,
+            "q_norm": attn.q_norm.weight, "k_norm": attn.k_norm.weight if owns_kv else None,
+            "qkv_count": len(qkv), "v_from_k": int(owns_kv and len(qkv) == 2), "v_norm": int(v_norm is not None)}
+    if ple_dim:
+        ints.update(ple_dim=ple_dim, ple_input=ple[index].data_ptr(), ple_norm=layer.post_per_layer_input_norm.weight)
+    scalar = getattr(layer, "layer_scalar", None)
+    floats = {"eps": norms[0].eps, "offset": norms[0].offset, "scale": getattr(attn, "scale", 1.0),
+              "softcap": getattr(attn, "softcap", None) or 0.0,
+              "layer_scalar": float(scalar) if scalar is not None else 1.0}
+    return ints, projections, floats
 
 
 def _address(value, keep: list) -> int:

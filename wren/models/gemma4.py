@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import decode_plan
 from ..cache import KVCache
 from ..config import SLIDING, Gemma4Config, LayerSpec
 from ..quant.linear import linears
@@ -178,13 +179,18 @@ class Gemma4(nn.Module):
         ple = self.per_layer_inputs(ids, x, ple_rows) if self.ple_dim else None
         pos = positions(ids, cache)
         rope = {}
-        shared: dict = {}
-        for i, layer in enumerate(self.layers):
-            key = (self.specs[i].head_dim, self.specs[i].rope_theta, self.specs[i].rope_dims)
+        for i, spec in enumerate(self.specs):
+            key = decode_plan.rope_key(self, spec)
             if key not in rope:
                 rope[key] = rope_cos_sin(pos, getattr(self, f"inv_freq_{i}"), x.dtype)
-            cos, sin = rope[key]
-            x = layer(x, ple[:, :, i] if ple is not None else None, cos, sin, pos, cache, shared)
+        plan = decode_plan.plan_for(self, cache, ids)
+        if plan is not None:  # one decoded token: one compiled call a layer
+            x = plan.run(x, rope, int(pos[0, 0]), ple)
+        else:
+            shared: dict = {}
+            for i, layer in enumerate(self.layers):
+                cos, sin = rope[decode_plan.rope_key(self, self.specs[i])]
+                x = layer(x, ple[:, :, i] if ple is not None else None, cos, sin, pos, cache, shared)
         if cache is not None:
             cache.advance(ids.shape[1])
         return output_logits(self, x, logits_to_keep)
