@@ -115,13 +115,26 @@ def _decode(model, spec, steps=20):
 def test_decode_plan_computes_what_the_layers_compute(quantized_gemma3, monkeypatch, spec, planned):
     """Step by step from the same cache: the layers' modules decode, and at each step a copy of their cache
     takes the plan (dense caches of one sequence; TurboQuant ones whose codes the kernel reads)."""
+
+    def same_codes(planned_cache, cache):
+        assert (planned_cache._decode_plan[1] is not None) == planned
+        if planned and spec is not None and spec.startswith("tq"):  # the first layer's codes: the same
+            layer = min(cache.keys)  # (later layers' inputs may differ by an int8 rounding flip)
+            for mine, theirs in ((planned_cache.keys, cache.keys), (planned_cache.values, cache.values)):
+                assert torch.equal(mine[layer][0], theirs[layer][0]) and torch.equal(mine[layer][1], theirs[layer][1])
+
+    ids = torch.randint(0, 384, (1, 25), generator=_gen(11))
+    assert_same_steps(*_plan_and_modules(quantized_gemma3, monkeypatch, spec, ids, same_codes))
+
+
+def _plan_and_modules(model, monkeypatch, spec, ids: torch.Tensor, check) -> tuple[torch.Tensor, torch.Tensor]:
+    """(planned, modules' logits) of ids[5:] decoded one at a time after a prefill of ids[:5]: the modules
+    decode, and at each step a copy of their cache takes the plan; check(planned cache, cache) each step."""
     import copy
 
     from wren import decode_plan
     from wren.kv import make_kv_cache
 
-    model = quantized_gemma3
-    ids = torch.randint(0, 384, (1, 25), generator=_gen(11))
     got, expected = [], []
     with torch.inference_mode():
         cache = make_kv_cache(model, batch=1, max_len=ids.shape[1], spec=spec)
@@ -129,16 +142,12 @@ def test_decode_plan_computes_what_the_layers_compute(quantized_gemma3, monkeypa
         for i in range(5, ids.shape[1]):  # past the window of 6
             planned_cache = copy.deepcopy(cache)
             got.append(model(ids[:, i:i + 1], planned_cache))
-            assert (planned_cache._decode_plan[1] is not None) == planned
             monkeypatch.setattr(decode_plan, "ENABLED", False)
             expected.append(model(ids[:, i:i + 1], cache))
             monkeypatch.setattr(decode_plan, "ENABLED", True)
-            if planned and spec is not None and spec.startswith("tq"):  # the first layer's codes: the same
-                layer = min(cache.keys)  # (later layers' inputs may differ by an int8 rounding flip)
-                for mine, theirs in ((planned_cache.keys, cache.keys), (planned_cache.values, cache.values)):
-                    assert torch.equal(mine[layer][0], theirs[layer][0]) and torch.equal(mine[layer][1], theirs[layer][1])
+            check(planned_cache, cache)
     assert not hasattr(cache, "_decode_plan")
-    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
+    return torch.cat(got, 1), torch.cat(expected, 1)
 
 
 @pytest.fixture(scope="module", params=["e2b", "e4b-k=v"])
@@ -164,25 +173,12 @@ def quantized_gemma4(request, tmp_path_factory):
 def test_gemma4_decode_plan_computes_what_the_layers_compute(quantized_gemma4, monkeypatch, spec):
     """As for Gemma 3: KV-shared layers reading their source's cache, K=V, v's weightless norm, per-layer
     inputs, the layer scalar, proportional RoPE on full layers, all in the one call a layer."""
-    import copy
 
-    from wren import decode_plan
-    from wren.kv import make_kv_cache
+    def planned(planned_cache, cache):
+        assert planned_cache._decode_plan[1] is not None
 
-    model = quantized_gemma4
     ids = torch.randint(0, 384, (1, 20), generator=_gen(12))
-    got, expected = [], []
-    with torch.inference_mode():
-        cache = make_kv_cache(model, batch=1, max_len=ids.shape[1], spec=spec)
-        model(ids[:, :5], cache, logits_to_keep=1)
-        for i in range(5, ids.shape[1]):  # past the window of 6
-            planned_cache = copy.deepcopy(cache)
-            got.append(model(ids[:, i:i + 1], planned_cache))
-            assert planned_cache._decode_plan[1] is not None
-            monkeypatch.setattr(decode_plan, "ENABLED", False)
-            expected.append(model(ids[:, i:i + 1], cache))
-            monkeypatch.setattr(decode_plan, "ENABLED", True)
-    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
+    assert_same_steps(*_plan_and_modules(quantized_gemma4, monkeypatch, spec, ids, planned))
 
 
 def assert_same_steps(got, expected):
