@@ -145,9 +145,9 @@ def _build(model, cache) -> DecodePlan | None:
     if hidden > native.MAX_WIDTH:
         return None  # the kernel's norms keep a row on the stack (Gemma 3 27B's 5376 runs the modules)
     ple_dim = getattr(model, "ple_dim", 0) or 0
-    ple = torch.zeros(len(model.layers), max(ple_dim, 1), dtype=torch.float32)
+    ple = torch.zeros(len(model.layers), ple_dim, dtype=torch.float32) if ple_dim else None
     scratch_size = 0
-    layers, keep = [], [ple]
+    layers, keep = [], [] if ple is None else [ple]  # (the per-layer inputs the layers point into)
     for i, (spec, layer) in enumerate(zip(model.specs, model.layers)):
         fields = _layer_fields(model, cache, spec, layer, i, ple)
         if fields is None:
@@ -169,10 +169,10 @@ def _build(model, cache) -> DecodePlan | None:
     keep.append(scratch)
     for p, _, _ in layers:
         p[layout["scratch"]], p[layout["scratch_bytes"]] = scratch.data_ptr(), scratch.numel() * 4
-    return DecodePlan(layers, keep, ple if ple_dim else None)
+    return DecodePlan(layers, keep, ple)
 
 
-def _layer_fields(model, cache, spec, layer, index: int, ple: torch.Tensor):
+def _layer_fields(model, cache, spec, layer, index: int, ple: torch.Tensor | None):
     """(int fields, projection fields, float fields) of one layer's plan, or None where the kernel does not
     compute what its modules do."""
     cfg = model.config

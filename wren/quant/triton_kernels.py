@@ -383,7 +383,7 @@ def tq_linears(x_rotated: torch.Tensor, weights: list, cfg: TQConfig) -> list[to
     if not (x_rotated.numel() == k and cfg.bits == 4 and _word_aligned(cfg, k) and len(weights) <= 3):
         return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
     x2 = x_rotated.reshape(1, k).contiguous()
-    words = [(c.contiguous().reshape(c.shape[0], -1).view(torch.int32), s.contiguous()) for c, s in weights]
+    words = [(_words(c), s.contiguous()) for c, s in weights]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     out = guarded("_tq_gemv_pairs", lambda: _gemv_pairs(x2, words, cfg, interpret), lambda: None)
     if out is None:
@@ -393,13 +393,18 @@ def tq_linears(x_rotated: torch.Tensor, weights: list, cfg: TQConfig) -> list[to
     return [y.reshape(*x_rotated.shape[:-1], y.shape[-1]) for y in splits]
 
 
+def _words(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [out, groups, bytes] as 32-bit words a row (little-endian: code j of a word at bits j*BITS)."""
+    return codes.contiguous().reshape(codes.shape[0], -1).view(torch.int32)
+
+
 def _gemv(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQConfig, interpret: bool) -> torch.Tensor:
     m, k = x2.shape
     n = codes.shape[0]
-    words = codes.reshape(n, -1).view(torch.int32)  # little-endian: code j of a word sits at bits j*BITS
-    out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+    words = _words(codes)
     if m == 1 and cfg.bits == 4 and "_tq_gemv_pairs" not in broken:
         return _gemv_pairs(x2, [(words, scales)], cfg, interpret)
+    out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
     table = _layout(cfg, x2.device)[0]
     block_m = triton.next_power_of_2(m)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])  # noqa: E731
