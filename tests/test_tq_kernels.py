@@ -222,27 +222,39 @@ def _interpret(script: str) -> None:
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
-def test_triton_grouped_gemv_in_the_interpreter():
-    """q/k/v (or gate/up) of one input in one launch: each output equals its matrix's own product."""
+def test_triton_row_gemv_in_the_interpreter():
+    """Decode at batch 1: up to three matrices of one input in one launch (tq_row: rotated straight into the
+    kernel's order, column scales folded in; tq_linears: an already rotated input), with either codebook
+    lookup; each output equals its matrix's own product."""
     script = textwrap.dedent("""
         import torch
         from wren.quant import triton_kernels
         from wren.quant.linear import TQLinear, reference_path
         g = torch.Generator().manual_seed(0)
         # small outputs: the input split over programs, float32 sums added atomically; 4400 rows: each
-        # program stores its own rows, in the activation's dtype (bf16 here too)
-        for group, outs, dtype, tol in ((128, (96, 40, 40), torch.float32, 1e-5), (0, (64, 200), torch.float32, 1e-5),
-                                        (128, (4400,), torch.float32, 1e-5), (128, (4000, 400), torch.bfloat16, 1e-2)):
-            layers = [TQLinear.from_dense(torch.randn(n, 128, generator=g), 4, group or 128, seed=2) for n in outs]
-            x = torch.randn(1, 1, 128, generator=g)
-            xr = layers[0].rotate_input(x, fast=True)
-            got = triton_kernels.tq_linears(xr.to(dtype), [(m.codes, m.scales) for m in layers], layers[0].cfg)
-            for y, m in zip(got, layers):
-                with reference_path():
-                    ref = m(x)
-                assert y.shape == ref.shape and y.dtype == dtype, (y.shape, ref.shape, y.dtype)
-                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                assert err < tol, (outs, dtype, err)
+        # program stores its own rows, in the activation's dtype (bf16 here too); rows past a block's end
+        for pairs in (0, 1):
+            triton_kernels.INTERPRETER_ROW["PAIRS"] = pairs
+            for group, width, outs, dtype, tol, scaled in (
+                    (128, 256, (96, 40, 40), torch.float32, 1e-5, False), (0, 256, (64, 200), torch.float32, 1e-5, True),
+                    (128, 256, (4400,), torch.float32, 1e-5, False), (128, 256, (4000, 400), torch.bfloat16, 1e-2, True),
+                    (64, 192, (33,), torch.float32, 1e-5, False)):
+                layers = [TQLinear.from_dense(torch.randn(n, width, generator=g), 4, group or width, seed=2)
+                          for n in outs]
+                x = torch.randn(1, 1, width, generator=g)
+                column = torch.rand(width, generator=g) + 0.5 if scaled else None
+                weights = [(m.codes, m.scales) for m in layers]
+                got = triton_kernels.tq_row(x.to(dtype), weights, layers[0].cfg, column)
+                if column is None:
+                    got_rotated = triton_kernels.tq_linears(layers[0].rotate_input(x, fast=True).to(dtype), weights,
+                                                            layers[0].cfg)
+                for i, m in enumerate(layers):
+                    with reference_path():
+                        ref = m(x if column is None else x * column)
+                    for y in [got[i]] + ([got_rotated[i]] if column is None else []):
+                        assert y.shape == ref.shape and y.dtype == dtype, (y.shape, ref.shape, y.dtype)
+                        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                        assert err < tol, (pairs, outs, dtype, err)
         print("ok")
     """)
     _interpret(script)
@@ -269,6 +281,10 @@ def test_triton_rotation_in_the_interpreter():
                     assert got.dtype == dtype
                     err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
                     assert err < tol, (dim, block, dtype, column is None, err)
+                    nibbles = triton_kernels.rotate(x, cfg, column, nibble_major=True)  # the row GEMV's order
+                    assert nibbles.dtype == torch.float32
+                    expected = torch.cat([triton_kernels.nibble_major(r[None]) for r in got.float()])
+                    assert torch.allclose(nibbles, expected, rtol=tol, atol=tol * ref.abs().max().item())
         assert not triton_kernels.rotates(TQConfig(bits=4, dim=512, seed=0))  # a 512 block: the matrix path
         print("ok")
     """)

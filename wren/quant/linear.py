@@ -224,6 +224,8 @@ class TQWeight(nn.Module):
         if fast and triton_ops.takes(x):
             from . import triton_kernels  # imported on first CUDA use: Triton holds ~50 MB on a CPU machine
 
+            if triton_kernels.takes_row(x, self.cfg, 1):  # decode at batch 1: rotated straight into its order
+                return triton_kernels.tq_row(x, [(self.codes, self.scales)], self.cfg, self.column_scale()[0])[0]
             return triton_kernels.tq_linear(self.rotate_input(x, fast=True), self.codes, self.scales, self.cfg)
         if fast and x.device.type == "cpu":
             if self.takes_native(x):
@@ -258,8 +260,10 @@ def linears(x: torch.Tensor, modules) -> list[torch.Tensor]:
         from . import triton_kernels
 
         first = modules[0]
-        return triton_kernels.tq_linears(first.rotate_input(x, fast=True), [(m.codes, m.scales) for m in modules],
-                                         first.cfg)
+        weights = [(m.codes, m.scales) for m in modules]
+        if triton_kernels.takes_row(x, first.cfg, len(modules)):
+            return triton_kernels.tq_row(x, weights, first.cfg, first.column_scale()[0])
+        return triton_kernels.tq_linears(first.rotate_input(x, fast=True), weights, first.cfg)
     if len(modules) <= 8 and all(isinstance(m, TQWeight) and m.takes_native(x) for m in modules):
         inputs = [m.native_input(x) for m in modules]
         if all(q is inputs[0] for q in inputs):  # the same rotation and column scales: one quantized input

@@ -3,10 +3,12 @@
 Only the packed codes cross memory (0.5 byte per weight at 4 bits); the weight is never de-rotated, the
 activation is rotated once instead (`rotate`: column scales, signs and Hadamard blocks in one kernel).
 
-* `_tq_gemv_pairs`: one activation row (decode at batch 1) at 4 bits. Each thread reads 16-byte runs of
-  32-bit code words; each byte (two codes) is looked up once in a 256-entry table of value pairs, the
-  row of x read as matching pairs; one group scale per word; programs split the input dimension (and add
-  their sums atomically) only as far as needed to fill the GPU.
+* `_tq_gemv_row` (`tq_row`): one activation row (decode at batch 1) at 4 bits, up to three matrices a
+  launch. The rotation writes x in float32, in the order the kernel reads (code j of every word meets a
+  contiguous run of x); each thread keeps one word column of several rows and its own sums, so the loop
+  has no layout change, barrier or cross-thread sum. Programs split the input dimension (and add their
+  sums atomically) only as far as needed to fill the GPU. The autotuner picks between two lookups: the
+  16-value codebook per code (one cache line), or a 256-entry table of value pairs per byte.
 * `_tq_gemv`: up to GEMV_ROWS rows at 2, 4 or 8 bits: the same word reads, one lookup per code.
 * `_tq_aligned`: more rows (prefill) at 1, 2, 4 or 8 bits: byte tiles split into codes, `tl.dot` per
   code position.
@@ -183,14 +185,26 @@ if triton is not None:
             tl.atomic_add(where, acc, mask=ok_out)
 
     @triton.jit
-    def _tq_gemv_pairs(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, pairs_ptr, out_ptr, N0, N1, N2,
-                       K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                       SPLITS: tl.constexpr):
-        """_tq_gemv for one activation row at 4 bits, with half the lookups: each byte of codes (two codes)
-        is looked up once in a 256-entry table of value pairs (two float32 bit patterns in an int64), and
-        the row of x is read as contiguous pairs that line up with them. Up to three matrices that read the
-        same input (q/k/v, gate/up) in one launch: the row blocks of each in turn, their outputs side by
-        side in one row."""
+    def _x_run(x_ptr, j, rw, ROW_WORDS: tl.constexpr, EVEN: tl.constexpr):
+        """The x of code j of words rw (nibble-major x: one contiguous run a code position); 0 past the row."""
+        if EVEN:
+            return tl.load(x_ptr + j * ROW_WORDS + rw)
+        return tl.load(x_ptr + j * ROW_WORDS + rw, mask=rw < ROW_WORDS, other=0.0)
+
+    @triton.jit
+    def _tq_gemv_row(x_ptr, w0_ptr, s0_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, table_ptr, pairs_ptr, out_ptr,
+                     N0, N1, N2, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_W: tl.constexpr, PAIRS: tl.constexpr, SPLITS: tl.constexpr):
+        """One activation row times up to three 4-bit matrices that read it (q/k/v, gate/up): the row blocks
+        of each in turn, their outputs side by side in one row.
+
+        x is float32 and nibble-major (x[j * K/8 + w] is coordinate 8w + j: `rotate(nibble_major=True)`), so
+        that code j of every word of a tile meets a contiguous run of x. The tile is flat: each thread takes
+        one word column of several rows (one x load serves them all) and keeps its own sums until the end,
+        so the loop has no layout change, no barrier and no cross-thread sum. A code is looked up in the
+        16-value codebook (64 bytes: one cache line per warp-wide lookup), or with PAIRS, a byte of two
+        codes in the 256-entry pair table (half the lookups, but a warp's lookups spread over up to 16
+        lines); the autotuner measures both."""
         ROW_WORDS: tl.constexpr = K // 8
         GROUP_WORDS: tl.constexpr = GROUP // 8
         GROUPS: tl.constexpr = K // GROUP
@@ -206,32 +220,45 @@ if triton is not None:
         n = tl.where(in2, N2, tl.where(in1, N1, N0))
         block = tl.where(in2, pid_n - nb0 - nb1, tl.where(in1, pid_n - nb0, pid_n))
         column = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
-        rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok_n = rn < n
-        byte = tl.arange(0, 4)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        EVEN: tl.constexpr = PER_SPLIT * SPLITS == ROW_WORDS  # no split runs past the row: no masks
+        e = tl.arange(0, BLOCK_N * BLOCK_W)
+        rn = tl.minimum(block * BLOCK_N + e // BLOCK_W, n - 1)  # rows past the end: read the last, never stored
+        acc = tl.zeros((BLOCK_N * BLOCK_W,), dtype=tl.float32)
         for i in range(0, PER_SPLIT, BLOCK_W):
-            rw = pid_k * PER_SPLIT + i + tl.arange(0, BLOCK_W)
-            ok_w = rw < ROW_WORDS
-            ok = ok_n[:, None] & ok_w[None, :]
-            words, scale = _word_tile(words_ptr, scales_ptr, rn, rw, ok, ROW_WORDS, GROUP_WORDS, GROUPS)
-            pair = tl.load(pairs_ptr + ((words[:, :, None] >> (byte * 8)[None, None, :]) & 255))
-            low = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # the byte's first code
-            high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # and its second
-            at = rw[:, None, None] * 8 + byte[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-            x_low, x_high = tl.split(tl.load(x_ptr + at, mask=ok_w[:, None, None], other=0.0).to(tl.float32))
-            part = tl.sum(low * x_low[None, :, :] + high * x_high[None, :, :], axis=2)
-            acc += tl.sum(part * scale, axis=1)
+            rw = pid_k * PER_SPLIT + i + e % BLOCK_W
+            if EVEN:
+                words = tl.load(words_ptr + rn * ROW_WORDS + rw)
+                scale = tl.load(scales_ptr + rn * GROUPS + rw // GROUP_WORDS).to(tl.float32)
+            else:
+                ok = rw < ROW_WORDS
+                words = tl.load(words_ptr + rn * ROW_WORDS + rw, mask=ok, other=0)
+                scale = tl.load(scales_ptr + rn * GROUPS + rw // GROUP_WORDS, mask=ok, other=0.0).to(tl.float32)
+            part = tl.zeros((BLOCK_N * BLOCK_W,), dtype=tl.float32)
+            if PAIRS:
+                for b in tl.static_range(4):
+                    pair = tl.load(pairs_ptr + ((words >> (8 * b)) & 255))
+                    low = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # code 2b's value
+                    high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # code 2b + 1's
+                    part = tl.fma(low, _x_run(x_ptr, 2 * b, rw, ROW_WORDS, EVEN), part)
+                    part = tl.fma(high, _x_run(x_ptr, 2 * b + 1, rw, ROW_WORDS, EVEN), part)
+            else:
+                for j in tl.static_range(8):
+                    value = tl.load(table_ptr + ((words >> (4 * j)) & 15))
+                    part = tl.fma(value, _x_run(x_ptr, j, rw, ROW_WORDS, EVEN), part)
+            acc = tl.fma(part, scale, acc)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        y = tl.sum(tl.reshape(acc, (BLOCK_N, BLOCK_W)), axis=1)
         if SPLITS == 1:  # (then the output may be the activation's dtype: no zeroing, no cast after)
-            tl.store(out_ptr + column + rn, acc.to(out_ptr.dtype.element_ty), mask=ok_n)
+            tl.store(out_ptr + column + rows, y.to(out_ptr.dtype.element_ty), mask=rows < n)
         else:
-            tl.atomic_add(out_ptr + column + rn, acc, mask=ok_n)
+            tl.atomic_add(out_ptr + column + rows, y, mask=rows < n)
 
-    _PAIRS_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
-                      for n, w, nw in ((16, 32, 4), (32, 16, 4), (8, 64, 4), (32, 32, 8), (64, 16, 8), (16, 64, 8))]
-    _tq_gemv_pairs_split = triton.heuristics({"SPLITS": lambda a: _pairs_splits(a)})(_tq_gemv_pairs)
-    _tq_gemv_pairs_tuned = triton.autotune(configs=_PAIRS_CONFIGS, key=["N0", "N1", "N2", "K"],
-                                           reset_to_zero=["out_ptr"])(_tq_gemv_pairs_split)
+    _ROW_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w, "PAIRS": p}, num_warps=nw)
+                    for p in (0, 1)
+                    for n, w, nw in ((16, 32, 4), (32, 32, 4), (8, 64, 4), (16, 64, 4), (64, 32, 8))]
+    _tq_gemv_row_split = triton.heuristics({"SPLITS": lambda a: _row_splits(a)})(_tq_gemv_row)
+    _tq_gemv_row_tuned = triton.autotune(configs=_ROW_CONFIGS, key=["N0", "N1", "N2", "K"],
+                                         reset_to_zero=["out_ptr"])(_tq_gemv_row_split)
 
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
                      for n, w, nw in ((16, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8), (64, 32, 8), (8, 128, 4),
@@ -247,11 +274,13 @@ if triton is not None:
     @triton.jit
     def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, ROWS, K: tl.constexpr,
                         DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr, HAS_COL: tl.constexpr,
-                        HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr):
+                        HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr,
+                        NIBBLE_MAJOR: tl.constexpr):
         """A round of the rotation on TILE runs of BLOCK values (a run: one Hadamard block of one group):
         read (through the permutation between rounds, if any; times the column scales before the first),
         times the round's signs, times the normalised Sylvester matrix. With BOTH (a group that is one
-        block: no permutation), the second round follows in registers."""
+        block: no permutation), the second round follows in registers. NIBBLE_MAJOR stores coordinate
+        8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads)."""
         NB: tl.constexpr = DIM // BLOCK
         r = tl.program_id(0) * TILE + tl.arange(0, TILE)
         c = tl.arange(0, BLOCK)
@@ -270,6 +299,9 @@ if triton is not None:
         y = tl.dot(x, h, input_precision="ieee")
         if BOTH:
             y = tl.dot(y * tl.load(signs_ptr + (ROUND + 1) * DIM + at), h, input_precision="ieee")
+        if NIBBLE_MAJOR:
+            k = flat % K
+            flat = flat - k + (k % 8) * (K // 8) + k // 8
         tl.store(dst_ptr + flat, y.to(dst_ptr.dtype.element_ty), mask=ok)
 
     _ALIGNED_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w)
@@ -298,9 +330,11 @@ def rotates(cfg: TQConfig) -> bool:
     return 16 <= block <= 128
 
 
-def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None) -> torch.Tensor:
+def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None,
+           nibble_major: bool = False) -> torch.Tensor:
     """`cpu_kernels.rotate_fast` of x [M, K] by groups of cfg.dim, x first times `column` [K] (float32), in
-    one kernel (two where a group spans several Hadamard blocks); x's dtype out."""
+    one kernel (two where a group spans several Hadamard blocks); x's dtype out, or with `nibble_major`
+    float32 in the order _tq_gemv_row reads (see `nibble_major()`; K a multiple of 8)."""
     x = x.contiguous()
     rows, k = x.shape
     block = _block_size(cfg.dim, cfg.block)
@@ -309,20 +343,20 @@ def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None) -
     runs = rows * k // block
     tile = 16
     grid = (triton.cdiv(runs, tile),)
-    assert _HADAMARD_ROUNDS == 2
+    assert _HADAMARD_ROUNDS == 2 and (k % 8 == 0 or not nibble_major)
     col = column if column is not None else x  # (an unused pointer where there is none)
+    out = torch.empty(x.shape, dtype=torch.float32 if nibble_major else x.dtype, device=x.device)
+    shape = dict(K=k, DIM=cfg.dim, BLOCK=block, TILE=tile)
     if perm is None:
-        out = torch.empty_like(x)
-        _hadamard_round[grid](x, col, signs, signs, h, out, runs, K=k, DIM=cfg.dim, BLOCK=block, ROUND=0,
-                              HAS_COL=column is not None, HAS_PERM=False, BOTH=True, TILE=tile)
+        _hadamard_round[grid](x, col, signs, signs, h, out, runs, **shape, ROUND=0, HAS_COL=column is not None,
+                              HAS_PERM=False, BOTH=True, NIBBLE_MAJOR=nibble_major)
         return out
     # a permutation across the group's blocks between the rounds: a round trip through float32 memory
     mid = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _hadamard_round[grid](x, col, signs, perm, h, mid, runs, K=k, DIM=cfg.dim, BLOCK=block, ROUND=0,
-                          HAS_COL=column is not None, HAS_PERM=False, BOTH=False, TILE=tile)
-    out = torch.empty_like(x)
-    _hadamard_round[grid](mid, col, signs, perm, h, out, runs, K=k, DIM=cfg.dim, BLOCK=block, ROUND=1,
-                          HAS_COL=False, HAS_PERM=True, BOTH=False, TILE=tile)
+    _hadamard_round[grid](x, col, signs, perm, h, mid, runs, **shape, ROUND=0, HAS_COL=column is not None,
+                          HAS_PERM=False, BOTH=False, NIBBLE_MAJOR=False)
+    _hadamard_round[grid](mid, col, signs, perm, h, out, runs, **shape, ROUND=1, HAS_COL=False, HAS_PERM=True,
+                          BOTH=False, NIBBLE_MAJOR=nibble_major)
     return out
 
 
@@ -347,50 +381,89 @@ def _row_blocks(a: dict) -> int:
     return sum(triton.cdiv(a[n], a["BLOCK_N"]) for n in ("N0", "N1", "N2"))
 
 
-def _pairs_splits(a: dict) -> int:
-    """Programs along the input for _tq_gemv_pairs: only as many as it takes to reach ~_TARGET_PROGRAMS."""
+def _row_splits(a: dict) -> int:
+    """Programs along the input for _tq_gemv_row: only as many as it takes to reach ~_TARGET_PROGRAMS."""
     return max(1, min(triton.cdiv(a["K"] // 8, a["BLOCK_W"]), _TARGET_PROGRAMS // _row_blocks(a)))
 
 
-_INTERPRETER_PAIRS = {"BLOCK_N": 16, "BLOCK_W": 8}  # the interpreter cannot autotune: one config
+# the interpreter cannot autotune: one config (the tests set PAIRS to check both lookups)
+INTERPRETER_ROW = {"BLOCK_N": 16, "BLOCK_W": 8, "PAIRS": 0}
 
 
-def _gemv_pairs(x2: torch.Tensor, weights: list, cfg: TQConfig, interpret: bool) -> torch.Tensor:
-    """One row times up to three 4-bit matrices ((words, scales) each) in one launch: [1, sum of outs],
-    in x2's dtype where no config splits the input (the large matrices: each program stores its own
-    rows), else float32 sums added atomically into zeros."""
+def takes_row(x: torch.Tensor, cfg: TQConfig, matrices: int) -> bool:
+    """Whether x times `matrices` matrices of cfg takes `tq_row`: one activation row (decode at batch 1),
+    4 bits in whole words, a rotation `rotate` takes, up to three matrices."""
+    k = x.shape[-1]
+    return (x.numel() == k and cfg.bits == 4 and _word_aligned(cfg, k) and 1 <= matrices <= 3 and rotates(cfg)
+            and "_tq_gemv_row" not in broken)
+
+
+def nibble_major(x_rotated: torch.Tensor) -> torch.Tensor:
+    """A rotated row [1, K] as _tq_gemv_row reads it: float32, coordinate 8w + j at j * K/8 + w."""
+    k = x_rotated.shape[-1]
+    return x_rotated.reshape(k // 8, 8).t().float().contiguous().reshape(1, k)
+
+
+def _gemv_row(xn: torch.Tensor, weights: list, cfg: TQConfig, dtype: torch.dtype, interpret: bool) -> torch.Tensor:
+    """The nibble-major row xn times up to three 4-bit matrices ((words, scales) each) in one launch:
+    [1, sum of outs], in `dtype` where no config splits the input (the large matrices: each program stores
+    its own rows), else float32 sums added atomically into zeros."""
     ns = [w.shape[0] for w, _ in weights] + [0] * (3 - len(weights))
     padded = weights + [weights[0]] * (3 - len(weights))  # (pointers the kernel never reads)
-    shape = {"K": x2.shape[1], "N0": ns[0], "N1": ns[1], "N2": ns[2]}
-    configs = [_INTERPRETER_PAIRS] if interpret else [c.kwargs for c in _PAIRS_CONFIGS]
-    if all(_pairs_splits({**shape, **c}) == 1 for c in configs):
-        out = torch.empty(1, sum(ns), device=x2.device, dtype=x2.dtype)
+    shape = {"K": xn.shape[1], "N0": ns[0], "N1": ns[1], "N2": ns[2]}
+    configs = [INTERPRETER_ROW] if interpret else [c.kwargs for c in _ROW_CONFIGS]
+    if all(_row_splits({**shape, **c}) == 1 for c in configs):
+        out = torch.empty(1, sum(ns), device=xn.device, dtype=dtype)
     else:
-        out = torch.zeros(1, sum(ns), device=x2.device, dtype=torch.float32)
+        out = torch.zeros(1, sum(ns), device=xn.device, dtype=torch.float32)
     grid = lambda meta: (_row_blocks({**meta, **shape}), meta["SPLITS"])  # noqa: E731
-    args = (x2, *[t for pair in padded for t in pair], _pairs(cfg, x2.device), out, *ns)
+    tables = (_layout(cfg, xn.device)[0], _pairs(cfg, xn.device))
+    args = (xn, *[t for pair in padded for t in pair], *tables, out, *ns)
     if interpret:
-        _tq_gemv_pairs_split[grid](*args, K=x2.shape[1], GROUP=cfg.dim, **_INTERPRETER_PAIRS)
+        _tq_gemv_row_split[grid](*args, K=xn.shape[1], GROUP=cfg.dim, **INTERPRETER_ROW)
     else:
-        _tq_gemv_pairs_tuned[grid](*args, K=x2.shape[1], GROUP=cfg.dim)
+        _tq_gemv_row_tuned[grid](*args, K=xn.shape[1], GROUP=cfg.dim)
     return out
+
+
+def _split_outputs(out: torch.Tensor, weights: list, like: torch.Tensor) -> list[torch.Tensor]:
+    splits = out.to(like.dtype).split([c.shape[0] for c, _ in weights], dim=-1)
+    return [y.reshape(*like.shape[:-1], y.shape[-1]) for y in splits]
+
+
+def tq_row(x: torch.Tensor, weights: list, cfg: TQConfig, column: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One row x (not rotated; times `column` first, if given) times up to three 4-bit matrices ((codes,
+    scales) each; `takes_row`): two launches, the rotation writing x as the GEMV reads it, and the GEMV."""
+    k = x.shape[-1]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    words = [(_words(c), s.contiguous()) for c, s in weights]
+    xn = guarded("_hadamard_round", lambda: rotate(x.reshape(1, k), cfg, column, nibble_major=True),
+                 lambda: nibble_major(_rotate_by_ops(x.reshape(1, k), cfg, column)))
+    out = guarded("_tq_gemv_row", lambda: _gemv_row(xn, words, cfg, x.dtype, interpret), lambda: None)
+    if out is None:  # the row kernel failed here: the general GEMV, on x in its usual order
+        x_rotated = xn.reshape(8, k // 8).t().reshape(x.shape).to(x.dtype)
+        return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
+    return _split_outputs(out, weights, x)
+
+
+def _rotate_by_ops(x2: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None) -> torch.Tensor:
+    xs = x2.float() if column is None else x2.float() * column
+    return cpu_kernels.rotate_fast(xs.reshape(x2.shape[0], -1, cfg.dim), cfg).reshape(x2.shape)
 
 
 def tq_linears(x_rotated: torch.Tensor, weights: list, cfg: TQConfig) -> list[torch.Tensor]:
     """[tq_linear(x_rotated, codes, scales, cfg) for (codes, scales) in weights]: for one row at 4 bits,
-    up to three matrices in one launch."""
+    up to three matrices in one launch (after a reorder of x; `tq_row` rotates straight into that order)."""
     k = x_rotated.shape[-1]
     if not (x_rotated.numel() == k and cfg.bits == 4 and _word_aligned(cfg, k) and len(weights) <= 3):
         return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
-    x2 = x_rotated.reshape(1, k).contiguous()
     words = [(_words(c), s.contiguous()) for c, s in weights]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    out = guarded("_tq_gemv_pairs", lambda: _gemv_pairs(x2, words, cfg, interpret), lambda: None)
+    out = guarded("_tq_gemv_row", lambda: _gemv_row(nibble_major(x_rotated), words, cfg, x_rotated.dtype, interpret),
+                  lambda: None)
     if out is None:
         return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
-    out = out.to(x_rotated.dtype)
-    splits = out.split([c.shape[0] for c, _ in weights], dim=-1)
-    return [y.reshape(*x_rotated.shape[:-1], y.shape[-1]) for y in splits]
+    return _split_outputs(out, weights, x_rotated)
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor:
@@ -402,8 +475,11 @@ def _gemv(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cfg: TQCo
     m, k = x2.shape
     n = codes.shape[0]
     words = _words(codes)
-    if m == 1 and cfg.bits == 4 and "_tq_gemv_pairs" not in broken:
-        return _gemv_pairs(x2, [(words, scales)], cfg, interpret)
+    if m == 1 and cfg.bits == 4:
+        out = guarded("_tq_gemv_row", lambda: _gemv_row(nibble_major(x2), [(words, scales)], cfg, torch.float32,
+                                                        interpret), lambda: None)
+        if out is not None:
+            return out
     out = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
     table = _layout(cfg, x2.device)[0]
     block_m = triton.next_power_of_2(m)
