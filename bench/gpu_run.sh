@@ -31,11 +31,11 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_ops.py te
     tests/test_tq_kernels.py -k "gpu or cuda" >"$OUT/tests.log" 2>&1
 echo "tests rc=$?" >>"$OUT/gpu.txt"
 
-# 2. the kernels alone against cuBLAS bf16 on the 31B and E2B layer shapes
-timeout 90 python3 bench/tq_kernels.py --shapes 31b >"$OUT/kernels.md" 2>&1
+# 2. the kernels alone against cuBLAS bf16 on the 31B layer shapes, and the row GEMV with each lookup
+timeout 120 python3 bench/tq_kernels.py --shapes 31b --batch 1 8 >"$OUT/kernels.md" 2>&1
 echo "kernels rc=$?" >>"$OUT/gpu.txt"
 
 # 3. the table: decode tokens/s, wren TQ4 vs transformers bf16, as a fraction of the limit
-timeout 320 python3 bench/gpu_decode.py --json "$OUT/decode.json" --profile "$OUT" >"$OUT/decode.md" 2>"$OUT/decode.log"
+timeout 300 python3 bench/gpu_decode.py --json "$OUT/decode.json" --profile "$OUT" >"$OUT/decode.md" 2>"$OUT/decode.log"
 echo "decode rc=$?" >>"$OUT/gpu.txt"
 cat "$OUT/gpu.txt" "$OUT/decode.md"

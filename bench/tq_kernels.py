@@ -58,6 +58,24 @@ def rows_for(device: str, shape_set: str):
         yield name, out_f, in_f
 
 
+def time_lookups(layer, xr, copies, device: str) -> dict:
+    """The row GEMV alone (x already in its order) with each codebook lookup, the best of its configs:
+    {"codebook" | "pairs": (seconds, config)}; what the autotuner chooses between, side by side."""
+    xn = triton_kernels.nibble_major(xr)
+    words = [(triton_kernels._words(c), s) for c, s in copies]
+    turn = iter(range(1 << 62))
+    best = {}
+    for config in triton_kernels.row_configs():
+        def launch():
+            triton_kernels._gemv_row(xn, [words[next(turn) % len(words)]], layer.cfg, torch.float32, False, config)
+
+        seconds = timed(launch, device, min_seconds=0.1)
+        lookup = "pairs" if config["PAIRS"] else "codebook"
+        if lookup not in best or seconds < best[lookup][0]:
+            best[lookup] = (seconds, config)
+    return best
+
+
 def bench(device: str, shape_set: str, bits: float, batches: list[int], group: int) -> list[dict]:
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -80,6 +98,8 @@ def bench(device: str, shape_set: str, bits: float, batches: list[int], group: i
                 row["tq_kernel_only_s"] = timed(
                     lambda: triton_kernels.tq_linear(xr, *copies[next(turn) % len(copies)], layer.cfg), device)
                 row["tq_bytes"] = code_bytes
+                if m == 1 and bits == 4:
+                    row["lookups"] = time_lookups(layer, xr, copies, device)
                 del copies
             else:
                 layer.int8_levels()
@@ -118,6 +138,18 @@ def print_table(rows: list[dict], device: str, bandwidth: float | None, bits: fl
             cells.append(f"{r['reference_s'] * 1e6:.0f}" if "reference_s" in r else "-")
         cells.append(f"{r['dense_bf16_s'] / r['tq_s']:.2f}x")
         print("| " + " | ".join(str(c) for c in cells) + " |")
+    lookups = [r for r in rows if "lookups" in r]
+    if lookups:
+        print("\nThe batch-1 row GEMV alone with each codebook lookup (best config of each; the autotuner picks)")
+        print("| shape | codebook µs | % of copy bw | config | pairs µs | % of copy bw | config |")
+        print("|---|---|---|---|---|---|---|")
+        for r in lookups:
+            cells = [r["shape"]]
+            for lookup in ("codebook", "pairs"):
+                seconds, config = r["lookups"][lookup]
+                cells += [f"{seconds * 1e6:.1f}", f"{100 * r['tq_bytes'] / seconds / bandwidth:.0f}%",
+                          " ".join(f"{k}={v}" for k, v in config.items() if k != "PAIRS")]
+            print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:

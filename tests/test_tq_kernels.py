@@ -255,6 +255,17 @@ def test_triton_row_gemv_in_the_interpreter():
                         assert y.shape == ref.shape and y.dtype == dtype, (y.shape, ref.shape, y.dtype)
                         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                         assert err < tol, (pairs, outs, dtype, err)
+        # every autotune config (tiles, warps, both lookups; rows and words past a tile's end)
+        layer = TQLinear.from_dense(torch.randn(70, 640, generator=g), 4, 128, seed=2)
+        x = torch.randn(1, 640, generator=g)
+        with reference_path():
+            ref = layer(x)
+        xn = triton_kernels.nibble_major(layer.rotate_input(x, fast=True))
+        words = [(triton_kernels._words(layer.codes), layer.scales)]
+        for config in triton_kernels.row_configs():
+            y = triton_kernels._gemv_row(xn, words, layer.cfg, torch.float32, False, config)
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-5, (config, err)
         print("ok")
     """)
     _interpret(script)

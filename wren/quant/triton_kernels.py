@@ -404,14 +404,17 @@ def nibble_major(x_rotated: torch.Tensor) -> torch.Tensor:
     return x_rotated.reshape(k // 8, 8).t().float().contiguous().reshape(1, k)
 
 
-def _gemv_row(xn: torch.Tensor, weights: list, cfg: TQConfig, dtype: torch.dtype, interpret: bool) -> torch.Tensor:
+def _gemv_row(xn: torch.Tensor, weights: list, cfg: TQConfig, dtype: torch.dtype, interpret: bool,
+              config: dict | None = None) -> torch.Tensor:
     """The nibble-major row xn times up to three 4-bit matrices ((words, scales) each) in one launch:
     [1, sum of outs], in `dtype` where no config splits the input (the large matrices: each program stores
-    its own rows), else float32 sums added atomically into zeros."""
+    its own rows), else float32 sums added atomically into zeros. `config` (BLOCK_N, BLOCK_W, PAIRS and
+    num_warps) skips the autotuner: the interpreter's, or bench/tq_kernels.py timing each lookup."""
+    config = INTERPRETER_ROW if interpret else config
     ns = [w.shape[0] for w, _ in weights] + [0] * (3 - len(weights))
     padded = weights + [weights[0]] * (3 - len(weights))  # (pointers the kernel never reads)
     shape = {"K": xn.shape[1], "N0": ns[0], "N1": ns[1], "N2": ns[2]}
-    configs = [INTERPRETER_ROW] if interpret else [c.kwargs for c in _ROW_CONFIGS]
+    configs = [config] if config else [c.kwargs for c in _ROW_CONFIGS]
     if all(_row_splits({**shape, **c}) == 1 for c in configs):
         out = torch.empty(1, sum(ns), device=xn.device, dtype=dtype)
     else:
@@ -419,11 +422,16 @@ def _gemv_row(xn: torch.Tensor, weights: list, cfg: TQConfig, dtype: torch.dtype
     grid = lambda meta: (_row_blocks({**meta, **shape}), meta["SPLITS"])  # noqa: E731
     tables = (_layout(cfg, xn.device)[0], _pairs(cfg, xn.device))
     args = (xn, *[t for pair in padded for t in pair], *tables, out, *ns)
-    if interpret:
-        _tq_gemv_row_split[grid](*args, K=xn.shape[1], GROUP=cfg.dim, **INTERPRETER_ROW)
+    if config:
+        _tq_gemv_row_split[grid](*args, K=xn.shape[1], GROUP=cfg.dim, **config)
     else:
         _tq_gemv_row_tuned[grid](*args, K=xn.shape[1], GROUP=cfg.dim)
     return out
+
+
+def row_configs() -> list[dict]:
+    """The row GEMV's autotune configs, as `_gemv_row(config=)` takes them."""
+    return [{**c.kwargs, "num_warps": c.num_warps} for c in _ROW_CONFIGS]
 
 
 def _split_outputs(out: torch.Tensor, weights: list, like: torch.Tensor) -> list[torch.Tensor]:
