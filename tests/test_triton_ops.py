@@ -209,7 +209,7 @@ def test_rms_norm_kernel_on_the_gpu():
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
 @pytest.mark.parametrize("name,kv", [("gemma4-e2b", None), ("gemma3", "tq3.5"), ("gemma4-e4b", "tq4")])
-def test_the_cuda_decode_step_in_the_interpreter(tiny, name, kv):
+def test_the_triton_decode_step_in_the_interpreter(tiny, name, kv):
     """The whole CUDA path of a quantized model's static decode step (rotation, grouped GEMV, norms, RoPE,
     attention from dense or TurboQuant caches, gelu, PLE rows handed in) run on CPU tensors by Triton's
     interpreter, against the same step on the exact float32 reference path (the Triton kernels do exact
@@ -256,7 +256,7 @@ def test_the_cuda_decode_step_in_the_interpreter(tiny, name, kv):
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
-def test_every_kernel_of_the_cuda_step_compiles_for_sm90():
+def test_every_kernel_of_the_decode_step_compiles_for_sm90():
     """The interpreter checks what the kernels compute, not that they compile: Triton's compiler and ptxas
     (shipped with Triton) build each kernel of the decode step (prefill, batch 1 and 8, f16 and tq4 caches;
     every autotune config) for an H100/H200 here, without a GPU (bench/gpu_compile.py)."""
