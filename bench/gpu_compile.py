@@ -41,10 +41,13 @@ from gpu_decode import SHAPES, SL, FU  # noqa: E402
 VOCAB = 4096
 
 
+launches: list[str] = []  # the Triton launches made under compile_only, one per call
+
+
 @contextlib.contextmanager
 def compile_only(arch: int):
     """Within: every Triton launch compiles for sm_<arch> (each autotune config) and runs nothing; yields
-    the list of (kernel name, compiled kernel) it fills."""
+    the list of (kernel name, compiled kernel) it fills. `launches` gets each launch's kernel name."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -66,13 +69,23 @@ def compile_only(arch: int):
 
     compiled = []
     run, tuned = JITFunction.run, Autotuner.run
+    tuning = []  # (within an autotuned launch: its configs' compiles are one launch)
 
     def compile_launch(self, *args, grid, warmup, **kwargs):
         compiled.append((self.fn.__name__, run(self, *args, grid=grid, warmup=True, **kwargs)))
+        if not tuning:
+            launches.append(self.fn.__name__)
 
     def compile_configs(self, *args, **kwargs):
-        for config in self.prune_configs(kwargs):
-            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        tuning.append(1)
+        self.nargs = dict(zip(self.arg_names, args))  # (what Autotuner.run sets for the pruning)
+        try:
+            for config in self.prune_configs(kwargs):
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            tuning.pop()
+            self.nargs = None
+        launches.append(compiled[-1][0])
 
     driver.set_active(StandIn())
     JITFunction.run, Autotuner.run = compile_launch, compile_configs
@@ -135,6 +148,70 @@ def decode(wren_model, batches=(1, 8), kvs=(None, "tq4"), steps: int = 2) -> Non
                         logits = step(logits.nan_to_num().argmax(-1, keepdim=True).clamp(0, VOCAB - 1))
     finally:
         triton_ops.takes = saved
+
+
+# PyTorch ops that launch no kernel (views, metadata, allocation)
+_NO_KERNEL = {"view", "reshape", "as_strided", "expand", "slice", "select", "unsqueeze", "squeeze", "t", "transpose",
+              "permute", "_unsafe_view", "alias", "detach", "detach_", "empty", "empty_like", "empty_strided", "split",
+              "split_with_sizes", "narrow", "unbind", "view_as", "lift_fresh", "flatten", "_reshape_alias"}
+
+
+def step_launches(wren_model, kv: str | None) -> tuple[collections.Counter, collections.Counter]:
+    """Kernels one static decode step launches at batch 1 (after a warm-up step): Triton's by kernel, and
+    PyTorch's by op and the line of wren that called it. On a GPU each is a launch inside the graph; at
+    a few microseconds each, their count bounds a step as much as the bytes do."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wren import triton_ops
+    from wren.graphs import StaticDecoder
+    from wren.kv import make_kv_cache
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if name not in _NO_KERNEL and not (args and out is args[0] and name in ("to", "contiguous")):
+                frames = [f for f in traceback.extract_stack() if "/wren/" in f.filename]
+                where = f"{frames[-1].filename.split('/wren/')[-1]}:{frames[-1].lineno}" if frames else "?"
+                self.ops[(name, where)] += 1
+            return out
+
+    saved = triton_ops.takes
+    triton_ops.takes = lambda x: True
+    try:
+        with torch.inference_mode():
+            cache = make_kv_cache(wren_model, batch=1, max_len=24, spec=kv)
+            wren_model(torch.randint(5, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0)), cache,
+                       logits_to_keep=1)
+            step = StaticDecoder(wren_model, cache, graph=False)
+            token = torch.tensor([[7]])
+            step(token)
+            first = len(launches)
+            counter = Count()
+            with counter:
+                step(token)
+            return collections.Counter(launches[first:]), counter.ops
+    finally:
+        triton_ops.takes = saved
+
+
+def launch_table(shape: str, layers: int, counts: dict) -> str:
+    lines = [f"### {shape}: kernels launched by one decode step (batch 1; {layers} decoder layers, the LM head, "
+             "the embedding)", "",
+             "| KV cache | Triton | PyTorch | in all | Triton, by kernel | PyTorch, by op and caller (the most) |",
+             "|---|---|---|---|---|---|"]
+    for kv, (triton_counts, torch_counts) in counts.items():
+        by_kernel = ", ".join(f"{k} {v}" for k, v in triton_counts.most_common())
+        by_op = ", ".join(f"{op} ({where}) {v}" for (op, where), v in torch_counts.most_common(8))
+        t, p = sum(triton_counts.values()), sum(torch_counts.values())
+        lines.append(f"| {kv or 'f16'} | {t} | {p} | {t + p} | {by_kernel} | {by_op} |")
+    return "\n".join(lines)
 
 
 def _tool(name: str) -> str:
@@ -228,7 +305,10 @@ def main(argv=None) -> int:
     print(f"# wren's Triton kernels compiled for sm_{args.arch} (nothing run; counted, not timed)\n")
     for shape in args.shapes:
         with compile_only(args.arch) as compiled:
-            decode(model(shape))
+            wren_model = model(shape)
+            decode(wren_model)
+            counts = {kv: step_launches(wren_model, kv) for kv in (None, "tq4")}
+        print(launch_table(shape, len(wren_model.layers), counts) + "\n")
         print(table(shape, rows(compiled)) + "\n")
     if triton_ops.broken:
         for kernel, error in triton_ops.broken.items():

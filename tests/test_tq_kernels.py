@@ -236,8 +236,10 @@ def test_triton_row_gemv_in_the_interpreter():
         for pairs in (0, 1):
             triton_kernels.INTERPRETER_ROW["PAIRS"] = pairs
             for group, width, outs, dtype, tol, scaled in (
-                    (128, 256, (96, 40, 40), torch.float32, 1e-5, False), (0, 256, (64, 200), torch.float32, 1e-5, True),
-                    (128, 256, (4400,), torch.float32, 1e-5, False), (128, 256, (4000, 400), torch.bfloat16, 1e-2, True),
+                    (128, 256, (96, 40, 40), torch.float32, 1e-5, False),
+                    (0, 256, (64, 200), torch.float32, 1e-5, True),
+                    (128, 256, (4400,), torch.float32, 1e-5, False),
+                    (128, 256, (4000, 400), torch.bfloat16, 1e-2, True),
                     (64, 192, (33,), torch.float32, 1e-5, False)):
                 layers = [TQLinear.from_dense(torch.randn(n, width, generator=g), 4, group or width, seed=2)
                           for n in outs]

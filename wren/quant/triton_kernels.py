@@ -257,8 +257,11 @@ if triton is not None:
                     for p in (0, 1)
                     for n, w, nw in ((16, 32, 4), (32, 32, 4), (8, 64, 4), (16, 64, 4), (64, 32, 8))]
     _tq_gemv_row_split = triton.heuristics({"SPLITS": lambda a: _row_splits(a)})(_tq_gemv_row)
-    _tq_gemv_row_tuned = triton.autotune(configs=_ROW_CONFIGS, key=["N0", "N1", "N2", "K"],
-                                         reset_to_zero=["out_ptr"])(_tq_gemv_row_split)
+    _tq_gemv_row_tuned = triton.autotune(
+        configs=_ROW_CONFIGS, key=["N0", "N1", "N2", "K"], reset_to_zero=["out_ptr"],
+        prune_configs_by={"early_config_prune": lambda configs, named, **constants: _unsplit_if_full(
+            configs, {**named, **constants})},
+    )(_tq_gemv_row_split)
 
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw)
                      for n, w, nw in ((16, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8), (64, 32, 8), (8, 128, 4),
@@ -386,6 +389,18 @@ def _row_splits(a: dict) -> int:
     return max(1, min(triton.cdiv(a["K"] // 8, a["BLOCK_W"]), _TARGET_PROGRAMS // _row_blocks(a)))
 
 
+_ONE_WAVE = 132  # programs that give every SM of an H100/H200 one
+
+
+def _unsplit_if_full(configs: list, shape: dict) -> list:
+    """The configs that leave the input whole where one of them has a program for every SM: their output
+    needs no zeroing kernel before, nor cast after (two launches of a few microseconds, which cost a
+    small matrix more than the lower occupancy); all of them otherwise."""
+    whole = [c for c in configs if _row_splits({**shape, **c.kwargs}) == 1
+             and _row_blocks({**shape, **c.kwargs}) >= _ONE_WAVE]
+    return whole or configs
+
+
 # the interpreter cannot autotune: one config (the tests set PAIRS to check both lookups)
 INTERPRETER_ROW = {"BLOCK_N": 16, "BLOCK_W": 8, "PAIRS": 0}
 
@@ -414,7 +429,7 @@ def _gemv_row(xn: torch.Tensor, weights: list, cfg: TQConfig, dtype: torch.dtype
     ns = [w.shape[0] for w, _ in weights] + [0] * (3 - len(weights))
     padded = weights + [weights[0]] * (3 - len(weights))  # (pointers the kernel never reads)
     shape = {"K": xn.shape[1], "N0": ns[0], "N1": ns[1], "N2": ns[2]}
-    configs = [config] if config else [c.kwargs for c in _ROW_CONFIGS]
+    configs = [config] if config else [c.kwargs for c in _unsplit_if_full(_ROW_CONFIGS, shape)]
     if all(_row_splits({**shape, **c}) == 1 for c in configs):
         out = torch.empty(1, sum(ns), device=xn.device, dtype=dtype)
     else:
