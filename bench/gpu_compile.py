@@ -150,10 +150,10 @@ def decode(wren_model, batches=(1, 8), kvs=(None, "tq4"), steps: int = 2) -> Non
         triton_ops.takes = saved
 
 
-# PyTorch ops that launch no kernel (views, metadata, allocation)
+# PyTorch ops that launch no kernel (views, metadata, allocation; `item` reads a host tensor here: the PLE ids)
 _NO_KERNEL = {"view", "reshape", "as_strided", "expand", "slice", "select", "unsqueeze", "squeeze", "t", "transpose",
               "permute", "_unsafe_view", "alias", "detach", "detach_", "empty", "empty_like", "empty_strided", "split",
-              "split_with_sizes", "narrow", "unbind", "view_as", "lift_fresh", "flatten", "_reshape_alias"}
+              "split_with_sizes", "narrow", "unbind", "view_as", "lift_fresh", "flatten", "_reshape_alias", "item"}
 
 
 def step_launches(wren_model, kv: str | None) -> tuple[collections.Counter, collections.Counter]:
