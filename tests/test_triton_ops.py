@@ -41,11 +41,13 @@ def test_rms_norm_kernel_in_the_interpreter():
                 res = torch.randn(2, 3, 4, dim, generator=g).to(dtype)
                 with torch.no_grad():
                     for residual in (None, res):
-                        ref = norm.by_ops(x, residual)
-                        got = triton_ops.rms_norm(x, norm.weight, norm.offset, norm.eps, residual=residual)
-                        assert got.dtype == dtype
-                        err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                        assert err < tol, (dtype, dim, offset, residual is None, err)
+                        for scale in (None, torch.tensor([0.7]).to(dtype)):  # (Gemma 4's layer scalar)
+                            ref = norm.by_ops(x, residual, scale)
+                            got = triton_ops.rms_norm(x, norm.weight, norm.offset, norm.eps, residual=residual,
+                                                      scale=scale)
+                            assert got.dtype == dtype
+                            err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                            assert err < tol, (dtype, dim, offset, residual is None, scale is None, err)
                     pos = torch.tensor([[5, 6, 7], [0, 1, 2]])
                     cos, sin = rope_cos_sin(pos, rope_inv_freq(dim, dim // 2, 10000.0), dtype)
                     ref = apply_rope(norm.by_ops(x), cos, sin)

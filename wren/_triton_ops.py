@@ -6,8 +6,9 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, res_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps, offset, D: tl.constexpr,
-                    HAS_W: tl.constexpr, HAS_RES: tl.constexpr, ROPE: tl.constexpr, BLOCK_D: tl.constexpr):
+def rms_norm_kernel(x_ptr, w_ptr, res_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, heads, eps, offset, D: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_RES: tl.constexpr, ROPE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     ok = d < D
@@ -30,6 +31,8 @@ def rms_norm_kernel(x_ptr, w_ptr, res_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps
         y = y * c + tl.where(d < half, -yp, yp) * s
     if HAS_RES:
         y = tl.load(res_ptr + row * D + d, mask=ok, other=0.0).to(tl.float32) + y
+    if HAS_SCALE:  # (residual + norm) rounded, then times the scalar, as two PyTorch ops would
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(scale_ptr).to(tl.float32)
     tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -169,3 +172,23 @@ def gelu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
     inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) (g + 0.044715 g^3)
     tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
     tl.store(out_ptr + i, (0.5 * g * (1.0 + tanh) * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def kv_write_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, slot_pos_ptr, pos_ptr, heads, slots, k_sb, k_sh, v_sb, v_sh,
+                    WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One new token's key and value head vectors (program b * heads + h) into a cache's slot for them:
+    the position, or in a sliding layer's ring (WINDOW > 0) the position modulo the window; the slot's
+    position recorded (by the first program)."""
+    row = tl.program_id(0)
+    b = row // heads
+    h = row % heads
+    pos = tl.load(pos_ptr)
+    slot = pos % WINDOW if WINDOW > 0 else pos
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    at = ((b * heads + h) * slots + slot) * D + d
+    tl.store(keys_ptr + at, tl.load(k_ptr + b * k_sb + h * k_sh + d, mask=ok), mask=ok)
+    tl.store(values_ptr + at, tl.load(v_ptr + b * v_sb + h * v_sh + d, mask=ok), mask=ok)
+    if row == 0:
+        tl.store(slot_pos_ptr + slot, pos)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_ops
 from .config import SLIDING, LayerSpec
 from .errors import ContextLengthError
+from .triton_ops import guarded
 
 
 def owned_layers(specs: list[LayerSpec], window: int, max_len: int):
@@ -66,20 +68,17 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Store new K/V ([B, Hkv, T, D]) at positions `pos` ([T]) and return what the new queries attend
         to: (keys, values, key positions [S], key validity [B, S])."""
+        if k.shape[2] == 1 or not self.ring[layer]:  # (a chunk in a ring is written after it is read)
+            self._write(layer, k, v, pos)
         if not self.ring[layer]:
-            self.keys[layer][:, :, pos] = k
-            self.values[layer][:, :, pos] = v
-            self.slot_pos[layer][pos] = pos
             if self.step_position is not None and k.shape[2] == 1:  # every slot; empty ones have position -1
                 return self.keys[layer], self.values[layer], self.slot_pos[layer], self.valid
             end = int(pos[-1]) + 1
             return (self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self.slot_pos[layer][:end],
                     self.valid[:, :end])
         ring_k, ring_v, ring_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
-        if k.shape[2] == 1:  # one new token: written first, its slot held the position one window back,
-            slot = pos % ring_pos.numel()  # which its window no longer sees; so it attends to the ring itself
-            ring_k[:, :, slot], ring_v[:, :, slot], ring_pos[slot] = k, v, pos
-            return ring_k, ring_v, ring_pos, self.valid[:, ring_pos.clamp(min=0)]
+        if k.shape[2] == 1:  # one new token: written first, into the slot of the position one window back,
+            return ring_k, ring_v, ring_pos, self.valid[:, ring_pos.clamp(min=0)]  # which it no longer sees
         # Sliding ring: attend over what the ring held before this chunk plus the chunk itself, then keep
         # only the newest `window` entries.
         keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
@@ -91,6 +90,21 @@ class KVCache:
         ring_v[:, :, slots] = v[:, :, -window:]
         ring_pos[slots] = keep
         return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """K/V at positions `pos` of a full layer, or one token's at pos % window of a sliding layer's ring;
+        on CUDA one token's key, value and position in one kernel instead of three (and a modulo)."""
+        keys, values, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        window = slot_pos.numel() if self.ring[layer] else 0
+
+        def by_ops():
+            slot = pos % window if window else pos
+            keys[:, :, slot], values[:, :, slot], slot_pos[slot] = k, v, pos
+
+        if k.shape[2] == 1 and triton_ops.writes_kv(k, v, keys, values, pos):
+            guarded("kv_write", lambda: triton_ops.kv_write(k, v, keys, values, slot_pos, pos, window), by_ops)
+        else:
+            by_ops()
 
     @classmethod
     def for_model(cls, model, batch: int = 1, max_len: int | None = None, dtype=None, device=None) -> "KVCache":

@@ -43,6 +43,7 @@ def _kernels():
 
     return {"rms_norm": _triton_ops.rms_norm_kernel, "attend_one": _triton_ops.attend_one_kernel,
             "attend_codes": _triton_ops.attend_codes_kernel, "gelu_mul": _triton_ops.gelu_mul_kernel,
+            "kv_write": _triton_ops.kv_write_kernel,
             "next_power_of_2": _triton_ops.triton.next_power_of_2}
 
 
@@ -63,9 +64,10 @@ def norms(x: Tensor, weight: Tensor | None) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, offset: float, eps: float, rope: tuple[Tensor, Tensor] | None = None,
-             residual: Tensor | None = None) -> Tensor:
+             residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """layers.RMSNorm in one kernel; with `rope` (cos, sin [B, T, D] for x [B, T, H, D]) followed by
-    `apply_rope`, or with `residual` (x's shape and dtype) added to it. x's dtype out."""
+    `apply_rope`, or with `residual` (x's shape and dtype) added to it; then times `scale` (one element),
+    if given. x's dtype out."""
     k = _kernels()
     x = x.contiguous()
     dim = x.shape[-1]
@@ -82,10 +84,12 @@ def rms_norm(x: Tensor, weight: Tensor | None, offset: float, eps: float, rope: 
         residual = residual.contiguous()
         if residual.shape != x.shape:
             raise ValueError(f"residual {tuple(residual.shape)} does not fit {tuple(x.shape)}")
+    if scale is not None and scale.numel() != 1:
+        raise ValueError(f"a norm's output scale is one number, got {tuple(scale.shape)}")
     k["rms_norm"][(rows,)](x, weight if weight is not None else x, residual if residual is not None else x, cos, sin,
-                           out, heads, float(eps), float(offset), D=dim, HAS_W=weight is not None,
-                           HAS_RES=residual is not None, ROPE=rope is not None,
-                           BLOCK_D=k["next_power_of_2"](dim))
+                           scale if scale is not None else x, out, heads, float(eps), float(offset), D=dim,
+                           HAS_W=weight is not None, HAS_RES=residual is not None, ROPE=rope is not None,
+                           HAS_SCALE=scale is not None, BLOCK_D=k["next_power_of_2"](dim))
     return out
 
 
@@ -181,3 +185,22 @@ def gelu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
     n = gate.numel()
     _kernels()["gelu_mul"][(-(-n // 1024),)](gate, up, out, n, BLOCK=1024)
     return out
+
+
+def writes_kv(k: Tensor, v: Tensor, keys: Tensor, values: Tensor, pos: Tensor) -> bool:
+    """Whether `kv_write` takes this write: one new token (k, v [B, H, 1, D], head vectors contiguous) into
+    a dense cache's buffers of its dtype, on CUDA, outside autograd, its position a one-element tensor."""
+    return (takes(k) and k.shape[2] == 1 and k.shape == v.shape and k.shape[:2] == keys.shape[:2]
+            and k.shape[-1] == keys.shape[-1] and keys.shape == values.shape and keys.is_contiguous()
+            and values.is_contiguous() and k.dtype == v.dtype == keys.dtype == values.dtype
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and pos.numel() == 1
+            and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)))
+
+
+def kv_write(k: Tensor, v: Tensor, keys: Tensor, values: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> None:
+    """keys[:, :, slot] = k, values[:, :, slot] = v, slot_pos[slot] = pos in one kernel: the slot is pos,
+    or pos % window in a sliding layer's ring (window > 0); `writes_kv` says when it applies."""
+    b, h, _, d = k.shape
+    _kernels()["kv_write"][(b * h,)](k, v, keys, values, slot_pos, pos, h, keys.shape[2], k.stride(0), k.stride(1),
+                                     v.stride(0), v.stride(1), WINDOW=window, D=d,
+                                     BLOCK_D=_kernels()["next_power_of_2"](d))

@@ -124,11 +124,11 @@ class DecoderLayer(nn.Module):
             weights, experts = self.router(flat)
             moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
+        if not self.ple:  # (the layer scalar rides on the last norm's kernel)
+            return self.post_feedforward_layernorm(h, residual=x, scale=self.layer_scalar)
         x = self.post_feedforward_layernorm(h, residual=x)
-        if self.ple:
-            h = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
-            x = x + self.post_per_layer_input_norm(self.per_layer_projection(h))
-        return x * self.layer_scalar
+        h = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
+        return self.post_per_layer_input_norm(self.per_layer_projection(h), residual=x, scale=self.layer_scalar)
 
 
 class Gemma4(nn.Module):

@@ -25,24 +25,29 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if with_scale else None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """norm(x), or residual + norm(x): one pass of the compiled kernel where it runs."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or residual + norm(x); then times `scale` (one element; Gemma 4's layer scalar), if
+        given: one pass of the compiled kernel where it runs (on CUDA the scale too)."""
         if residual is None or residual.dtype == x.dtype:
             if native.norms(x, self.weight):
-                return native.rms_norm(x, self.weight, self.offset, self.eps, residual=residual)
+                out = native.rms_norm(x, self.weight, self.offset, self.eps, residual=residual)
+                return out if scale is None else out * scale
             if triton_ops.norms(x, self.weight):
                 return guarded("rms_norm", lambda: triton_ops.rms_norm(x, self.weight, self.offset, self.eps,
-                                                                       residual=residual),
-                               lambda: self.by_ops(x, residual))
-        return self.by_ops(x, residual)
+                                                                       residual=residual, scale=scale),
+                               lambda: self.by_ops(x, residual, scale))
+        return self.by_ops(x, residual, scale)
 
-    def by_ops(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def by_ops(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
         h = x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
             h = h * (self.weight.float() + self.offset)
         h = h.type_as(x)
-        return h if residual is None else residual + h
+        h = h if residual is None else residual + h
+        return h if scale is None else h * scale
 
 
 def rope_inv_freq(head_dim: int, rotated_dims: int, theta: float, factor: float = 1.0) -> torch.Tensor:
