@@ -271,3 +271,35 @@ def test_every_kernel_of_the_decode_step_compiles_for_sm90():
                 line.startswith("| ") and "_kernel" in line}
     assert {"_tq_gemv_row", "_tq_gemv", "_tq_aligned", "_hadamard_round", "rms_norm_kernel", "gelu_mul_kernel",
             "attend_one_kernel", "attend_codes_kernel"} <= compiled, compiled
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_head_norms_kernel_in_the_interpreter():
+    """Gemma 4's q, k (RoPE'd) and v (weightless) head norms in one launch, read from the views of one GEMV
+    output (a row stride a token), against the three norms it replaces."""
+    _interpret("""
+        import torch
+        from wren import triton_ops
+        from wren.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+        g = torch.Generator().manual_seed(0)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            for hq, hkv, d in ((4, 1, 32), (8, 2, 64)):
+                q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
+                v_norm = RMSNorm(d, 1e-6, with_scale=False)
+                q_norm.weight.data, k_norm.weight.data = torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g)
+                out = (torch.randn(2, 3, (hq + 2 * hkv) * d, generator=g) * 3).to(dtype)  # one GEMV output
+                q, k, v = (t.view(2, 3, -1, d) for t in out.split([hq * d, hkv * d, hkv * d], dim=-1))
+                pos = torch.tensor([[5, 6, 7], [0, 1, 2]])
+                cos, sin = rope_cos_sin(pos, rope_inv_freq(d, d // 2, 10000.0), dtype)
+                triton_ops.takes = lambda x: True  # (the views as the CUDA path will see them)
+                with torch.no_grad():
+                    assert triton_ops.norms_qkv(q, k, v, q_norm.weight)
+                    got = triton_ops.qkv_norms(q, k, v, q_norm, k_norm, cos, sin)
+                    ref = (apply_rope(q_norm.by_ops(q), cos, sin), apply_rope(k_norm.by_ops(k), cos, sin),
+                           v_norm.by_ops(v))
+                for a, b, name in zip(got, ref, "qkv"):
+                    assert a.shape == b.shape and a.dtype == dtype and a.is_contiguous()
+                    err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                    assert err < tol, (dtype, hq, name, err)
+        print("ok")
+    """)

@@ -192,3 +192,33 @@ def kv_write_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, slot_pos_ptr, pos_ptr, h
     tl.store(values_ptr + at, tl.load(v_ptr + b * v_sb + h * v_sh + d, mask=ok), mask=ok)
     if row == 0:
         tl.store(slot_pos_ptr + slot, pos)
+
+
+@triton.jit
+def qkv_norms_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, hq, hkv,
+                     q_row, k_row, v_row, eps, offset, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gemma 4's three head norms in one launch, program (token, head) over the q, k and v heads in turn:
+    q and k by their weights then RoPE'd (as rms_norm_kernel with ROPE), v weightless. Inputs are head
+    vectors at a row stride a token (the views of one GEMV output); outputs contiguous [tokens, heads, D]."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    is_q = h < hq
+    is_v = h >= hq + hkv
+    head = tl.where(is_q, h, tl.where(is_v, h - hq - hkv, h - hq))
+    src = tl.where(is_q, q_ptr + t * q_row, tl.where(is_v, v_ptr + t * v_row, k_ptr + t * k_row)) + head * D
+    dst = tl.where(is_q, qo_ptr + t * hq * D, tl.where(is_v, vo_ptr + t * hkv * D, ko_ptr + t * hkv * D)) + head * D
+    w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    half: tl.constexpr = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    x = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.where(is_v, 1.0, tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32) + offset)
+    wp = tl.where(is_v, 1.0, tl.load(w_ptr + partner, mask=ok, other=0.0).to(tl.float32) + offset)
+    y = (x * r * w).to(qo_ptr.dtype.element_ty).to(tl.float32)  # rounded to the dtype, as in PyTorch
+    yp = (tl.load(src + partner, mask=ok, other=0.0).to(tl.float32) * r * wp).to(qo_ptr.dtype.element_ty)
+    c = tl.load(cos_ptr + t * D + d, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + t * D + d, mask=ok, other=0.0).to(tl.float32)
+    roped = y * c + tl.where(d < half, -yp.to(tl.float32), yp.to(tl.float32)) * s
+    tl.store(dst + d, tl.where(is_v, y, roped).to(qo_ptr.dtype.element_ty), mask=ok)

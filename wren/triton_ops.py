@@ -43,7 +43,7 @@ def _kernels():
 
     return {"rms_norm": _triton_ops.rms_norm_kernel, "attend_one": _triton_ops.attend_one_kernel,
             "attend_codes": _triton_ops.attend_codes_kernel, "gelu_mul": _triton_ops.gelu_mul_kernel,
-            "kv_write": _triton_ops.kv_write_kernel,
+            "kv_write": _triton_ops.kv_write_kernel, "qkv_norms": _triton_ops.qkv_norms_kernel,
             "next_power_of_2": _triton_ops.triton.next_power_of_2}
 
 
@@ -204,3 +204,31 @@ def kv_write(k: Tensor, v: Tensor, keys: Tensor, values: Tensor, slot_pos: Tenso
     _kernels()["kv_write"][(b * h,)](k, v, keys, values, slot_pos, pos, h, keys.shape[2], k.stride(0), k.stride(1),
                                      v.stride(0), v.stride(1), WINDOW=window, D=d,
                                      BLOCK_D=_kernels()["next_power_of_2"](d))
+
+
+def norms_qkv(q: Tensor, k: Tensor, v: Tensor, weight: Tensor) -> bool:
+    """Whether `qkv_norms` takes these raw heads ([B, T, H, D] each, head vectors contiguous within a token,
+    one dtype, even D): on CUDA, outside autograd."""
+    return (takes(q) and q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] and q.shape[-1] % 2 == 0
+            and all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(0) == t.shape[1] * t.stride(1)
+                    for t in (q, k, v))
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or weight.requires_grad)))
+
+
+def qkv_norms(q: Tensor, k: Tensor, v: Tensor, q_norm, k_norm, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+    """(apply_rope(q_norm(q)), apply_rope(k_norm(k)), weightless norm of v) in one kernel, for q/k/v
+    [B, T, H, D] (`norms_qkv`); cos/sin [B, T, D]. Three contiguous tensors out, in q's dtype."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qo, ko, vo = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty(
+        b, t, hkv, d, dtype=q.dtype, device=q.device), torch.empty(b, t, hkv, d, dtype=q.dtype, device=q.device)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if cos.shape != (b, t, d) or sin.shape != cos.shape:
+        raise ValueError(f"RoPE tables {tuple(cos.shape)} do not fit {tuple(q.shape)}")
+    if q_norm.eps != k_norm.eps or q_norm.offset != k_norm.offset:
+        raise ValueError("q and k norms with different eps or offsets")
+    _kernels()["qkv_norms"][(b * t, hq + 2 * hkv)](
+        q, k, v, q_norm.weight, k_norm.weight, cos, sin, qo, ko, vo, hq, hkv, q.stride(1), k.stride(1), v.stride(1),
+        float(q_norm.eps), float(q_norm.offset), D=d, BLOCK_D=_kernels()["next_power_of_2"](d))
+    return qo, ko, vo

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import decode_plan
+from .. import decode_plan, triton_ops
 from ..cache import KVCache
 from ..config import SLIDING, Gemma4Config, LayerSpec
 from ..quant.linear import linears
+from ..triton_ops import guarded
 from .layers import (GatedMLP, RMSNorm, cached_attention, embed, embed_scale, gelu_tanh, output_logits,
                      norm_rope, positions, rope_cos_sin, rope_inv_freq, uninitialized_embedding)
 
@@ -38,20 +39,28 @@ class Attention(nn.Module):
         projections = (self.q_proj,) if not self.owns_kv else tuple(
             p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None)  # v is k where k_eq_v
         q, *kv_raw = (y.view(b, t, -1, d) for y in linears(x, projections))
-        q = norm_rope(self.q_norm, q, cos, sin).transpose(1, 2)
         if self.owns_kv:
-            k_raw = kv_raw[0]
-            v_raw = kv_raw[-1]
-            k = norm_rope(self.k_norm, k_raw, cos, sin).transpose(1, 2)
-            v = self.v_norm(v_raw).transpose(1, 2)
+            q, k, v = self._head_norms(q, kv_raw[0], kv_raw[-1], cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is None:
                 kv = (k, v, pos[0], None)
             else:
                 kv = cache.update(self.index, k, v, pos[0])
             shared[self.index] = kv
         else:
+            q = norm_rope(self.q_norm, q, cos, sin).transpose(1, 2)
             kv = shared[self.spec.kv_source]
         return self.o_proj(cached_attention(q, kv, pos, self.window, scale=1.0))
+
+    def _head_norms(self, q, k_raw, v_raw, cos, sin):
+        """q and k normed and RoPE'd, v normed (weightless): one kernel on CUDA, else one pass each."""
+        def each():
+            return norm_rope(self.q_norm, q, cos, sin), norm_rope(self.k_norm, k_raw, cos, sin), self.v_norm(v_raw)
+
+        if triton_ops.norms_qkv(q, k_raw, v_raw, self.q_norm.weight):
+            return guarded("qkv_norms", lambda: triton_ops.qkv_norms(q, k_raw, v_raw, self.q_norm, self.k_norm,
+                                                                     cos, sin), each)
+        return each()
 
 
 class Router(nn.Module):
