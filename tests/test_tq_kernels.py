@@ -279,6 +279,7 @@ def test_triton_rotation_in_the_interpreter():
     against the CPU's, with and without column scales, in float32 and bf16."""
     script = textwrap.dedent("""
         import torch
+        from wren.models.layers import RMSNorm
         from wren.quant import cpu_kernels, triton_kernels
         from wren.quant.turboquant import TQConfig
         g = torch.Generator().manual_seed(0)
@@ -298,6 +299,15 @@ def test_triton_rotation_in_the_interpreter():
                     assert nibbles.dtype == torch.float32
                     expected = torch.cat([triton_kernels.nibble_major(r[None]) for r in got.float()])
                     assert torch.allclose(nibbles, expected, rtol=tol, atol=tol * ref.abs().max().item())
+                    for norm in (RMSNorm(width, 1e-6), RMSNorm(width, 1e-6, offset=1.0), RMSNorm(width, 1e-6,
+                                                                                               with_scale=False)):
+                        if norm.weight is not None:  # (decode: one row, normed inside the rotation's kernel)
+                            norm.weight.data = torch.rand(width, generator=g) + 0.5 - norm.offset
+                        with torch.no_grad():
+                            fused = triton_kernels.rotate(x[:1], cfg, column, nibble_major=True, norm=norm)
+                            apart = triton_kernels.rotate(norm.by_ops(x[:1]), cfg, column, nibble_major=True)
+                        err = ((fused - apart).abs().max() / apart.abs().max()).item()
+                        assert err < tol, (dim, block, dtype, norm.offset, err)
         assert not triton_kernels.rotates(TQConfig(bits=4, dim=512, seed=0))  # a 512 block: the matrix path
         print("ok")
     """)

@@ -31,10 +31,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0)
 
-    def forward(self, x, cos, sin, pos, cache: KVCache | None):
+    def forward(self, x, cos, sin, pos, cache: KVCache | None, norm: RMSNorm | None = None):
+        """Attention of norm(x) (x itself without `norm`; with it, on CUDA, the norm runs in the rotation)."""
         b, t, _ = x.shape
         d = self.spec.head_dim
-        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj), norm)
         q = norm_rope(self.q_norm, q.view(b, t, -1, d), cos, sin).transpose(1, 2)
         k = norm_rope(self.k_norm, k.view(b, t, -1, d), cos, sin).transpose(1, 2)
         v = v.view(b, t, -1, d).transpose(1, 2)
@@ -54,8 +55,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset=1.0)
 
     def forward(self, x, cos, sin, pos, cache):
-        x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, pos, cache), residual=x)
-        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)), residual=x)
+        x = self.post_attention_layernorm(self.self_attn(x, cos, sin, pos, cache, self.input_layernorm), residual=x)
+        return self.post_feedforward_layernorm(self.mlp(x, self.pre_feedforward_layernorm), residual=x)
 
 
 class Gemma3(nn.Module):

@@ -33,12 +33,13 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
 
-    def forward(self, x, cos, sin, pos, cache: KVCache | None, shared: dict):
+    def forward(self, x, cos, sin, pos, cache: KVCache | None, shared: dict, norm: RMSNorm | None = None):
+        """Attention of norm(x) (x itself without `norm`; with it, on CUDA, the norm runs in the rotation)."""
         b, t, _ = x.shape
         d = self.spec.head_dim
         projections = (self.q_proj,) if not self.owns_kv else tuple(
             p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None)  # v is k where k_eq_v
-        q, *kv_raw = (y.view(b, t, -1, d) for y in linears(x, projections))
+        q, *kv_raw = (y.view(b, t, -1, d) for y in linears(x, projections, norm))
         if self.owns_kv:
             q, k, v = self._head_norms(q, kv_raw[0], kv_raw[-1], cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -124,9 +125,9 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
     def forward(self, x, per_layer_input, cos, sin, pos, cache, shared):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, shared)
+        h = self.self_attn(x, cos, sin, pos, cache, shared, norm=self.input_layernorm)
         x = self.post_attention_layernorm(h, residual=x)
-        h = self.mlp(self.pre_feedforward_layernorm(x))
+        h = self.mlp(x, norm=self.pre_feedforward_layernorm)
         if self.moe:
             # The experts run beside the dense MLP, routed on the same pre-MLP residual.
             flat = x.reshape(-1, x.shape[-1])

@@ -98,8 +98,9 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linears(x, (self.gate_proj, self.up_proj))
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """The MLP of norm(x) (x itself without `norm`; with it, on CUDA, the norm runs in the rotation)."""
+        gate, up = linears(x, (self.gate_proj, self.up_proj), norm)
         middle = native.gelu_mul(gate, up)
         if middle is None:
             middle = guarded("gelu_mul", lambda: triton_ops.gelu_mul(gate, up), lambda: None)

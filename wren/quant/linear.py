@@ -251,19 +251,23 @@ class TQWeight(nn.Module):
         return w if self.input_scale is None else w * self.input_scale.float()
 
 
-def linears(x: torch.Tensor, modules) -> list[torch.Tensor]:
-    """[m(x) for m in modules]: TurboQuant layers that read x the same way (q/k/v, gate/up) in one call of the
-    compiled kernels, one pass of the thread pool; anything else (dense, LoRA-wrapped) one by one."""
-    if triton_ops.takes(x):  # CUDA: one rotation and one Triton launch for all where they read x alike
-        if not _same_input(x, modules):
-            return [m(x) for m in modules]
+def linears(x: torch.Tensor, modules, norm=None) -> list[torch.Tensor]:
+    """[m(norm(x)) for m in modules] (`norm` an RMSNorm, or None): TurboQuant layers that read x the same
+    way (q/k/v, gate/up) in one call of the compiled kernels, one pass of the thread pool; anything else
+    (dense, LoRA-wrapped) one by one. On CUDA one rotation and one Triton launch for them all, and for one
+    row the norm inside the rotation's kernel."""
+    if triton_ops.takes(x) and _same_input(x, modules):
         from . import triton_kernels
 
         first = modules[0]
         weights = [(m.codes, m.scales) for m in modules]
-        if triton_kernels.takes_row(x, first.cfg, len(modules)):
-            return triton_kernels.tq_row(x, weights, first.cfg, first.column_scale()[0])
+        if triton_kernels.takes_row(x, first.cfg, len(modules)) and (norm is None or triton_ops.norms(x, norm.weight)):
+            return triton_kernels.tq_row(x, weights, first.cfg, first.column_scale()[0], norm=norm)
+        x = x if norm is None else norm(x)
         return triton_kernels.tq_linears(first.rotate_input(x, fast=True), weights, first.cfg)
+    x = x if norm is None else norm(x)
+    if triton_ops.takes(x):
+        return [m(x) for m in modules]
     if len(modules) <= 8 and all(isinstance(m, TQWeight) and m.takes_native(x) for m in modules):
         inputs = [m.native_input(x) for m in modules]
         if all(q is inputs[0] for q in inputs):  # the same rotation and column scales: one quantized input

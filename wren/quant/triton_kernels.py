@@ -275,15 +275,18 @@ if triton is not None:
                                      reset_to_zero=["out_ptr"])(_tq_gemv_split)
 
     @triton.jit
-    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, ROWS, K: tl.constexpr,
-                        DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr, HAS_COL: tl.constexpr,
-                        HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr,
-                        NIBBLE_MAJOR: tl.constexpr):
+    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, norm_w_ptr, ROWS, eps, offset,
+                        K: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr,
+                        HAS_COL: tl.constexpr, HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr,
+                        NIBBLE_MAJOR: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
         """A round of the rotation on TILE runs of BLOCK values (a run: one Hadamard block of one group):
         read (through the permutation between rounds, if any; times the column scales before the first),
         times the round's signs, times the normalised Sylvester matrix. With BOTH (a group that is one
         block: no permutation), the second round follows in registers. NIBBLE_MAJOR stores coordinate
-        8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads)."""
+        8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads). NORM (one row) first takes the
+        row's RMSNorm (times its weight plus offset with NORM_W), rounded to x's dtype as the norm's own
+        kernel would: every program reads the whole row for its sum of squares."""
         NB: tl.constexpr = DIM // BLOCK
         r = tl.program_id(0) * TILE + tl.arange(0, TILE)
         c = tl.arange(0, BLOCK)
@@ -295,6 +298,13 @@ if triton is not None:
         else:
             x = tl.load(src_ptr + flat, mask=ok, other=0.0)
         x = x.to(tl.float32)
+        if NORM:
+            kk = tl.arange(0, BLOCK_K)
+            row = tl.load(src_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = x / tl.sqrt(tl.sum(row * row, axis=0) / K + eps)
+            if NORM_W:
+                x = x * (tl.load(norm_w_ptr + flat % K).to(tl.float32) + offset)
+            x = x.to(src_ptr.dtype.element_ty).to(tl.float32)
         if HAS_COL:
             x = x * tl.load(col_ptr + flat % K)
         x = x * tl.load(signs_ptr + ROUND * DIM + at)
@@ -333,11 +343,12 @@ def rotates(cfg: TQConfig) -> bool:
     return 16 <= block <= 128
 
 
-def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None,
-           nibble_major: bool = False) -> torch.Tensor:
+def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None, nibble_major: bool = False,
+           norm=None) -> torch.Tensor:
     """`cpu_kernels.rotate_fast` of x [M, K] by groups of cfg.dim, x first times `column` [K] (float32), in
     one kernel (two where a group spans several Hadamard blocks); x's dtype out, or with `nibble_major`
-    float32 in the order _tq_gemv_row reads (see `nibble_major()`; K a multiple of 8)."""
+    float32 in the order _tq_gemv_row reads (see `nibble_major()`; K a multiple of 8). With `norm` (an
+    RMSNorm; one row), the rotation of norm(x), the norm inside the same kernel."""
     x = x.contiguous()
     rows, k = x.shape
     block = _block_size(cfg.dim, cfg.block)
@@ -346,20 +357,23 @@ def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None,
     runs = rows * k // block
     tile = 16
     grid = (triton.cdiv(runs, tile),)
-    assert _HADAMARD_ROUNDS == 2 and (k % 8 == 0 or not nibble_major)
-    col = column if column is not None else x  # (an unused pointer where there is none)
+    assert _HADAMARD_ROUNDS == 2 and (k % 8 == 0 or not nibble_major) and (norm is None or rows == 1)
+    col = column if column is not None else x  # (unused pointers where there is none)
+    norm_w = norm.weight if norm is not None and norm.weight is not None else x
     out = torch.empty(x.shape, dtype=torch.float32 if nibble_major else x.dtype, device=x.device)
-    shape = dict(K=k, DIM=cfg.dim, BLOCK=block, TILE=tile)
+    shape = dict(K=k, DIM=cfg.dim, BLOCK=block, TILE=tile, BLOCK_K=triton.next_power_of_2(k) if norm else 1)
+    first = dict(HAS_COL=column is not None, NORM=norm is not None, NORM_W=norm is not None and norm.weight is not None)
+    eps, offset = (float(norm.eps), float(norm.offset)) if norm is not None else (0.0, 0.0)
     if perm is None:
-        _hadamard_round[grid](x, col, signs, signs, h, out, runs, **shape, ROUND=0, HAS_COL=column is not None,
+        _hadamard_round[grid](x, col, signs, signs, h, out, norm_w, runs, eps, offset, **shape, ROUND=0, **first,
                               HAS_PERM=False, BOTH=True, NIBBLE_MAJOR=nibble_major)
         return out
     # a permutation across the group's blocks between the rounds: a round trip through float32 memory
     mid = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _hadamard_round[grid](x, col, signs, perm, h, mid, runs, **shape, ROUND=0, HAS_COL=column is not None,
+    _hadamard_round[grid](x, col, signs, perm, h, mid, norm_w, runs, eps, offset, **shape, ROUND=0, **first,
                           HAS_PERM=False, BOTH=False, NIBBLE_MAJOR=False)
-    _hadamard_round[grid](mid, col, signs, perm, h, out, runs, **shape, ROUND=1, HAS_COL=False, HAS_PERM=True,
-                          BOTH=False, NIBBLE_MAJOR=nibble_major)
+    _hadamard_round[grid](mid, col, signs, perm, h, out, norm_w, runs, eps, offset, **shape, ROUND=1, HAS_COL=False,
+                          NORM=False, NORM_W=False, HAS_PERM=True, BOTH=False, NIBBLE_MAJOR=nibble_major)
     return out
 
 
@@ -454,14 +468,17 @@ def _split_outputs(out: torch.Tensor, weights: list, like: torch.Tensor) -> list
     return [y.reshape(*like.shape[:-1], y.shape[-1]) for y in splits]
 
 
-def tq_row(x: torch.Tensor, weights: list, cfg: TQConfig, column: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """One row x (not rotated; times `column` first, if given) times up to three 4-bit matrices ((codes,
-    scales) each; `takes_row`): two launches, the rotation writing x as the GEMV reads it, and the GEMV."""
+def tq_row(x: torch.Tensor, weights: list, cfg: TQConfig, column: torch.Tensor | None = None,
+           norm=None) -> list[torch.Tensor]:
+    """One row x (not rotated; first normed by `norm`, an RMSNorm, and times `column`, where given) times up
+    to three 4-bit matrices ((codes, scales) each; `takes_row`): two launches, the rotation (and norm)
+    writing x as the GEMV reads it, and the GEMV."""
     k = x.shape[-1]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     words = [(_words(c), s.contiguous()) for c, s in weights]
-    xn = guarded("_hadamard_round", lambda: rotate(x.reshape(1, k), cfg, column, nibble_major=True),
-                 lambda: nibble_major(_rotate_by_ops(x.reshape(1, k), cfg, column)))
+    x2 = x.reshape(1, k)
+    xn = guarded("_hadamard_round", lambda: rotate(x2, cfg, column, nibble_major=True, norm=norm),
+                 lambda: nibble_major(_rotate_by_ops(x2 if norm is None else norm.by_ops(x2), cfg, column)))
     out = guarded("_tq_gemv_row", lambda: _gemv_row(xn, words, cfg, x.dtype, interpret), lambda: None)
     if out is None:  # the row kernel failed here: the general GEMV, on x in its usual order
         x_rotated = xn.reshape(8, k // 8).t().reshape(x.shape).to(x.dtype)
