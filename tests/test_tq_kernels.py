@@ -308,6 +308,12 @@ def test_triton_rotation_in_the_interpreter():
                             apart = triton_kernels.rotate(norm.by_ops(x[:1]), cfg, column, nibble_major=True)
                         err = ((fused - apart).abs().max() / apart.abs().max()).item()
                         assert err < tol, (dim, block, dtype, norm.offset, err)
+                    up = torch.randn(1, width, generator=g).to(dtype)  # the MLP's middle, gelu(gate) * up, inside
+                    fused = triton_kernels.rotate(x[:1], cfg, column, nibble_major=True, gelu_up=up)
+                    middle = (torch.nn.functional.gelu(x[:1].float(), approximate="tanh") * up.float()).to(dtype)
+                    apart = triton_kernels.rotate(middle, cfg, column, nibble_major=True)
+                    err = ((fused - apart).abs().max() / apart.abs().max()).item()
+                    assert err < tol, (dim, block, dtype, "gelu", err)
         assert not triton_kernels.rotates(TQConfig(bits=4, dim=512, seed=0))  # a 512 block: the matrix path
         print("ok")
     """)

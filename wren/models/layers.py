@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native, triton_ops
-from ..quant.linear import linears
+from ..quant.linear import linears, of_gelu
 from ..triton_ops import guarded
 
 
@@ -101,6 +101,9 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """The MLP of norm(x) (x itself without `norm`; with it, on CUDA, the norm runs in the rotation)."""
         gate, up = linears(x, (self.gate_proj, self.up_proj), norm)
+        down = of_gelu(self.down_proj, gate, up)  # (on CUDA at batch 1: the gelu inside the rotation)
+        if down is not None:
+            return down
         middle = native.gelu_mul(gate, up)
         if middle is None:
             middle = guarded("gelu_mul", lambda: triton_ops.gelu_mul(gate, up), lambda: None)

@@ -276,6 +276,21 @@ def linears(x: torch.Tensor, modules, norm=None) -> list[torch.Tensor]:
     return [m(x) for m in modules]
 
 
+def of_gelu(module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """module(gelu_tanh(gate) * up) where the gelu can run inside the rotation's kernel (CUDA, a TurboQuant
+    module, one row: `triton_kernels.takes_row`); None elsewhere, for the caller's own path."""
+    if not (isinstance(module, TQWeight) and _fast_paths and module.cfg.rotation == "hadamard"
+            and triton_ops.takes(gate) and gate.shape == up.shape and gate.dtype == up.dtype
+            and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+        return None
+    from . import triton_kernels
+
+    if not triton_kernels.takes_row(gate, module.cfg, 1):
+        return None
+    return triton_kernels.tq_row(gate, [(module.codes, module.scales)], module.cfg, module.column_scale()[0],
+                                 gelu_up=up)[0]
+
+
 def _same_input(x: torch.Tensor, modules) -> bool:
     """Whether the TurboQuant layers read x alike (rate, groups, rotation, column scales): one rotated input."""
     if not (_fast_paths and 1 < len(modules) <= 3 and all(isinstance(m, TQWeight) for m in modules)):

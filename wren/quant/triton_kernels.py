@@ -26,6 +26,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ..triton_ops import broken, guarded
 from . import cpu_kernels
@@ -275,18 +276,19 @@ if triton is not None:
                                      reset_to_zero=["out_ptr"])(_tq_gemv_split)
 
     @triton.jit
-    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, norm_w_ptr, ROWS, eps, offset,
-                        K: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr,
+    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, norm_w_ptr, up_ptr, ROWS, eps,
+                        offset, K: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr,
                         HAS_COL: tl.constexpr, HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr,
                         NIBBLE_MAJOR: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, GELU: tl.constexpr):
         """A round of the rotation on TILE runs of BLOCK values (a run: one Hadamard block of one group):
         read (through the permutation between rounds, if any; times the column scales before the first),
         times the round's signs, times the normalised Sylvester matrix. With BOTH (a group that is one
         block: no permutation), the second round follows in registers. NIBBLE_MAJOR stores coordinate
         8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads). NORM (one row) first takes the
         row's RMSNorm (times its weight plus offset with NORM_W), rounded to x's dtype as the norm's own
-        kernel would: every program reads the whole row for its sum of squares."""
+        kernel would: every program reads the whole row for its sum of squares. GELU takes gelu_tanh(x) *
+        up (the MLP's middle, as gelu_mul_kernel computes it) instead of x."""
         NB: tl.constexpr = DIM // BLOCK
         r = tl.program_id(0) * TILE + tl.arange(0, TILE)
         c = tl.arange(0, BLOCK)
@@ -305,6 +307,11 @@ if triton is not None:
             if NORM_W:
                 x = x * (tl.load(norm_w_ptr + flat % K).to(tl.float32) + offset)
             x = x.to(src_ptr.dtype.element_ty).to(tl.float32)
+        if GELU:
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) (x + 0.044715 x^3)
+            up = tl.load(up_ptr + flat, mask=ok, other=0.0).to(tl.float32)
+            x = (0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)) * up).to(src_ptr.dtype.element_ty)
+            x = x.to(tl.float32)
         if HAS_COL:
             x = x * tl.load(col_ptr + flat % K)
         x = x * tl.load(signs_ptr + ROUND * DIM + at)
@@ -344,12 +351,15 @@ def rotates(cfg: TQConfig) -> bool:
 
 
 def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None, nibble_major: bool = False,
-           norm=None) -> torch.Tensor:
+           norm=None, gelu_up: torch.Tensor | None = None) -> torch.Tensor:
     """`cpu_kernels.rotate_fast` of x [M, K] by groups of cfg.dim, x first times `column` [K] (float32), in
     one kernel (two where a group spans several Hadamard blocks); x's dtype out, or with `nibble_major`
-    float32 in the order _tq_gemv_row reads (see `nibble_major()`; K a multiple of 8). With `norm` (an
-    RMSNorm; one row), the rotation of norm(x), the norm inside the same kernel."""
+    float32 in the order _tq_gemv_row reads (see `nibble_major()`; K a multiple of 8). Inside the same
+    kernel, with `norm` (an RMSNorm; one row) the rotation is of norm(x), with `gelu_up` (x's shape and
+    dtype) of gelu_tanh(x) * gelu_up."""
     x = x.contiguous()
+    up = gelu_up.contiguous() if gelu_up is not None else x
+    assert up.shape == x.shape and up.dtype == x.dtype and (norm is None or gelu_up is None)
     rows, k = x.shape
     block = _block_size(cfg.dim, cfg.block)
     signs, perm, _ = _hadamard_plan(cfg.dim, block, cfg.seed, x.device)
@@ -362,18 +372,20 @@ def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None, n
     norm_w = norm.weight if norm is not None and norm.weight is not None else x
     out = torch.empty(x.shape, dtype=torch.float32 if nibble_major else x.dtype, device=x.device)
     shape = dict(K=k, DIM=cfg.dim, BLOCK=block, TILE=tile, BLOCK_K=triton.next_power_of_2(k) if norm else 1)
-    first = dict(HAS_COL=column is not None, NORM=norm is not None, NORM_W=norm is not None and norm.weight is not None)
+    first = dict(HAS_COL=column is not None, NORM=norm is not None, NORM_W=norm is not None and norm.weight is not None,
+                 GELU=gelu_up is not None)
     eps, offset = (float(norm.eps), float(norm.offset)) if norm is not None else (0.0, 0.0)
     if perm is None:
-        _hadamard_round[grid](x, col, signs, signs, h, out, norm_w, runs, eps, offset, **shape, ROUND=0, **first,
+        _hadamard_round[grid](x, col, signs, signs, h, out, norm_w, up, runs, eps, offset, **shape, ROUND=0, **first,
                               HAS_PERM=False, BOTH=True, NIBBLE_MAJOR=nibble_major)
         return out
     # a permutation across the group's blocks between the rounds: a round trip through float32 memory
     mid = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _hadamard_round[grid](x, col, signs, perm, h, mid, norm_w, runs, eps, offset, **shape, ROUND=0, **first,
+    _hadamard_round[grid](x, col, signs, perm, h, mid, norm_w, up, runs, eps, offset, **shape, ROUND=0, **first,
                           HAS_PERM=False, BOTH=False, NIBBLE_MAJOR=False)
-    _hadamard_round[grid](mid, col, signs, perm, h, out, norm_w, runs, eps, offset, **shape, ROUND=1, HAS_COL=False,
-                          NORM=False, NORM_W=False, HAS_PERM=True, BOTH=False, NIBBLE_MAJOR=nibble_major)
+    _hadamard_round[grid](mid, col, signs, perm, h, out, norm_w, up, runs, eps, offset, **shape, ROUND=1,
+                          HAS_COL=False, NORM=False, NORM_W=False, GELU=False, HAS_PERM=True, BOTH=False,
+                          NIBBLE_MAJOR=nibble_major)
     return out
 
 
@@ -469,16 +481,23 @@ def _split_outputs(out: torch.Tensor, weights: list, like: torch.Tensor) -> list
 
 
 def tq_row(x: torch.Tensor, weights: list, cfg: TQConfig, column: torch.Tensor | None = None,
-           norm=None) -> list[torch.Tensor]:
-    """One row x (not rotated; first normed by `norm`, an RMSNorm, and times `column`, where given) times up
-    to three 4-bit matrices ((codes, scales) each; `takes_row`): two launches, the rotation (and norm)
-    writing x as the GEMV reads it, and the GEMV."""
+           norm=None, gelu_up: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One row x (not rotated; first normed by `norm`, an RMSNorm, or taken as gelu_tanh(x) * gelu_up, and
+    times `column`, where given) times up to three 4-bit matrices ((codes, scales) each; `takes_row`): two
+    launches, the rotation (with the norm or gelu) writing x as the GEMV reads it, and the GEMV."""
     k = x.shape[-1]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     words = [(_words(c), s.contiguous()) for c, s in weights]
     x2 = x.reshape(1, k)
-    xn = guarded("_hadamard_round", lambda: rotate(x2, cfg, column, nibble_major=True, norm=norm),
-                 lambda: nibble_major(_rotate_by_ops(x2 if norm is None else norm.by_ops(x2), cfg, column)))
+    up2 = gelu_up.reshape(1, k) if gelu_up is not None else None
+
+    def by_ops():
+        first = x2 if norm is None else norm.by_ops(x2)
+        first = first if up2 is None else (F.gelu(x2.float(), approximate="tanh") * up2.float()).to(x2.dtype)
+        return nibble_major(_rotate_by_ops(first, cfg, column))
+
+    xn = guarded("_hadamard_round", lambda: rotate(x2, cfg, column, nibble_major=True, norm=norm, gelu_up=up2),
+                 by_ops)
     out = guarded("_tq_gemv_row", lambda: _gemv_row(xn, words, cfg, x.dtype, interpret), lambda: None)
     if out is None:  # the row kernel failed here: the general GEMV, on x in its usual order
         x_rotated = xn.reshape(8, k // 8).t().reshape(x.shape).to(x.dtype)
