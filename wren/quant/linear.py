@@ -292,8 +292,9 @@ def of_gelu(module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None
 
 
 def _same_input(x: torch.Tensor, modules) -> bool:
-    """Whether the TurboQuant layers read x alike (rate, groups, rotation, column scales): one rotated input."""
-    if not (_fast_paths and 1 < len(modules) <= 3 and all(isinstance(m, TQWeight) for m in modules)):
+    """Whether the TurboQuant layers (one to three) read x alike (rate, groups, rotation, column scales): one
+    rotated input (for one, a norm before it may run in its rotation's kernel)."""
+    if not (_fast_paths and 1 <= len(modules) <= 3 and all(isinstance(m, TQWeight) for m in modules)):
         return False
     first = modules[0]
     return (first.cfg.rotation == "hadamard" and not (x.requires_grad and torch.is_grad_enabled())
