@@ -48,7 +48,6 @@ launches: list[str] = []  # the Triton launches made under compile_only, one per
 def compile_only(arch: int):
     """Within: every Triton launch compiles for sm_<arch> (each autotune config) and runs nothing; yields
     the list of (kernel name, compiled kernel) it fills. `launches` gets each launch's kernel name."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.autotuner import Autotuner
@@ -87,13 +86,14 @@ def compile_only(arch: int):
             self.nargs = None
         launches.append(compiled[-1][0])
 
+    before = driver._active  # (None until a driver is asked for: then the next use finds the machine's)
     driver.set_active(StandIn())
     JITFunction.run, Autotuner.run = compile_launch, compile_configs
     try:
         yield compiled
     finally:
         JITFunction.run, Autotuner.run = run, tuned
-        driver.reset_active() if triton.runtime.driver._default is not None else driver.set_active(None)
+        driver.set_active(before)
 
 
 def model(shape: str):
