@@ -146,6 +146,10 @@ def decode(wren_model, batches=(1, 8), kvs=(None, "tq4"), steps: int = 2) -> Non
                     step = StaticDecoder(wren_model, cache, graph=False)
                     for _ in range(steps):
                         logits = step(logits.nan_to_num().argmax(-1, keepdim=True).clamp(0, VOCAB - 1))
+                    if kv is None:  # the one-token cache write of Gemma 3 (Gemma 4's head-norm kernel does its own)
+                        layer = next(iter(cache.keys))
+                        new = cache.keys[layer][:, :, :1].clone()
+                        cache.update(layer, new, new.clone(), cache.positions(1))
     finally:
         triton_ops.takes = saved
 

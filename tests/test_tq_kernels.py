@@ -320,6 +320,46 @@ def test_triton_rotation_in_the_interpreter():
     _interpret(script)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_residual_add_inside_the_rotation_in_the_interpreter():
+    """A sublayer's end, residual + post_norm(h) (times Gemma 4's layer scalar), computed by the kernel
+    that rotates the next projections' input (then normed, or not: E2B's per-layer gate): the rotation and
+    the new residual stream it stores against the ops, rows wider than the kernel's 1024-value chunks and a
+    group that spans Hadamard blocks too."""
+    script = textwrap.dedent('''
+        import torch
+        from wren.models.layers import RMSNorm
+        from wren.quant import triton_kernels
+        from wren.quant.turboquant import TQConfig
+        from wren.residual import Residual
+        g = torch.Generator().manual_seed(1)
+        for dim, block, width in [(128, None, 2560), (640, None, 640), (256, 64, 512)]:
+            cfg = TQConfig(bits=4, dim=dim, seed=3, block=block)
+            for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
+                h, residual = ((torch.randn(1, 1, width, generator=g) * size).to(dtype) for size in (4, 1))
+                column = torch.rand(width, generator=g) + 0.5
+                for offset, scale in ((0.0, None), (1.0, None), (0.0, torch.tensor([0.3]).to(dtype))):
+                    post, pre = RMSNorm(width, 1e-6, offset=offset), RMSNorm(width, 1e-6, offset=offset)
+                    post.weight.data = torch.rand(width, generator=g) + 0.5 - offset
+                    pre.weight.data = torch.rand(width, generator=g) + 0.5 - offset
+                    for norm in (pre, None):
+                        with torch.no_grad():
+                            pending = Residual(h, residual, post, scale)
+                            fused = triton_kernels.rotate(h.reshape(1, width), cfg, column, nibble_major=True,
+                                                          norm=norm, residual=pending)
+                            value = post.by_ops(h, residual, scale)
+                            first = value if norm is None else norm.by_ops(value)
+                            apart = triton_kernels.rotate(first.reshape(1, width), cfg, column, nibble_major=True)
+                        assert pending.computed.shape == h.shape and pending.computed.dtype == dtype
+                        err = ((pending.computed.float() - value.float()).abs().max() / value.float().abs().max())
+                        assert err.item() < 2 * tol, (dim, dtype, offset, "value", err)  # (two roundings apart)
+                        err = ((fused - apart).abs().max() / apart.abs().max()).item()
+                        assert err < tol, (dim, dtype, offset, norm is None, err)
+        print("ok")
+    ''')
+    _interpret(script)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("bits,group,width", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -275,7 +275,8 @@ def test_every_kernel_of_the_decode_step_compiles_for_sm90():
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
 def test_head_norms_kernel_in_the_interpreter():
     """Gemma 4's q, k (RoPE'd) and v (weightless) head norms in one launch, read from the views of one GEMV
-    output (a row stride a token), against the three norms it replaces."""
+    output (a row stride a token), against the three norms it replaces; and for one token a sequence, the
+    cache write the same kernel does (a full layer's slot, a ring's)."""
     _interpret("""
         import torch
         from wren import triton_ops
@@ -300,5 +301,39 @@ def test_head_norms_kernel_in_the_interpreter():
                     assert a.shape == b.shape and a.dtype == dtype and a.is_contiguous()
                     err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
                     assert err < tol, (dtype, hq, name, err)
+                for window in (0, 4):  # one token a sequence, written into a full layer's slot or a ring's
+                    keys, values = torch.zeros(2, hkv, 8, d, dtype=dtype), torch.zeros(2, hkv, 8, d, dtype=dtype)
+                    slot_pos, pos = torch.full((8,), -1), torch.tensor([5])
+                    one = [t[:, :1] for t in (q, k, v)]
+                    with torch.no_grad():
+                        got = triton_ops.qkv_norms(*one, q_norm, k_norm, cos[:, :1], sin[:, :1],
+                                                   (keys, values, slot_pos, pos, window))
+                    slot = 5 % window if window else 5
+                    assert torch.equal(keys[:, :, slot], got[1][:, 0]) and torch.equal(values[:, :, slot], got[2][:, 0])
+                    assert slot_pos.tolist() == [5 if i == slot else -1 for i in range(8)]
+                    assert keys.abs().sum() == keys[:, :, slot].abs().sum() and values[:, :, :slot].abs().sum() == 0
+        print("ok")
+    """)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_rope_tables_kernel_in_the_interpreter():
+    """A step's RoPE cos/sin tables in one kernel against the seven ops they replace: Gemma 4's partial
+    ("proportional") frequencies too, positions far into a long context, a batch."""
+    _interpret("""
+        import torch
+        from wren import triton_ops
+        from wren.models import layers
+        pos = torch.tensor([[0, 1, 2], [70000, 131071, 5]])
+        for inv_freq in (layers.rope_inv_freq(256, 256, 10000.0), layers.rope_inv_freq(512, 128, 1e6, 8.0)):
+            for dtype in (torch.float32, torch.bfloat16):
+                triton_ops.takes = lambda x: True
+                assert triton_ops.makes_rope_tables(pos, inv_freq)
+                got = layers.rope_cos_sin(pos, inv_freq, dtype)
+                ref = layers._rope_cos_sin_by_ops(pos, inv_freq, dtype)
+                for a, b in zip(got, ref):
+                    assert a.shape == b.shape == (2, 3, 2 * inv_freq.numel()) and a.dtype == dtype
+                    assert (a.float() - b.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 8e-3)
+        assert not triton_ops.broken, triton_ops.broken
         print("ok")
     """)

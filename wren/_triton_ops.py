@@ -195,11 +195,14 @@ def kv_write_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, slot_pos_ptr, pos_ptr, h
 
 
 @triton.jit
-def qkv_norms_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, hq, hkv,
-                     q_row, k_row, v_row, eps, offset, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def qkv_norms_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr, keys_ptr,
+                     values_ptr, slot_pos_ptr, pos_ptr, slots, hq, hkv, q_row, k_row, v_row, eps, offset,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, WRITE: tl.constexpr, WINDOW: tl.constexpr):
     """Gemma 4's three head norms in one launch, program (token, head) over the q, k and v heads in turn:
     q and k by their weights then RoPE'd (as rms_norm_kernel with ROPE), v weightless. Inputs are head
-    vectors at a row stride a token (the views of one GEMV output); outputs contiguous [tokens, heads, D]."""
+    vectors at a row stride a token (the views of one GEMV output); outputs contiguous [tokens, heads, D].
+    With WRITE (one token a sequence) the k and v heads also go into the cache's slot for them, as
+    kv_write_kernel would put them, and the slot's position is recorded."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     is_q = h < hq
@@ -221,4 +224,24 @@ def qkv_norms_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_p
     c = tl.load(cos_ptr + t * D + d, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + t * D + d, mask=ok, other=0.0).to(tl.float32)
     roped = y * c + tl.where(d < half, -yp.to(tl.float32), yp.to(tl.float32)) * s
-    tl.store(dst + d, tl.where(is_v, y, roped).to(qo_ptr.dtype.element_ty), mask=ok)
+    out = tl.where(is_v, y, roped).to(qo_ptr.dtype.element_ty)
+    tl.store(dst + d, out, mask=ok)
+    if WRITE:  # (t is the sequence: one token each)
+        pos = tl.load(pos_ptr)
+        slot = pos % WINDOW if WINDOW > 0 else pos
+        cache = tl.where(is_v, values_ptr, keys_ptr) + ((t * hkv + head) * slots + slot) * D
+        tl.store(cache + d, out, mask=ok & (h >= hq))
+        tl.store(slot_pos_ptr + slot, pos, mask=(h == hq) & (t == 0))
+
+
+@triton.jit
+def rope_tables_kernel(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cos and sin of position * inverse frequency for one token (program), the half-split layout's
+    [D] = [freqs, freqs], computed in float32 as layers.rope_cos_sin does and rounded to the tables' dtype."""
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    ok = d < 2 * HALF
+    inv_freq = tl.load(inv_freq_ptr + d % HALF, mask=ok, other=0.0).to(tl.float32)
+    angle = tl.load(pos_ptr + row).to(tl.float32) * inv_freq
+    tl.store(cos_ptr + row * 2 * HALF + d, tl.cos(angle).to(cos_ptr.dtype.element_ty), mask=ok)
+    tl.store(sin_ptr + row * 2 * HALF + d, tl.sin(angle).to(sin_ptr.dtype.element_ty), mask=ok)

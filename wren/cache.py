@@ -70,15 +70,9 @@ class KVCache:
         to: (keys, values, key positions [S], key validity [B, S])."""
         if k.shape[2] == 1 or not self.ring[layer]:  # (a chunk in a ring is written after it is read)
             self._write(layer, k, v, pos)
-        if not self.ring[layer]:
-            if self.step_position is not None and k.shape[2] == 1:  # every slot; empty ones have position -1
-                return self.keys[layer], self.values[layer], self.slot_pos[layer], self.valid
-            end = int(pos[-1]) + 1
-            return (self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self.slot_pos[layer][:end],
-                    self.valid[:, :end])
+        if k.shape[2] == 1 or not self.ring[layer]:
+            return self.written(layer, pos)
         ring_k, ring_v, ring_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
-        if k.shape[2] == 1:  # one new token: written first, into the slot of the position one window back,
-            return ring_k, ring_v, ring_pos, self.valid[:, ring_pos.clamp(min=0)]  # which it no longer sees
         # Sliding ring: attend over what the ring held before this chunk plus the chunk itself, then keep
         # only the newest `window` entries.
         keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
@@ -90,6 +84,29 @@ class KVCache:
         ring_v[:, :, slots] = v[:, :, -window:]
         ring_pos[slots] = keep
         return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
+
+    def written(self, layer: int, pos: torch.Tensor):
+        """What `update` returns once the new keys and values at `pos` are in place (in a sliding layer's
+        ring: one token's, written into the slot of the position one window back, which it no longer sees)."""
+        keys, values, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        if self.ring[layer]:
+            return keys, values, slot_pos, self.valid[:, slot_pos.clamp(min=0)]
+        if self.step_position is not None and pos.numel() == 1:  # every slot; empty ones have position -1
+            return keys, values, slot_pos, self.valid
+        end = int(pos[-1]) + 1
+        return keys[:, :, :end], values[:, :, :end], slot_pos[:end], self.valid[:, :end]
+
+    def write_target(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> tuple | None:
+        """Where a kernel that makes one new token's keys (k [B, 1, Hkv, D], or a view of that shape) and
+        values may store them itself, then `written()` instead of `update()`: (keys, values, slot positions,
+        position, ring window or 0), for this dense cache of their dtype on CUDA; else None."""
+        keys = self.keys[layer]
+        if not (k.dim() == 4 and k.shape[1] == 1 and (k.shape[0], k.shape[2], k.shape[3]) == (keys.shape[0],
+                keys.shape[1], keys.shape[3]) and k.dtype == keys.dtype and pos.numel() == 1
+                and triton_ops.takes(keys) and keys.is_contiguous() and self.values[layer].is_contiguous()):
+            return None
+        slot_pos = self.slot_pos[layer]
+        return keys, self.values[layer], slot_pos, pos, slot_pos.numel() if self.ring[layer] else 0
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """K/V at positions `pos` of a full layer, or one token's at pos % window of a sliding layer's ring;
@@ -206,6 +223,9 @@ class SlotCache:
             target[rows, :, slots] = new
         else:
             target[rows, slots] = new
+
+    def write_target(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> None:
+        return None  # (rows of a shared cache are written by `update` only)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, _pos=None):
         pos = self._pos  # [b, T]

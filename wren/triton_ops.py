@@ -1,6 +1,6 @@
 """The small ops of a decode step on CUDA as one Triton kernel each: RMSNorm with its residual add or
-RoPE, gelu(gate) * up, and one query's attention over the cache (dense, or a TurboQuant cache read from
-its codes).
+RoPE, gelu(gate) * up, one query's attention over the cache (dense, or a TurboQuant cache read from its
+codes), the cache write, Gemma 4's head norms, and the RoPE tables of a step.
 
 A token's step runs each of these once a layer on a few kilobytes; written as PyTorch ops they are ~8
 (a norm) to ~16 (attention) kernels each, and the launches, not the bytes, cost the time, even inside a
@@ -44,6 +44,7 @@ def _kernels():
     return {"rms_norm": _triton_ops.rms_norm_kernel, "attend_one": _triton_ops.attend_one_kernel,
             "attend_codes": _triton_ops.attend_codes_kernel, "gelu_mul": _triton_ops.gelu_mul_kernel,
             "kv_write": _triton_ops.kv_write_kernel, "qkv_norms": _triton_ops.qkv_norms_kernel,
+            "rope_tables": _triton_ops.rope_tables_kernel,
             "next_power_of_2": _triton_ops.triton.next_power_of_2}
 
 
@@ -216,9 +217,11 @@ def norms_qkv(q: Tensor, k: Tensor, v: Tensor, weight: Tensor) -> bool:
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or weight.requires_grad)))
 
 
-def qkv_norms(q: Tensor, k: Tensor, v: Tensor, q_norm, k_norm, cos: Tensor, sin: Tensor) -> tuple[Tensor, ...]:
+def qkv_norms(q: Tensor, k: Tensor, v: Tensor, q_norm, k_norm, cos: Tensor, sin: Tensor,
+              target: tuple | None = None) -> tuple[Tensor, ...]:
     """(apply_rope(q_norm(q)), apply_rope(k_norm(k)), weightless norm of v) in one kernel, for q/k/v
-    [B, T, H, D] (`norms_qkv`); cos/sin [B, T, D]. Three contiguous tensors out, in q's dtype."""
+    [B, T, H, D] (`norms_qkv`); cos/sin [B, T, D]. Three contiguous tensors out, in q's dtype. With a
+    cache's `write_target` (one token a sequence) k and v also go into the cache there."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     qo, ko, vo = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty(
@@ -228,7 +231,27 @@ def qkv_norms(q: Tensor, k: Tensor, v: Tensor, q_norm, k_norm, cos: Tensor, sin:
         raise ValueError(f"RoPE tables {tuple(cos.shape)} do not fit {tuple(q.shape)}")
     if q_norm.eps != k_norm.eps or q_norm.offset != k_norm.offset:
         raise ValueError("q and k norms with different eps or offsets")
+    keys, values, slot_pos, pos, window = target if target is not None else (qo, qo, qo, qo, 0)
+    if target is not None and (t != 1 or keys.shape != (b, hkv, keys.shape[2], d) or keys.dtype != q.dtype):
+        raise ValueError(f"a cache of {tuple(keys.shape)} {keys.dtype} for keys {tuple(k.shape)} {k.dtype}")
     _kernels()["qkv_norms"][(b * t, hq + 2 * hkv)](
-        q, k, v, q_norm.weight, k_norm.weight, cos, sin, qo, ko, vo, hq, hkv, q.stride(1), k.stride(1), v.stride(1),
-        float(q_norm.eps), float(q_norm.offset), D=d, BLOCK_D=_kernels()["next_power_of_2"](d))
+        q, k, v, q_norm.weight, k_norm.weight, cos, sin, qo, ko, vo, keys, values, slot_pos, pos, keys.shape[2],
+        hq, hkv, q.stride(1), k.stride(1), v.stride(1), float(q_norm.eps), float(q_norm.offset), D=d,
+        BLOCK_D=_kernels()["next_power_of_2"](d), WRITE=target is not None, WINDOW=window)
     return qo, ko, vo
+
+
+def makes_rope_tables(positions: Tensor, inv_freq: Tensor) -> bool:
+    """Whether `rope_tables` takes these: CUDA positions, the inverse frequencies on their device."""
+    return takes(positions) and inv_freq.device == positions.device and inv_freq.is_floating_point()
+
+
+def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """layers.rope_cos_sin in one kernel (seven PyTorch ops): cos and sin [B, T, D] of positions [B, T]."""
+    positions = positions.contiguous()
+    half = inv_freq.numel()
+    cos = torch.empty(*positions.shape, 2 * half, dtype=dtype, device=positions.device)
+    sin = torch.empty_like(cos)
+    _kernels()["rope_tables"][(positions.numel(),)](positions, inv_freq.contiguous(), cos, sin, HALF=half,
+                                                     BLOCK_D=_kernels()["next_power_of_2"](2 * half))
+    return cos, sin

@@ -62,6 +62,9 @@ class CompressedKVCache(KVCache):
         return sum(t.numel() * t.element_size() for parts in (*self.keys.values(), *self.values.values())
                    for t in parts)
 
+    def write_target(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> None:
+        return None  # (coded vectors are written by `update`, which codes them)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         kc, vc = self.codecs[layer]
         K, V, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]

@@ -12,6 +12,7 @@ from .. import decode_plan
 from ..cache import KVCache
 from ..config import SLIDING, Gemma3Config, LayerSpec
 from ..quant.linear import linears
+from ..residual import Residual, value_of
 from .layers import (GatedMLP, RMSNorm, cached_attention, embed, norm_rope, output_logits, positions, rope_cos_sin,
                      rope_inv_freq, uninitialized_embedding)
 
@@ -54,9 +55,15 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset=1.0)
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset=1.0)
 
-    def forward(self, x, cos, sin, pos, cache):
-        x = self.post_attention_layernorm(self.self_attn(x, cos, sin, pos, cache, self.input_layernorm), residual=x)
-        return self.post_feedforward_layernorm(self.mlp(x, self.pre_feedforward_layernorm), residual=x)
+    def forward(self, x, cos, sin, pos, cache, defer: bool = False):
+        """The layer on x, the residual stream (or the Residual the layer before left unfinished); with
+        `defer` the stream out is left a Residual too, for the next layer's first rotation to finish (on
+        CUDA at batch 1: in the same kernel)."""
+        h = self.self_attn(x, cos, sin, pos, cache, self.input_layernorm)
+        x = Residual(h, value_of(x), self.post_attention_layernorm)
+        h = self.mlp(x, self.pre_feedforward_layernorm)
+        out = Residual(h, x.value(), self.post_feedforward_layernorm)
+        return out if defer else out.value()
 
 
 class Gemma3(nn.Module):
@@ -92,8 +99,10 @@ class Gemma3(nn.Module):
         if plan is not None:  # one decoded token: one compiled call a layer
             x = plan.run(x, rope, int(pos[0, 0]))
         else:
+            defer = not torch.is_grad_enabled()  # (training keeps each layer's work inside its checkpoint)
             for spec, layer in zip(self.specs, self.layers):
-                x = layer(x, *rope[spec.kind], pos, cache)
+                x = layer(x, *rope[spec.kind], pos, cache, defer)
+            x = value_of(x)
         if cache is not None:
             cache.advance(ids.shape[1])
         return output_logits(self, x, logits_to_keep)

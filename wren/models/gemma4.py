@@ -12,8 +12,9 @@ from .. import decode_plan, triton_ops
 from ..cache import KVCache
 from ..config import SLIDING, Gemma4Config, LayerSpec
 from ..quant.linear import linears
+from ..residual import Residual, value_of
 from ..triton_ops import guarded
-from .layers import (GatedMLP, RMSNorm, cached_attention, embed, embed_scale, gelu_tanh, output_logits,
+from .layers import (GatedMLP, RMSNorm, cached_attention, embed, embed_scale, gelu_tanh, of_gated, output_logits,
                      norm_rope, positions, rope_cos_sin, rope_inv_freq, uninitialized_embedding)
 
 
@@ -41,26 +42,29 @@ class Attention(nn.Module):
             p for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None)  # v is k where k_eq_v
         q, *kv_raw = (y.view(b, t, -1, d) for y in linears(x, projections, norm))
         if self.owns_kv:
-            q, k, v = self._head_norms(q, kv_raw[0], kv_raw[-1], cos, sin)
+            target = cache.write_target(self.index, kv_raw[0], pos[0]) if cache is not None else None
+            q, k, v, written = self._head_norms(q, kv_raw[0], kv_raw[-1], cos, sin, target)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is None:
                 kv = (k, v, pos[0], None)
             else:
-                kv = cache.update(self.index, k, v, pos[0])
+                kv = cache.written(self.index, pos[0]) if written else cache.update(self.index, k, v, pos[0])
             shared[self.index] = kv
         else:
             q = norm_rope(self.q_norm, q, cos, sin).transpose(1, 2)
             kv = shared[self.spec.kv_source]
         return self.o_proj(cached_attention(q, kv, pos, self.window, scale=1.0))
 
-    def _head_norms(self, q, k_raw, v_raw, cos, sin):
-        """q and k normed and RoPE'd, v normed (weightless): one kernel on CUDA, else one pass each."""
+    def _head_norms(self, q, k_raw, v_raw, cos, sin, target):
+        """q and k normed and RoPE'd, v normed (weightless): one kernel on CUDA, which also writes k and v
+        into the cache where it gives a `target` (then the last item, written, is True); else one pass each."""
         def each():
-            return norm_rope(self.q_norm, q, cos, sin), norm_rope(self.k_norm, k_raw, cos, sin), self.v_norm(v_raw)
+            return (norm_rope(self.q_norm, q, cos, sin), norm_rope(self.k_norm, k_raw, cos, sin),
+                    self.v_norm(v_raw), False)
 
         if triton_ops.norms_qkv(q, k_raw, v_raw, self.q_norm.weight):
-            return guarded("qkv_norms", lambda: triton_ops.qkv_norms(q, k_raw, v_raw, self.q_norm, self.k_norm,
-                                                                     cos, sin), each)
+            return guarded("qkv_norms", lambda: (*triton_ops.qkv_norms(q, k_raw, v_raw, self.q_norm, self.k_norm,
+                                                                       cos, sin, target), target is not None), each)
         return each()
 
 
@@ -124,21 +128,28 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
-    def forward(self, x, per_layer_input, cos, sin, pos, cache, shared):
+    def forward(self, x, per_layer_input, cos, sin, pos, cache, shared, defer: bool = False):
+        """The layer on x, the residual stream (or the Residual the layer before left unfinished); with
+        `defer` the stream out is left a Residual too, for the next layer's first rotation to finish (on
+        CUDA at batch 1: in the same kernel)."""
         h = self.self_attn(x, cos, sin, pos, cache, shared, norm=self.input_layernorm)
-        x = self.post_attention_layernorm(h, residual=x)
+        x = Residual(h, value_of(x), self.post_attention_layernorm)
         h = self.mlp(x, norm=self.pre_feedforward_layernorm)
+        x = x.value()
         if self.moe:
             # The experts run beside the dense MLP, routed on the same pre-MLP residual.
             flat = x.reshape(-1, x.shape[-1])
             weights, experts = self.router(flat)
             moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
-        if not self.ple:  # (the layer scalar rides on the last norm's kernel)
-            return self.post_feedforward_layernorm(h, residual=x, scale=self.layer_scalar)
-        x = self.post_feedforward_layernorm(h, residual=x)
-        h = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
-        return self.post_per_layer_input_norm(self.per_layer_projection(h), residual=x, scale=self.layer_scalar)
+        last_norm = self.post_feedforward_layernorm
+        if self.ple:
+            x = Residual(h, x, self.post_feedforward_layernorm)
+            gate = linears(x, (self.per_layer_input_gate,))[0]
+            h = of_gated(self.per_layer_projection, gate, per_layer_input)
+            x, last_norm = x.value(), self.post_per_layer_input_norm
+        out = Residual(h, x, last_norm, scale=self.layer_scalar)  # (the layer scalar rides on the last norm)
+        return out if defer else out.value()
 
 
 class Gemma4(nn.Module):
@@ -198,9 +209,11 @@ class Gemma4(nn.Module):
             x = plan.run(x, rope, int(pos[0, 0]), ple)
         else:
             shared: dict = {}
+            defer = not torch.is_grad_enabled()  # (training keeps each layer's work inside its checkpoint)
             for i, layer in enumerate(self.layers):
                 cos, sin = rope[decode_plan.rope_key(self, self.specs[i])]
-                x = layer(x, ple[:, :, i] if ple is not None else None, cos, sin, pos, cache, shared)
+                x = layer(x, ple[:, :, i] if ple is not None else None, cos, sin, pos, cache, shared, defer)
+            x = value_of(x)
         if cache is not None:
             cache.advance(ids.shape[1])
         return output_logits(self, x, logits_to_keep)

@@ -61,7 +61,14 @@ def rope_inv_freq(head_dim: int, rotated_dims: int, theta: float, factor: float 
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape [B, T, head_dim] for the half-split layout."""
+    """cos/sin of shape [B, T, head_dim] for the half-split layout (on CUDA one kernel, not seven ops)."""
+    if triton_ops.makes_rope_tables(positions, inv_freq):
+        return guarded("rope_tables", lambda: triton_ops.rope_tables(positions, inv_freq, dtype),
+                       lambda: _rope_cos_sin_by_ops(positions, inv_freq, dtype))
+    return _rope_cos_sin_by_ops(positions, inv_freq, dtype)
+
+
+def _rope_cos_sin_by_ops(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -101,13 +108,19 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """The MLP of norm(x) (x itself without `norm`; with it, on CUDA, the norm runs in the rotation)."""
         gate, up = linears(x, (self.gate_proj, self.up_proj), norm)
-        down = of_gelu(self.down_proj, gate, up)  # (on CUDA at batch 1: the gelu inside the rotation)
-        if down is not None:
-            return down
-        middle = native.gelu_mul(gate, up)
-        if middle is None:
-            middle = guarded("gelu_mul", lambda: triton_ops.gelu_mul(gate, up), lambda: None)
-        return self.down_proj(gelu_tanh(gate) * up if middle is None else middle)
+        return of_gated(self.down_proj, gate, up)
+
+
+def of_gated(module: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """module(gelu_tanh(gate) * up): on CUDA at batch 1 the gelu inside the rotation's kernel, else the middle
+    in one pass (compiled on the CPU, Triton on CUDA) where it runs, else the ops."""
+    down = of_gelu(module, gate, up)
+    if down is not None:
+        return down
+    middle = native.gelu_mul(gate, up)
+    if middle is None:
+        middle = guarded("gelu_mul", lambda: triton_ops.gelu_mul(gate, up), lambda: None)
+    return module(gelu_tanh(gate) * up if middle is None else middle)
 
 
 def uninitialized_embedding(rows: int, dim: int) -> nn.Embedding:

@@ -23,6 +23,7 @@ import contextlib
 
 from ..errors import BadOptionError
 from .. import native, triton_ops
+from ..residual import Residual, value_of
 from ..triton_ops import guarded
 from . import cpu_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
@@ -251,20 +252,26 @@ class TQWeight(nn.Module):
         return w if self.input_scale is None else w * self.input_scale.float()
 
 
-def linears(x: torch.Tensor, modules, norm=None) -> list[torch.Tensor]:
-    """[m(norm(x)) for m in modules] (`norm` an RMSNorm, or None): TurboQuant layers that read x the same
-    way (q/k/v, gate/up) in one call of the compiled kernels, one pass of the thread pool; anything else
-    (dense, LoRA-wrapped) one by one. On CUDA one rotation and one Triton launch for them all, and for one
-    row the norm inside the rotation's kernel."""
-    if triton_ops.takes(x) and _same_input(x, modules):
+def linears(x: torch.Tensor | Residual, modules, norm=None) -> list[torch.Tensor]:
+    """[m(norm(x)) for m in modules] (`norm` an RMSNorm, or None; x a tensor, or a Residual, whose value is
+    taken): TurboQuant layers that read x the same way (q/k/v, gate/up) in one call of the compiled
+    kernels, one pass of the thread pool; anything else (dense, LoRA-wrapped) one by one. On CUDA one
+    rotation and one Triton launch for them all, and for one row the residual add and the norm inside the
+    rotation's kernel."""
+    read = x.h if isinstance(x, Residual) else x  # the tensor the kernels read
+    if triton_ops.takes(read) and _same_input(read, modules):
         from . import triton_kernels
 
         first = modules[0]
         weights = [(m.codes, m.scales) for m in modules]
-        if triton_kernels.takes_row(x, first.cfg, len(modules)) and (norm is None or triton_ops.norms(x, norm.weight)):
+        if (triton_kernels.takes_row(read, first.cfg, len(modules))
+                and (norm is None or triton_ops.norms(read, norm.weight))
+                and (not isinstance(x, Residual) or (x.fusable() and triton_ops.norms(read, x.norm.weight)))):
             return triton_kernels.tq_row(x, weights, first.cfg, first.column_scale()[0], norm=norm)
+        x = value_of(x)
         x = x if norm is None else norm(x)
         return triton_kernels.tq_linears(first.rotate_input(x, fast=True), weights, first.cfg)
+    x = value_of(x)
     x = x if norm is None else norm(x)
     if triton_ops.takes(x):
         return [m(x) for m in modules]

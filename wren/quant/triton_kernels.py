@@ -28,6 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..residual import Residual
 from ..triton_ops import broken, guarded
 from . import cpu_kernels
 from .turboquant import _HADAMARD_ROUNDS, TQConfig, _block_size, _centroids, _hadamard_plan, _runs, packed_size
@@ -254,9 +255,12 @@ if triton is not None:
         else:
             tl.atomic_add(out_ptr + column + rows, y, mask=rows < n)
 
+    # The last two give small matrices (E2B's per-layer gate: 256 rows) a program for every SM without
+    # splitting the input, so they too need no zeroing kernel and no cast.
     _ROW_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_W": w, "PAIRS": p}, num_warps=nw)
                     for p in (0, 1)
-                    for n, w, nw in ((16, 32, 4), (32, 32, 4), (8, 64, 4), (16, 64, 4), (64, 32, 8))]
+                    for n, w, nw in ((16, 32, 4), (32, 32, 4), (8, 64, 4), (16, 64, 4), (64, 32, 8), (4, 64, 4),
+                                     (1, 64, 2))]
     _tq_gemv_row_split = triton.heuristics({"SPLITS": lambda a: _row_splits(a)})(_tq_gemv_row)
     _tq_gemv_row_tuned = triton.autotune(
         configs=_ROW_CONFIGS, key=["N0", "N1", "N2", "K"], reset_to_zero=["out_ptr"],
@@ -276,34 +280,80 @@ if triton is not None:
                                      reset_to_zero=["out_ptr"])(_tq_gemv_split)
 
     @triton.jit
-    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, norm_w_ptr, up_ptr, ROWS, eps,
-                        offset, K: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr,
-                        HAS_COL: tl.constexpr, HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr,
-                        NIBBLE_MAJOR: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GELU: tl.constexpr):
+    def _sum_of_squares(src_ptr, K: tl.constexpr, CHUNK: tl.constexpr):
+        """Sum of the squares of a row of K values, read CHUNK at a time (a wide row would not fit registers)."""
+        acc = tl.zeros((CHUNK,), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            kk = k0 + tl.arange(0, CHUNK)
+            v = tl.load(src_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            acc += v * v
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
+    def _new_residual(h_ptr, res_ptr, post_w_ptr, scale_ptr, at, ok, r_post, post_offset, POST_W: tl.constexpr,
+                      PRE_SCALE: tl.constexpr):
+        """residual + post_norm(h) (times the scale) at `at`, rounded where rms_norm_kernel rounds."""
+        y = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32) * r_post
+        if POST_W:
+            y = y * (tl.load(post_w_ptr + at, mask=ok, other=0.0).to(tl.float32) + post_offset)
+        y = y.to(h_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        if PRE_SCALE:
+            y = y.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(scale_ptr).to(tl.float32)
+        return y.to(h_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _residual_prologue(h_ptr, res_ptr, post_w_ptr, scale_ptr, value_ptr, flat, ok, post_eps, post_offset,
+                           K: tl.constexpr, POST_W: tl.constexpr, PRE_SCALE: tl.constexpr, CHUNK: tl.constexpr):
+        """The new residual stream (one row) at this tile's `flat` positions and the sum of its squares; the
+        first program also stores the whole row (`value_ptr`) for the layer to carry on with."""
+        r_post = 1.0 / tl.sqrt(_sum_of_squares(h_ptr, K, CHUNK) / K + post_eps)
+        first = tl.program_id(0) == 0
+        acc = tl.zeros((CHUNK,), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            kk = k0 + tl.arange(0, CHUNK)
+            v = _new_residual(h_ptr, res_ptr, post_w_ptr, scale_ptr, kk, kk < K, r_post, post_offset, POST_W,
+                              PRE_SCALE)
+            acc += v * v
+            tl.store(value_ptr + kk, v.to(value_ptr.dtype.element_ty), mask=(kk < K) & first)
+        x = _new_residual(h_ptr, res_ptr, post_w_ptr, scale_ptr, flat, ok, r_post, post_offset, POST_W, PRE_SCALE)
+        return x, tl.sum(acc, axis=0)
+
+    @triton.jit
+    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, norm_w_ptr, up_ptr, res_ptr,
+                        post_w_ptr, scale_ptr, value_ptr, ROWS, eps, offset, post_eps, post_offset, K: tl.constexpr,
+                        DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr, HAS_COL: tl.constexpr,
+                        HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr, NIBBLE_MAJOR: tl.constexpr,
+                        NORM: tl.constexpr, NORM_W: tl.constexpr, GELU: tl.constexpr, PRE: tl.constexpr,
+                        POST_W: tl.constexpr, PRE_SCALE: tl.constexpr, CHUNK: tl.constexpr):
         """A round of the rotation on TILE runs of BLOCK values (a run: one Hadamard block of one group):
         read (through the permutation between rounds, if any; times the column scales before the first),
         times the round's signs, times the normalised Sylvester matrix. With BOTH (a group that is one
         block: no permutation), the second round follows in registers. NIBBLE_MAJOR stores coordinate
-        8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads). NORM (one row) first takes the
-        row's RMSNorm (times its weight plus offset with NORM_W), rounded to x's dtype as the norm's own
-        kernel would: every program reads the whole row for its sum of squares. GELU takes gelu_tanh(x) *
-        up (the MLP's middle, as gelu_mul_kernel computes it) instead of x."""
+        8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads).
+
+        Before the rotation, on one row: PRE takes x = residual + post_norm(src) (times the scale with
+        PRE_SCALE; the post norm's weight with POST_W), the residual add that ends a sublayer, and stores
+        it (`value_ptr`); NORM then takes x's RMSNorm (times its weight plus offset with NORM_W), rounded to
+        x's dtype as the norm's own kernel would. Every program reads the whole row for the sums of squares.
+        GELU takes gelu_tanh(x) * up (the MLP's middle, as gelu_mul_kernel computes it) instead of x."""
         NB: tl.constexpr = DIM // BLOCK
         r = tl.program_id(0) * TILE + tl.arange(0, TILE)
         c = tl.arange(0, BLOCK)
         ok = (r < ROWS)[:, None]
         at = (r % NB)[:, None] * BLOCK + c[None, :]  # position within the group
         flat = r[:, None] * BLOCK + c[None, :]
-        if HAS_PERM:
+        if PRE:
+            x, squares = _residual_prologue(src_ptr, res_ptr, post_w_ptr, scale_ptr, value_ptr, flat, ok, post_eps,
+                                            post_offset, K, POST_W, PRE_SCALE, CHUNK)
+        elif HAS_PERM:
             x = tl.load(src_ptr + (r // NB)[:, None] * DIM + tl.load(perm_ptr + at), mask=ok, other=0.0)
+            x = x.to(tl.float32)
         else:
-            x = tl.load(src_ptr + flat, mask=ok, other=0.0)
-        x = x.to(tl.float32)
+            x = tl.load(src_ptr + flat, mask=ok, other=0.0).to(tl.float32)
         if NORM:
-            kk = tl.arange(0, BLOCK_K)
-            row = tl.load(src_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x = x / tl.sqrt(tl.sum(row * row, axis=0) / K + eps)
+            if not PRE:
+                squares = _sum_of_squares(src_ptr, K, CHUNK)
+            x = x / tl.sqrt(squares / K + eps)
             if NORM_W:
                 x = x * (tl.load(norm_w_ptr + flat % K).to(tl.float32) + offset)
             x = x.to(src_ptr.dtype.element_ty).to(tl.float32)
@@ -351,15 +401,16 @@ def rotates(cfg: TQConfig) -> bool:
 
 
 def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None, nibble_major: bool = False,
-           norm=None, gelu_up: torch.Tensor | None = None) -> torch.Tensor:
+           norm=None, gelu_up: torch.Tensor | None = None, residual: Residual | None = None) -> torch.Tensor:
     """`cpu_kernels.rotate_fast` of x [M, K] by groups of cfg.dim, x first times `column` [K] (float32), in
     one kernel (two where a group spans several Hadamard blocks); x's dtype out, or with `nibble_major`
     float32 in the order _tq_gemv_row reads (see `nibble_major()`; K a multiple of 8). Inside the same
-    kernel, with `norm` (an RMSNorm; one row) the rotation is of norm(x), with `gelu_up` (x's shape and
-    dtype) of gelu_tanh(x) * gelu_up."""
+    kernel, on one row: with `residual` (a Residual whose h is x) the rotation is of its value, which the
+    kernel also computes and sets; with `norm` (an RMSNorm) of norm(x) (or of the residual's value); with
+    `gelu_up` (x's shape and dtype) of gelu_tanh(x) * gelu_up."""
     x = x.contiguous()
     up = gelu_up.contiguous() if gelu_up is not None else x
-    assert up.shape == x.shape and up.dtype == x.dtype and (norm is None or gelu_up is None)
+    assert up.shape == x.shape and up.dtype == x.dtype and (gelu_up is None or (norm is None and residual is None))
     rows, k = x.shape
     block = _block_size(cfg.dim, cfg.block)
     signs, perm, _ = _hadamard_plan(cfg.dim, block, cfg.seed, x.device)
@@ -371,22 +422,43 @@ def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None, n
     col = column if column is not None else x  # (unused pointers where there is none)
     norm_w = norm.weight if norm is not None and norm.weight is not None else x
     out = torch.empty(x.shape, dtype=torch.float32 if nibble_major else x.dtype, device=x.device)
-    shape = dict(K=k, DIM=cfg.dim, BLOCK=block, TILE=tile, BLOCK_K=triton.next_power_of_2(k) if norm else 1)
+    shape = dict(K=k, DIM=cfg.dim, BLOCK=block, TILE=tile, CHUNK=1024)
     first = dict(HAS_COL=column is not None, NORM=norm is not None, NORM_W=norm is not None and norm.weight is not None,
-                 GELU=gelu_up is not None)
-    eps, offset = (float(norm.eps), float(norm.offset)) if norm is not None else (0.0, 0.0)
+                 GELU=gelu_up is not None, **_prologue(residual, x))
+    norms = (float(norm.eps), float(norm.offset)) if norm is not None else (0.0, 0.0)
+    post = residual.norm if residual is not None else None
+    norms += (float(post.eps), float(post.offset)) if post is not None else (0.0, 0.0)
+    pre = _prologue_tensors(residual, x)
     if perm is None:
-        _hadamard_round[grid](x, col, signs, signs, h, out, norm_w, up, runs, eps, offset, **shape, ROUND=0, **first,
-                              HAS_PERM=False, BOTH=True, NIBBLE_MAJOR=nibble_major)
-        return out
-    # a permutation across the group's blocks between the rounds: a round trip through float32 memory
-    mid = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _hadamard_round[grid](x, col, signs, perm, h, mid, norm_w, up, runs, eps, offset, **shape, ROUND=0, **first,
-                          HAS_PERM=False, BOTH=False, NIBBLE_MAJOR=False)
-    _hadamard_round[grid](mid, col, signs, perm, h, out, norm_w, up, runs, eps, offset, **shape, ROUND=1,
-                          HAS_COL=False, NORM=False, NORM_W=False, GELU=False, HAS_PERM=True, BOTH=False,
-                          NIBBLE_MAJOR=nibble_major)
+        _hadamard_round[grid](x, col, signs, signs, h, out, norm_w, up, *pre, runs, *norms, **shape, ROUND=0,
+                              **first, HAS_PERM=False, BOTH=True, NIBBLE_MAJOR=nibble_major)
+    else:  # a permutation across the group's blocks between the rounds: a round trip through float32 memory
+        mid = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        _hadamard_round[grid](x, col, signs, perm, h, mid, norm_w, up, *pre, runs, *norms, **shape, ROUND=0,
+                              **first, HAS_PERM=False, BOTH=False, NIBBLE_MAJOR=False)
+        _hadamard_round[grid](mid, col, signs, perm, h, out, norm_w, up, *pre, runs, *norms, **shape, ROUND=1,
+                              HAS_COL=False, NORM=False, NORM_W=False, GELU=False, PRE=False, POST_W=False,
+                              PRE_SCALE=False, HAS_PERM=True, BOTH=False, NIBBLE_MAJOR=nibble_major)
+    if residual is not None:
+        residual.computed = pre[-1].reshape(residual.h.shape)
     return out
+
+
+def _prologue(residual: Residual | None, x: torch.Tensor) -> dict:
+    """The residual prologue's constants for _hadamard_round."""
+    if residual is None:
+        return dict(PRE=False, POST_W=False, PRE_SCALE=False)
+    assert x.shape[0] == 1 and residual.h.numel() == x.numel() and residual.fusable()
+    return dict(PRE=True, POST_W=residual.norm.weight is not None, PRE_SCALE=residual.scale is not None)
+
+
+def _prologue_tensors(residual: Residual | None, x: torch.Tensor) -> tuple:
+    """(residual, post norm weight, scale, value out) for _hadamard_round; x itself where unused."""
+    if residual is None:
+        return x, x, x, x
+    post_w = residual.norm.weight
+    return (residual.residual.reshape(x.shape).contiguous(), post_w if post_w is not None else x,
+            residual.scale if residual.scale is not None else x, torch.empty_like(x))
 
 
 GEMV_ROWS = 8  # up to this many activation rows (decode, small batches) take _tq_gemv; more take tl.dot
@@ -480,11 +552,14 @@ def _split_outputs(out: torch.Tensor, weights: list, like: torch.Tensor) -> list
     return [y.reshape(*like.shape[:-1], y.shape[-1]) for y in splits]
 
 
-def tq_row(x: torch.Tensor, weights: list, cfg: TQConfig, column: torch.Tensor | None = None,
+def tq_row(x: torch.Tensor | Residual, weights: list, cfg: TQConfig, column: torch.Tensor | None = None,
            norm=None, gelu_up: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """One row x (not rotated; first normed by `norm`, an RMSNorm, or taken as gelu_tanh(x) * gelu_up, and
-    times `column`, where given) times up to three 4-bit matrices ((codes, scales) each; `takes_row`): two
-    launches, the rotation (with the norm or gelu) writing x as the GEMV reads it, and the GEMV."""
+    """One row x (not rotated; a Residual's value, computed on the way; first normed by `norm`, an RMSNorm,
+    or taken as gelu_tanh(x) * gelu_up, and times `column`, where given) times up to three 4-bit matrices
+    ((codes, scales) each; `takes_row`): two launches, the rotation (with the residual add, norm or gelu)
+    writing x as the GEMV reads it, and the GEMV."""
+    residual = x if isinstance(x, Residual) else None
+    x = x.h if residual is not None else x
     k = x.shape[-1]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     words = [(_words(c), s.contiguous()) for c, s in weights]
@@ -492,12 +567,13 @@ def tq_row(x: torch.Tensor, weights: list, cfg: TQConfig, column: torch.Tensor |
     up2 = gelu_up.reshape(1, k) if gelu_up is not None else None
 
     def by_ops():
-        first = x2 if norm is None else norm.by_ops(x2)
+        first = x2 if residual is None else residual.value().reshape(1, k)
+        first = first if norm is None else norm.by_ops(first)
         first = first if up2 is None else (F.gelu(x2.float(), approximate="tanh") * up2.float()).to(x2.dtype)
         return nibble_major(_rotate_by_ops(first, cfg, column))
 
-    xn = guarded("_hadamard_round", lambda: rotate(x2, cfg, column, nibble_major=True, norm=norm, gelu_up=up2),
-                 by_ops)
+    xn = guarded("_hadamard_round", lambda: rotate(x2, cfg, column, nibble_major=True, norm=norm, gelu_up=up2,
+                                                   residual=residual), by_ops)
     out = guarded("_tq_gemv_row", lambda: _gemv_row(xn, words, cfg, x.dtype, interpret), lambda: None)
     if out is None:  # the row kernel failed here: the general GEMV, on x in its usual order
         x_rotated = xn.reshape(8, k // 8).t().reshape(x.shape).to(x.dtype)
