@@ -150,8 +150,22 @@ def decode(wren_model, batches=(1, 8), kvs=(None, "tq4"), steps: int = 2) -> Non
                         layer = next(iter(cache.keys))
                         new = cache.keys[layer][:, :, :1].clone()
                         cache.update(layer, new, new.clone(), cache.positions(1))
+            one_row_other_rates(wren_model.config.hidden_size)
     finally:
         triton_ops.takes = saved
+
+
+def one_row_other_rates(width: int) -> None:
+    """One row times 2- and 8-bit matrices (`wren quantize --bits 2`, an 8-bit LM head): the word GEMV, which
+    the 4-bit models above never reach."""
+    from wren.quant import triton_kernels
+    from wren.quant.linear import TQLinear
+
+    group = 128 if width % 128 == 0 else width
+    x = torch.zeros(1, width, dtype=torch.bfloat16)
+    for bits in (2, 8):
+        layer = TQLinear(256, width, bits, group, seed=0)
+        triton_kernels.tq_linear(x, layer.codes, layer.scales, layer.cfg)
 
 
 # PyTorch ops that launch no kernel (views, metadata, allocation; `item` reads a host tensor here: the PLE ids)
@@ -225,13 +239,15 @@ def _tool(name: str) -> str:
 
 
 def resources(cubin: bytes) -> dict:
-    """Registers and spilled (local) bytes of a kernel, from cuobjdump."""
+    """Registers, spilled (local) bytes and stack bytes a thread of a kernel, from cuobjdump. (A kernel whose
+    values do not fit its registers can show no spill and still keep kilobytes on the stack: a float32
+    tl.dot of a 128 x 128 matrix did, ~2,000 local loads and stores a thread.)"""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
                               text=True, check=True).stdout
-    found = dict(re.findall(r"(REG|LOCAL):(\d+)", text))
+    found = dict(re.findall(r"(REG|LOCAL|STACK):(\d+)", text))
     return {k.lower(): int(v) for k, v in found.items()}
 
 
@@ -285,13 +301,14 @@ def _shape_text(constants: dict) -> str:
 
 
 def table(shape: str, found: list[dict]) -> str:
-    lines = [f"### {shape}", "", "| kernel | constants | warps | registers | spilled B | shared B | loop instr | "
-             "per code | barriers in loop | commonest in loop |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"### {shape}", "", "| kernel | constants | warps | registers | spilled B | stack B | shared B | "
+             "loop instr | per code | barriers in loop | commonest in loop |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in found:
         per_code = f"{r['per_code']:.1f}" if "per_code" in r else ""
         lines.append(f"| {r['kernel']} | {_shape_text(r['constants'])} | {r['warps']} | {r.get('reg', '?')} | "
-                     f"{r.get('local', '?')} | {r.get('shared', '?')} | {r['loop']} | {per_code} | {r['barriers']} | "
-                     f"{r['top']} |")
+                     f"{r.get('local', '?')} | {r.get('stack', '?')} | {r.get('shared', '?')} | {r['loop']} | "
+                     f"{per_code} | {r['barriers']} | {r['top']} |")
     return "\n".join(lines)
 
 

@@ -101,9 +101,69 @@ def test_decode_attention_kernel_in_the_interpreter():
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_decode_attention_rotating_its_output_for_the_o_projection_in_the_interpreter():
+    """The attention kernels (a dense cache, a TurboQuant cache's codes) that also rotate their output for a
+    4-bit TurboQuant o projection (groups of one Hadamard block, whole groups a head; column scales or none),
+    against the rotation's own kernel on the same output, and the o projection through them against the
+    module: what `attend_project` does."""
+    _interpret("""
+        import torch
+        from wren import triton_ops
+        from wren.kv.codecs import codec_for
+        from wren.models.layers import Coded, attend_project
+        from wren.quant import triton_kernels
+        from wren.quant.linear import TQLinear, input_rotation, reference_path
+        g = torch.Generator().manual_seed(2)
+        triton_ops.takes = lambda x: True
+        for h, hkv, d, group, qt, tol in ((4, 1, 32, 16, torch.float32, 1e-5), (8, 2, 64, 64, torch.float32, 1e-5),
+                                          (2, 2, 128, 32, torch.float16, 3e-3)):
+            slots = 40
+            q = torch.randn(1, 1, h, d, generator=g).to(qt).transpose(1, 2)
+            keys, values = (torch.randn(1, hkv, slots, d, generator=g).to(qt) for _ in range(2))
+            key_pos, pos = torch.arange(slots), torch.tensor([[30]])
+            w = torch.randn(48, h * d, generator=g)
+            for column in (None, torch.rand(h * d, generator=g) + 0.5):
+                o_proj = TQLinear.from_dense(w, bits=4, group=group, seed=5, column_scale=column)
+                scaled = column is not None
+                with torch.no_grad():
+                    rotation = input_rotation(o_proj, q, d)
+                    assert rotation is not None
+                    out, rotated = triton_ops.attend_one(q, keys, values, key_pos, None, pos, None, 0.2, None, rotation)
+                    alone = triton_ops.attend_one(q, keys, values, key_pos, None, pos, None, 0.2, None)
+                    assert torch.equal(out, alone)
+                    apart = triton_kernels.rotate(out.reshape(1, -1), o_proj.cfg, o_proj.column_scale()[0],
+                                                  nibble_major=True)
+                    err = ((rotated - apart).abs().max() / apart.abs().max()).item()
+                    assert rotated.shape == (1, h * d) and err < 1e-5, (h, d, group, err)
+                    got = attend_project(o_proj, q, (keys, values, key_pos, None), pos, None, 0.2)
+                    with reference_path():
+                        ref = o_proj(out.float()).to(qt)
+                    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                    assert got.shape == (1, 1, 48) and got.dtype == qt and err < tol, (h, d, group, scaled, err)
+            # the same over a TurboQuant cache's codes (attend_codes)
+            kc = codec_for("tq4", d)
+            coded = Coded(tuple(t.contiguous() for t in kc.encode(keys)), kc)
+            with torch.no_grad():
+                out, rotated = triton_ops.attend_codes(q, coded, coded, key_pos, None, pos, None, 0.2, None, rotation)
+                assert torch.equal(out, triton_ops.attend_codes(q, coded, coded, key_pos, None, pos, None, 0.2, None))
+                apart = triton_kernels.rotate(out.reshape(1, -1), o_proj.cfg, o_proj.column_scale()[0],
+                                              nibble_major=True)
+                assert ((rotated - apart).abs().max() / apart.abs().max()).item() < 1e-5
+                got = attend_project(o_proj, q, (coded, coded, key_pos, None), pos, None, 0.2)
+                with reference_path():
+                    ref = o_proj(out.float()).to(qt)
+            err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            assert got.shape == (1, 1, 48) and err < tol, (h, d, group, "codes", err)
+        assert not triton_ops.broken, triton_ops.broken
+        print("ok")
+    """)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
 def test_decode_attention_from_cache_codes_in_the_interpreter():
-    """A TurboQuant cache read from its codes (whole and fractional rates, keys scaled per channel, other
-    rates for keys and values) against decoding them and attending with the ops."""
+    """A TurboQuant cache read from its codes (whole and fractional rates, keys scaled per channel or not,
+    other rates for keys and values, float32 and float16 queries; the query's rotation into the keys' frame
+    and the output's out of the values' inside the kernel) against decoding them and attending with the ops."""
     _interpret("""
         import torch
         from wren import triton_ops
@@ -112,15 +172,17 @@ def test_decode_attention_from_cache_codes_in_the_interpreter():
         from wren.models.layers import Coded, _attention_by_ops
         g = torch.Generator().manual_seed(0)
         b, slots = 2, 45
-        for kname, vname, h, hkv, d, window in (("tq4", "tq4", 4, 1, 64, None), ("tq3.5", "tq2.5", 8, 2, 128, 7),
-                                                  ("tq3", "tq2", 2, 2, 32, None)):
+        for kname, vname, h, hkv, d, window, dtype in (
+                ("tq4", "tq4", 4, 1, 64, None, torch.float32), ("tq3.5", "tq2.5", 8, 2, 128, 7, torch.float32),
+                ("tq3", "tq2", 2, 2, 32, None, torch.float32), ("tq4", "tq3", 4, 2, 64, 9, torch.float16),
+                ("tq4", "tq4", 8, 1, 512, None, torch.float16)):  # (a 31B global layer's head size)
             kc, vc = codec_for(kname, d), codec_for(vname, d)
-            key_scale = torch.rand(d, generator=g) + 0.5
+            key_scale = torch.rand(d, generator=g) + 0.5 if dtype == torch.float32 else None
             k = torch.randn(b, hkv, slots, d, generator=g)
             v = torch.randn(b, hkv, slots, d, generator=g)
             keys = Coded(tuple(t.contiguous() for t in encode_keys(kc, k, key_scale)), kc, key_scale)
             values = Coded(tuple(t.contiguous() for t in vc.encode(v)), vc)
-            q = torch.randn(b, 1, h, d, generator=g).transpose(1, 2)
+            q = torch.randn(b, 1, h, d, generator=g).to(dtype).transpose(1, 2)
             key_pos = torch.arange(slots)
             key_pos[-4:] = -1
             valid = torch.ones(b, slots, dtype=torch.bool)
@@ -131,8 +193,8 @@ def test_decode_attention_from_cache_codes_in_the_interpreter():
                 ref = _attention_by_ops(q, kv, pos, window, d ** -0.5, None)
                 got = triton_ops.attend_codes(q, keys, values, key_pos, kv_valid, pos, window, d ** -0.5, None)
                 assert got.shape == ref.shape and got.dtype == q.dtype
-                err = ((got - ref).abs().max() / ref.abs().max()).item()
-                assert err < 1e-5, (kname, vname, h, hkv, d, window, err)
+                err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                assert err < (1e-5 if dtype == torch.float32 else 3e-3), (kname, vname, h, hkv, d, window, err)
         print("ok")
     """)
 
@@ -335,5 +397,37 @@ def test_rope_tables_kernel_in_the_interpreter():
                     assert a.shape == b.shape == (2, 3, 2 * inv_freq.numel()) and a.dtype == dtype
                     assert (a.float() - b.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 8e-3)
         assert not triton_ops.broken, triton_ops.broken
+        print("ok")
+    """)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
+def test_turboquant_cache_write_kernel_in_the_interpreter():
+    """One token's key and value coded into a TurboQuant cache in one kernel (rotation, nearest centroids
+    of each run, least-squares scale, bit packing, the slot's position) against the codecs' own encoding:
+    the same bytes and scales; whole and fractional rates, key scales, a full layer's slot and a ring's."""
+    _interpret("""
+        import torch
+        from wren import triton_ops
+        from wren.kv import codecs
+        triton_ops.takes = lambda x: True
+        g = torch.Generator().manual_seed(0)
+        for kname, vname, d in (("tq4", "tq4", 64), ("tq3.5", "tq3", 128), ("tq2.5", "tq4", 256), ("tq3", "tq2", 32)):
+            kc, vc = codecs.TQ(kname, d), codecs.TQ(vname, d)
+            for window, scaled in ((0, False), (4, True)):
+                b, h, slots = 2, 3, 8
+                keys, values = kc.empty((b, h, slots), "cpu"), vc.empty((b, h, slots), "cpu")
+                slot_pos, pos = torch.full((slots,), -1), torch.tensor([5])
+                k, v = (torch.randn(b, 1, h, d, generator=g).transpose(1, 2) for _ in range(2))
+                key_scale = torch.rand(d, generator=g) + 0.5 if scaled else None
+                assert triton_ops.encodes_kv(k, v, kc, vc, keys, values, pos)
+                triton_ops.kv_encode(k, v, kc, vc, keys, values, slot_pos, pos, window, key_scale)
+                slot = 5 % window if window else 5
+                expected = (kc.encode(k.float() * key_scale if scaled else k), vc.encode(v))
+                for (codes, scales), (want_codes, want_scales) in zip((keys, values), expected):
+                    assert torch.equal(codes[:, :, slot], want_codes[:, :, 0]), (kname, vname, d)
+                    assert torch.equal(scales[:, :, slot], want_scales[:, :, 0]), (kname, vname, d)
+                    assert codes.sum() == codes[:, :, slot].sum() and scales.abs().sum() == scales[:, :, slot].abs().sum()
+                assert slot_pos.tolist() == [5 if i == slot else -1 for i in range(slots)]
         print("ok")
     """)

@@ -1,6 +1,7 @@
 """The small ops of a decode step on CUDA as one Triton kernel each: RMSNorm with its residual add or
 RoPE, gelu(gate) * up, one query's attention over the cache (dense, or a TurboQuant cache read from its
-codes), the cache write, Gemma 4's head norms, and the RoPE tables of a step.
+codes), the cache write (dense, or coded into a TurboQuant cache), Gemma 4's head norms, and the RoPE
+tables of a step.
 
 A token's step runs each of these once a layer on a few kilobytes; written as PyTorch ops they are ~8
 (a norm) to ~16 (attention) kernels each, and the launches, not the bytes, cost the time, even inside a
@@ -44,7 +45,7 @@ def _kernels():
     return {"rms_norm": _triton_ops.rms_norm_kernel, "attend_one": _triton_ops.attend_one_kernel,
             "attend_codes": _triton_ops.attend_codes_kernel, "gelu_mul": _triton_ops.gelu_mul_kernel,
             "kv_write": _triton_ops.kv_write_kernel, "qkv_norms": _triton_ops.qkv_norms_kernel,
-            "rope_tables": _triton_ops.rope_tables_kernel,
+            "rope_tables": _triton_ops.rope_tables_kernel, "kv_encode": _triton_ops.kv_encode_kernel,
             "next_power_of_2": _triton_ops.triton.next_power_of_2}
 
 
@@ -105,9 +106,11 @@ def attends(q: Tensor, keys, values) -> bool:
 
 
 def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_valid: Tensor | None, pos: Tensor,
-               window: int | None, scale: float, softcap: float | None) -> Tensor:
+               window: int | None, scale: float, softcap: float | None, rotation: tuple | None = None):
     """layers.attend for one query a sequence (q [B, H, 1, D]) over a cache's `update` result, the mask
-    made inside the kernel: [B, 1, H*D] in q's dtype."""
+    made inside the kernel: [B, 1, H*D] in q's dtype. With `rotation` (a TurboQuant o projection's signs,
+    Hadamard block and column scales or None: quant.linear.input_rotation) also that projection's rotated
+    input, [B, H*D] float32 in the row GEMV's order: (out, rotated)."""
     k = _kernels()
     b, h, _, d = q.shape
     hkv = keys.shape[1]
@@ -117,15 +120,18 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_val
     if valid.dtype == torch.bool:
         valid = valid.view(torch.uint8)
     group = h // hkv
+    signs, block, column = rotation if rotation is not None else (out, 16, None)
+    rotated = torch.empty(b, h * d, dtype=torch.float32, device=q.device) if rotation is not None else out
     k["attend_one"][(b, hkv)](
-        q, keys, values, key_pos, valid, pos, out, keys.shape[2], q.stride(0), q.stride(1), keys.stride(0),
-        keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        key_pos.stride(0) if key_pos.shape[0] > 1 else 0, valid.stride(0) if key_valid is not None else 0,
-        pos.stride(0), int(window or 0), float(scale), float(softcap or 0.0), G=group, D=d,
-        HAS_VALID=key_valid is not None, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
-        IEEE=keys.dtype == torch.float32, BLOCK_G=max(16, k["next_power_of_2"](group)),
-        BLOCK_S=32 if d > 256 else 64)
-    return out
+        q, keys, values, key_pos, valid, pos, out, rotated, column if column is not None else out, signs,
+        block ** -0.5, keys.shape[2], q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), key_pos.stride(0) if key_pos.shape[0] > 1 else 0,
+        valid.stride(0) if key_valid is not None else 0, pos.stride(0), int(window or 0), float(scale),
+        float(softcap or 0.0), G=group, D=d, HAS_VALID=key_valid is not None, HAS_WINDOW=window is not None,
+        SOFTCAP=softcap is not None, IEEE=keys.dtype == torch.float32, BLOCK_G=max(16, k["next_power_of_2"](group)),
+        BLOCK_S=32 if d > 256 else 64, ROTATE=rotation is not None, HAS_COL=column is not None,
+        RDIM=block, K_ROW=h * d)
+    return out if rotation is None else (out, rotated)
 
 
 def reads_codes(parts: tuple) -> bool:
@@ -135,46 +141,58 @@ def reads_codes(parts: tuple) -> bool:
 
 def attends_codes(q: Tensor, keys, values) -> bool:
     """Whether `attend_codes` takes this step: one query a sequence on CUDA over TurboQuant codes
-    (models.layers.Coded) of a power-of-two head size from 16 to 256, outside autograd."""
+    (models.layers.Coded) of a power-of-two head size from 16 to 512, each vector rotated as one Hadamard
+    block, outside autograd."""
     from .models.layers import Coded
+    from .quant.turboquant import _block_size
 
     d = q.shape[-1]
     if not (isinstance(keys, Coded) and isinstance(values, Coded) and takes(q) and q.shape[2] == 1
-            and 16 <= d <= 256 and d & (d - 1) == 0 and not (torch.is_grad_enabled() and q.requires_grad)):
+            and q.stride(-1) == 1 and 16 <= d <= 512 and d & (d - 1) == 0
+            and not (torch.is_grad_enabled() and q.requires_grad)):
+        return False
+    if not all(c.cfg.dim == d and c.cfg.rotation == "hadamard" and _block_size(d, c.cfg.block) == d
+               for c in (keys.codec, values.codec)):
         return False
     (kc, ks), (vc, vs) = keys.parts, values.parts
     return all(t.is_contiguous() for t in (kc, ks, vc, vs)) and kc.shape[:3] == vc.shape[:3]
 
 
 def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | None, pos: Tensor,
-                 window: int | None, scale: float, softcap: float | None) -> Tensor:
-    """`attend` over Coded keys and values (q [B, H, 1, D]): the query enters the keys' frame, one kernel
-    scores and weighs the codes, the output leaves the values' frame. [B, 1, H*D] in q's dtype."""
+                 window: int | None, scale: float, softcap: float | None, rotation: tuple | None = None):
+    """`attend` over Coded keys and values (q [B, H, 1, D]) in one kernel: the query enters the keys' frame,
+    the codes are scored and weighed, the output leaves the values' frame. [B, 1, H*D] in q's dtype; with
+    `rotation`, also the o projection's rotated input, as `attend_one` gives it."""
     from .quant.triton_kernels import _layout
+    from .quant.turboquant import _hadamard_plan
 
     k = _kernels()
     b, h, _, d = q.shape
     (kc, ks), (vc, vs) = keys.parts, values.parts
     hkv, slots = kc.shape[1], kc.shape[2]
-    q_in = keys.frame().enter(q).float().contiguous()
-    out = torch.empty(b, h, 1, d, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
     key_pos = key_pos if key_pos.dim() == 2 else key_pos[None]
     valid = key_valid if key_valid is not None else key_pos
     if valid.dtype == torch.bool:
         valid = valid.view(torch.uint8)
     ktab, k_high, k_hb, k_lb, k_low0, k_hl = _layout(keys.codec.cfg, q.device)
     vtab, v_high, v_hb, v_lb, v_low0, v_hl = _layout(values.codec.cfg, q.device)
+    ksigns, vsigns = (_hadamard_plan(d, d, t.codec.cfg.seed, q.device)[0] for t in (keys, values))
+    key_scale = keys.key_scale.float().contiguous() if keys.key_scale is not None else ksigns
     group = h // hkv
+    osigns, block, column = rotation if rotation is not None else (ksigns, 16, None)
+    rotated = torch.empty(b, h * d, dtype=torch.float32, device=q.device) if rotation is not None else out
     k["attend_codes"][(b, hkv)](
-        q_in, kc, ks, vc, vs, ktab, vtab, key_pos, valid, pos, out, slots,
-        key_pos.stride(0) if key_pos.shape[0] > 1 else 0, valid.stride(0) if key_valid is not None else 0,
-        pos.stride(0), int(window or 0), float(scale), float(softcap or 0.0), h, G=group, D=d,
-        K_NBYTES=kc.shape[-1], K_HIGH=k_high, K_HB=k_hb, K_LB=k_lb, K_LOW0=k_low0, K_HL=k_hl,
-        V_NBYTES=vc.shape[-1], V_HIGH=v_high, V_HB=v_hb, V_LB=v_lb, V_LOW0=v_low0, V_HL=v_hl,
-        HAS_VALID=key_valid is not None, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
-        BLOCK_G=max(16, k["next_power_of_2"](group)), BLOCK_S=32)
-    out = values.frame().leave(out).to(q.dtype)
-    return out.transpose(1, 2).reshape(b, 1, h * d)
+        q, kc, ks, vc, vs, ktab, vtab, key_pos, valid, pos, out, key_scale, ksigns, vsigns, d ** -0.5, rotated,
+        column if column is not None else out, osigns, block ** -0.5, slots, q.stride(0), q.stride(1), key_pos.stride(0) if key_pos.shape[0] > 1 else 0,
+        valid.stride(0) if key_valid is not None else 0, pos.stride(0), int(window or 0), float(scale),
+        float(softcap or 0.0), h, G=group, D=d, K_NBYTES=kc.shape[-1], K_HIGH=k_high, K_HB=k_hb, K_LB=k_lb,
+        K_LOW0=k_low0, K_HL=k_hl, V_NBYTES=vc.shape[-1], V_HIGH=v_high, V_HB=v_hb, V_LB=v_lb, V_LOW0=v_low0,
+        V_HL=v_hl, HAS_VALID=key_valid is not None, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
+        HAS_KSCALE=keys.key_scale is not None, LOWP=q.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_G=max(16, k["next_power_of_2"](group)), BLOCK_S=32 if d <= 256 else 16, ROTATE=rotation is not None,
+        HAS_COL=column is not None, RDIM=block, K_ROW=h * d, num_warps=4 if d <= 256 else 8)
+    return out if rotation is None else (out, rotated)
 
 
 def gelu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
@@ -255,3 +273,47 @@ def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tupl
     _kernels()["rope_tables"][(positions.numel(),)](positions, inv_freq.contiguous(), cos, sin, HALF=half,
                                                      BLOCK_D=_kernels()["next_power_of_2"](2 * half))
     return cos, sin
+
+
+def encodes_kv(k: Tensor, v: Tensor, key_codec, value_codec, keys: tuple, values: tuple, pos: Tensor) -> bool:
+    """Whether `kv_encode` takes this write: one new token (k, v [B, H, 1, D], head vectors contiguous) into
+    TurboQuant-coded keys and values (their buffers as they lie) on CUDA, outside autograd, the position a
+    one-element tensor; codecs rotating a vector as one Hadamard block, their runs whole groups of 8."""
+    from .kv.codecs import TQ
+    from .quant.turboquant import _block_size, _runs
+
+    def codes_whole_groups(codec) -> bool:
+        if not isinstance(codec, TQ):
+            return False
+        cfg = codec.cfg
+        return (cfg.rotation == "hadamard" and _block_size(cfg.dim, cfg.block) == cfg.dim and 8 <= cfg.dim <= 1024
+                and all(a % 8 == 0 and z % 8 == 0 and b <= 8 for a, z, b in _runs(cfg.bits, cfg.dim)))
+
+    return (takes(k) and k.shape[2] == 1 and k.shape == v.shape and k.stride(-1) == 1 and v.stride(-1) == 1
+            and pos.numel() == 1 and codes_whole_groups(key_codec) and codes_whole_groups(value_codec)
+            and key_codec.dim == value_codec.dim == k.shape[-1] and all(t.is_contiguous() for t in (*keys, *values))
+            and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)))
+
+
+def kv_encode(k: Tensor, v: Tensor, key_codec, value_codec, keys: tuple, values: tuple, slot_pos: Tensor, pos: Tensor,
+              window: int, key_scale: Tensor | None) -> None:
+    """keys/values (codes, scales)[:, :, slot] = the codecs' encoding of k (times `key_scale` per channel) and
+    v, slot_pos[slot] = pos, in one kernel (about forty PyTorch ops a layer): the slot is pos, or pos % window
+    in a sliding layer's ring (window > 0). `encodes_kv` says when it applies."""
+    from .quant.triton_kernels import _layout, _midpoints
+    from .quant.turboquant import _hadamard_plan
+
+    b, h, _, d = k.shape
+    (kcodes, kscales), (vcodes, vscales) = keys, values
+    kcfg, vcfg = key_codec.cfg, value_codec.cfg
+    ktab, k_high, k_hb, k_lb, k_low0, k_hl = _layout(kcfg, k.device)
+    vtab, v_high, v_hb, v_lb, v_low0, v_hl = _layout(vcfg, k.device)
+    (kmids, k_lm), (vmids, v_lm) = _midpoints(kcfg, k.device), _midpoints(vcfg, k.device)
+    ksigns, vsigns = (_hadamard_plan(d, d, cfg.seed, k.device)[0] for cfg in (kcfg, vcfg))
+    scale = key_scale.float().contiguous() if key_scale is not None else ksigns
+    _kernels()["kv_encode"][(b * h, 2)](
+        k, v, scale, ksigns, vsigns, ktab, kmids, vtab, vmids, kcodes, kscales, vcodes, vscales, slot_pos, pos, h,
+        kcodes.shape[2], k.stride(0), k.stride(1), v.stride(0), v.stride(1), d ** -0.5, D=d, WINDOW=window,
+        HAS_KSCALE=key_scale is not None, K_NBYTES=kcodes.shape[-1], K_HIGH=k_high, K_HB=k_hb, K_LB=k_lb,
+        K_LOW0=k_low0, K_HL=k_hl, V_NBYTES=vcodes.shape[-1], V_HIGH=v_high, V_HB=v_hb, V_LB=v_lb, V_LOW0=v_low0,
+        V_HL=v_hl, K_LM=k_lm, V_LM=v_lm, MIDS=(1 << max(k_hb, k_lb, v_hb, v_lb)) - 1)

@@ -20,6 +20,7 @@ import torch
 from .. import native, triton_ops
 from ..cache import KVCache, owned_layers
 from ..models.layers import Coded
+from ..triton_ops import guarded
 from ..config import LayerSpec
 from .codecs import TQ, codec_for, vector_nbytes
 from .scales import key_scales
@@ -69,26 +70,27 @@ class CompressedKVCache(KVCache):
         kc, vc = self.codecs[layer]
         K, V, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
         s = self.key_scale.get(layer)
+        one = k.shape[2] == 1
+        if one and self._encoded(layer, k, v, pos):
+            return self._one_written(layer, pos)
         new_k, new_v = encode_keys(kc, k, s), vc.encode(v)
         if not self.ring[layer]:
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, pos] = new
             slot_pos[pos] = pos
-            one = k.shape[2] == 1
-            if self.step_position is not None and one:  # every slot, as KVCache does
-                return self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos, self.valid
+            if one:
+                return self._one_written(layer, pos)
             end = int(pos[-1]) + 1
-            keys = self._read(kc, tuple(b[:, :, :end] for b in K), s, one)
-            values = self._read(vc, tuple(b[:, :, :end] for b in V), None, one)
+            keys = self._read(kc, tuple(b[:, :, :end] for b in K), s, False)
+            values = self._read(vc, tuple(b[:, :, :end] for b in V), None, False)
             return keys, values, slot_pos[:end], self.valid[:, :end]
         window = slot_pos.numel()
-        if k.shape[2] == 1:  # one new token: written first, then the ring is what it attends to (KVCache)
+        if one:  # one new token: written first, then the ring is what it attends to (KVCache)
             slot = pos % window
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, slot] = new
             slot_pos[slot] = pos
-            return (self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos,
-                    self.valid[:, slot_pos.clamp(min=0)])
+            return self._one_written(layer, pos)
         # Sliding ring: what the ring held before this chunk plus the chunk itself, then keep the newest
         # `window` entries (as KVCache does).
         keys = kc.read(joined(K, new_k), self.dtype, s)
@@ -100,6 +102,36 @@ class CompressedKVCache(KVCache):
             buf[:, :, slots] = new[:, :, -window:]
         slot_pos[slots] = keep
         return keys, values, key_pos, self.valid[:, key_pos.clamp(min=0)]
+
+    def _encoded(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> bool:
+        """Whether one token's k and v went into the cache by the Triton kernel that codes and writes them in
+        one launch (CUDA, TurboQuant codecs it takes); False where it did not run, for the codecs' ops."""
+        kc, vc = self.codecs[layer]
+        K, V, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        if not triton_ops.encodes_kv(k, v, kc, vc, K, V, pos):
+            return False
+        window = slot_pos.numel() if self.ring[layer] else 0
+
+        def launch() -> bool:
+            triton_ops.kv_encode(k, v, kc, vc, K, V, slot_pos, pos, window, self.key_scale.get(layer))
+            return True
+
+        return guarded("kv_encode", launch, lambda: False)
+
+    def _one_written(self, layer: int, pos: torch.Tensor):
+        """What `update` returns once one token's key and value are in place: every slot (a ring, or a full
+        layer under a static decoder), or the slots up to pos; the codes as they are where a kernel reads them."""
+        kc, vc = self.codecs[layer]
+        K, V, slot_pos, s = self.keys[layer], self.values[layer], self.slot_pos[layer], self.key_scale.get(layer)
+        if self.ring[layer]:
+            valid = self.valid[:, slot_pos.clamp(min=0)]
+            return self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos, valid
+        if self.step_position is not None:  # every slot, as KVCache does
+            return self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos, self.valid
+        end = int(pos[-1]) + 1
+        keys = self._read(kc, tuple(b[:, :, :end] for b in K), s, True)
+        values = self._read(vc, tuple(b[:, :, :end] for b in V), None, True)
+        return keys, values, slot_pos[:end], self.valid[:, :end]
 
     def _read(self, codec, parts: tuple, key_scale, one_token: bool):
         """What attention reads: for one new token, TurboQuant codes as they are (Coded) where a decode

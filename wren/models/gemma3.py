@@ -13,7 +13,7 @@ from ..cache import KVCache
 from ..config import SLIDING, Gemma3Config, LayerSpec
 from ..quant.linear import linears
 from ..residual import Residual, value_of
-from .layers import (GatedMLP, RMSNorm, cached_attention, embed, norm_rope, output_logits, positions, rope_cos_sin,
+from .layers import (GatedMLP, RMSNorm, attend_project, embed, norm_rope, output_logits, positions, rope_cos_sin,
                      rope_inv_freq, uninitialized_embedding)
 
 
@@ -41,7 +41,7 @@ class Attention(nn.Module):
         k = norm_rope(self.k_norm, k.view(b, t, -1, d), cos, sin).transpose(1, 2)
         v = v.view(b, t, -1, d).transpose(1, 2)
         kv = (k, v, pos[0], None) if cache is None else cache.update(self.index, k, v, pos[0])
-        return self.o_proj(cached_attention(q, kv, pos, self.window, self.scale, self.softcap))
+        return attend_project(self.o_proj, q, kv, pos, self.window, self.scale, self.softcap)
 
 
 class DecoderLayer(nn.Module):

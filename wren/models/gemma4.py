@@ -14,7 +14,7 @@ from ..config import SLIDING, Gemma4Config, LayerSpec
 from ..quant.linear import linears
 from ..residual import Residual, value_of
 from ..triton_ops import guarded
-from .layers import (GatedMLP, RMSNorm, cached_attention, embed, embed_scale, gelu_tanh, of_gated, output_logits,
+from .layers import (GatedMLP, RMSNorm, attend_project, embed, embed_scale, gelu_tanh, of_gated, output_logits,
                      norm_rope, positions, rope_cos_sin, rope_inv_freq, uninitialized_embedding)
 
 
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         else:
             q = norm_rope(self.q_norm, q, cos, sin).transpose(1, 2)
             kv = shared[self.spec.kv_source]
-        return self.o_proj(cached_attention(q, kv, pos, self.window, scale=1.0))
+        return attend_project(self.o_proj, q, kv, pos, self.window, scale=1.0)
 
     def _head_norms(self, q, k_raw, v_raw, cos, sin, target):
         """q and k normed and RoPE'd, v normed (weightless): one kernel on CUDA, which also writes k and v

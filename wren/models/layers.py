@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native, triton_ops
-from ..quant.linear import linears, of_gelu
+from ..quant.linear import input_rotation, linears, of_gelu, of_rotated
 from ..triton_ops import guarded
 
 
@@ -230,6 +230,24 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
                                                                    scale, softcap),
                        lambda: _attention_by_ops(q, kv, pos, window, scale, softcap))
     return _attention_by_ops(q, kv, pos, window, scale, softcap)
+
+
+def attend_project(o_proj: nn.Module, q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int | None,
+                   scale: float, softcap: float | None = None) -> torch.Tensor:
+    """o_proj(cached_attention(q, kv, ...)). For one token of one sequence on CUDA with a 4-bit TurboQuant
+    o_proj, the attention kernel (over a dense cache or a TurboQuant cache's codes) also rotates its output
+    into the projection's input, as the row GEMV reads it: one launch fewer a layer."""
+    keys, values, key_pos, key_valid = kv
+    if q.shape[0] == 1 and (triton_ops.attends(q, keys, values) or triton_ops.attends_codes(q, keys, values)):
+        rotation = input_rotation(o_proj, q, q.shape[-1])
+        if rotation is not None:
+            kernel, attend = (("attend_one_rotated", triton_ops.attend_one) if isinstance(keys, torch.Tensor)
+                              else ("attend_codes_rotated", triton_ops.attend_codes))
+            both = guarded(kernel, lambda: attend(q, keys, values, key_pos, key_valid, pos, window, scale, softcap,
+                                                  rotation), lambda: None)
+            if both is not None:
+                return of_rotated(o_proj, both[1], like=both[0])
+    return o_proj(cached_attention(q, kv, pos, window, scale, softcap))
 
 
 def _attention_by_ops(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int | None, scale: float,

@@ -298,6 +298,28 @@ def of_gelu(module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None
                                  gelu_up=up)[0]
 
 
+def input_rotation(module, x: torch.Tensor, head_dim: int) -> tuple | None:
+    """What a kernel that makes `module`'s one-row input x (attention's output, head_dim at a time) needs to
+    rotate it for the module itself (signs, Hadamard block, column scales or None), where `of_rotated`
+    then takes it: a 4-bit TurboQuant layer on CUDA whose groups are one Hadamard block, outside autograd;
+    else None."""
+    if not (isinstance(module, TQWeight) and _fast_paths and module.cfg.rotation == "hadamard"
+            and triton_ops.takes(x) and x.numel() == module.in_features
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    from . import triton_kernels
+
+    return triton_kernels.row_rotation(module.cfg, module.column_scale()[0], module.in_features, head_dim, x.device)
+
+
+def of_rotated(module, rotated: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """module(x) from x rotated as `input_rotation` asked ([1, in] float32, the row GEMV's order): one launch;
+    `like` (x) gives the dtype and leading shape."""
+    from . import triton_kernels
+
+    return triton_kernels.tq_rotated_row(rotated, [(module.codes, module.scales)], module.cfg, like)[0]
+
+
 def _same_input(x: torch.Tensor, modules) -> bool:
     """Whether the TurboQuant layers (one to three) read x alike (rate, groups, rotation, column scales): one
     rotated input (for one, a norm before it may run in its rotation's kernel)."""

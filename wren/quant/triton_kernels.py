@@ -9,9 +9,9 @@ activation is rotated once instead (`rotate`: column scales, signs and Hadamard 
   has no layout change, barrier or cross-thread sum. Programs split the input dimension (and add their
   sums atomically) only as far as needed to fill the GPU. The autotuner picks between two lookups: the
   16-value codebook per code (one cache line), or a 256-entry table of value pairs per byte.
-* `_tq_gemv`: up to GEMV_ROWS rows at 2, 4 or 8 bits: the same word reads, one lookup per code.
-* `_tq_aligned`: more rows (prefill) at 1, 2, 4 or 8 bits: byte tiles split into codes, `tl.dot` per
-  code position.
+* `_tq_gemv`: up to GEMV_ROWS rows (one) at 2, 4 or 8 bits: the same word reads, one lookup per code.
+* `_tq_aligned`: more rows (a batch's decode, prefill) at 1, 2, 4 or 8 bits: byte tiles split into
+  codes, `tl.dot` per code position.
 * `_tq_generic`: any rate (3 bits, fractional rates' two runs): finds every code's bits in the packed
   stream one coordinate at a time. Correct everywhere, slower.
 
@@ -36,6 +36,8 @@ from .turboquant import _HADAMARD_ROUNDS, TQConfig, _block_size, _centroids, _ha
 try:  # Triton is optional: CUDA machines have it, the CPU wheels of PyTorch do not
     import triton
     import triton.language as tl
+
+    from .._triton_ops import walsh_hadamard
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
@@ -62,6 +64,15 @@ def _layout(cfg: TQConfig, device: torch.device):
     tables.append(_centroids(lb, cfg.dim, cfg.codebook, device)[0])
     high_levels = (1 << hb) if k_high else 0
     return torch.cat(tables).contiguous(), k_high, hb, lb, packed_size(k_high, hb), high_levels
+
+
+@functools.lru_cache(maxsize=64)
+def _midpoints(cfg: TQConfig, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(the midpoints between neighbouring centroids of each run, high run's first; where the low run's
+    begin): the nearest-centroid search of a coded cache's encoder."""
+    runs = _runs(cfg.bits, cfg.dim)
+    mids = [_centroids(b, cfg.dim, cfg.codebook, device)[1] for _, _, b in runs]
+    return torch.cat(mids).contiguous(), mids[0].numel() if len(runs) == 2 else 0
 
 
 _TARGET_PROGRAMS = 2 * 132  # enough programs to keep every SM of an H100 busy twice over
@@ -319,7 +330,7 @@ if triton is not None:
         return x, tl.sum(acc, axis=0)
 
     @triton.jit
-    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, h_ptr, dst_ptr, norm_w_ptr, up_ptr, res_ptr,
+    def _hadamard_round(src_ptr, col_ptr, signs_ptr, perm_ptr, unit, dst_ptr, norm_w_ptr, up_ptr, res_ptr,
                         post_w_ptr, scale_ptr, value_ptr, ROWS, eps, offset, post_eps, post_offset, K: tl.constexpr,
                         DIM: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr, HAS_COL: tl.constexpr,
                         HAS_PERM: tl.constexpr, BOTH: tl.constexpr, TILE: tl.constexpr, NIBBLE_MAJOR: tl.constexpr,
@@ -327,9 +338,9 @@ if triton is not None:
                         POST_W: tl.constexpr, PRE_SCALE: tl.constexpr, CHUNK: tl.constexpr):
         """A round of the rotation on TILE runs of BLOCK values (a run: one Hadamard block of one group):
         read (through the permutation between rounds, if any; times the column scales before the first),
-        times the round's signs, times the normalised Sylvester matrix. With BOTH (a group that is one
-        block: no permutation), the second round follows in registers. NIBBLE_MAJOR stores coordinate
-        8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads).
+        times the round's signs, the Walsh-Hadamard transform times `unit` (1/sqrt(BLOCK)). With BOTH (a
+        group that is one block: no permutation), the second round follows in registers. NIBBLE_MAJOR
+        stores coordinate 8w + j of a row at j * K/8 + w (the order _tq_gemv_row reads).
 
         Before the rotation, on one row: PRE takes x = residual + post_norm(src) (times the scale with
         PRE_SCALE; the post norm's weight with POST_W), the residual add that ends a sublayer, and stores
@@ -365,10 +376,9 @@ if triton is not None:
         if HAS_COL:
             x = x * tl.load(col_ptr + flat % K)
         x = x * tl.load(signs_ptr + ROUND * DIM + at)
-        h = tl.load(h_ptr + c[:, None] * BLOCK + c[None, :])
-        y = tl.dot(x, h, input_precision="ieee")
+        y = walsh_hadamard(x, TILE, BLOCK) * unit
         if BOTH:
-            y = tl.dot(y * tl.load(signs_ptr + (ROUND + 1) * DIM + at), h, input_precision="ieee")
+            y = walsh_hadamard(y * tl.load(signs_ptr + (ROUND + 1) * DIM + at), TILE, BLOCK) * unit
         if NIBBLE_MAJOR:
             k = flat % K
             flat = flat - k + (k % 8) * (K // 8) + k // 8
@@ -414,7 +424,7 @@ def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None, n
     rows, k = x.shape
     block = _block_size(cfg.dim, cfg.block)
     signs, perm, _ = _hadamard_plan(cfg.dim, block, cfg.seed, x.device)
-    h = cpu_kernels._sylvester(block, x.device)
+    unit = block ** -0.5
     runs = rows * k // block
     tile = 16
     grid = (triton.cdiv(runs, tile),)
@@ -430,13 +440,13 @@ def rotate(x: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None = None, n
     norms += (float(post.eps), float(post.offset)) if post is not None else (0.0, 0.0)
     pre = _prologue_tensors(residual, x)
     if perm is None:
-        _hadamard_round[grid](x, col, signs, signs, h, out, norm_w, up, *pre, runs, *norms, **shape, ROUND=0,
+        _hadamard_round[grid](x, col, signs, signs, unit, out, norm_w, up, *pre, runs, *norms, **shape, ROUND=0,
                               **first, HAS_PERM=False, BOTH=True, NIBBLE_MAJOR=nibble_major)
     else:  # a permutation across the group's blocks between the rounds: a round trip through float32 memory
         mid = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        _hadamard_round[grid](x, col, signs, perm, h, mid, norm_w, up, *pre, runs, *norms, **shape, ROUND=0,
+        _hadamard_round[grid](x, col, signs, perm, unit, mid, norm_w, up, *pre, runs, *norms, **shape, ROUND=0,
                               **first, HAS_PERM=False, BOTH=False, NIBBLE_MAJOR=False)
-        _hadamard_round[grid](mid, col, signs, perm, h, out, norm_w, up, *pre, runs, *norms, **shape, ROUND=1,
+        _hadamard_round[grid](mid, col, signs, perm, unit, out, norm_w, up, *pre, runs, *norms, **shape, ROUND=1,
                               HAS_COL=False, NORM=False, NORM_W=False, GELU=False, PRE=False, POST_W=False,
                               PRE_SCALE=False, HAS_PERM=True, BOTH=False, NIBBLE_MAJOR=nibble_major)
     if residual is not None:
@@ -461,7 +471,11 @@ def _prologue_tensors(residual: Residual | None, x: torch.Tensor) -> tuple:
             residual.scale if residual.scale is not None else x, torch.empty_like(x))
 
 
-GEMV_ROWS = 8  # up to this many activation rows (decode, small batches) take _tq_gemv; more take tl.dot
+# Up to this many activation rows take _tq_gemv; more take _tq_aligned's tl.dot. Counted in SASS for the
+# 31B shapes (bench/gpu_compile.py), _tq_gemv costs ~16, ~21 and ~31 instructions per weight code for 2, 4
+# and 8 rows (and 36-52 barriers a trip), _tq_aligned ~15-25 for any number up to 16 (5 barriers): from two
+# rows on, the tensor cores' dot. (Not timed on a GPU yet: bench/tq_kernels.py --batch 2 8 would say.)
+GEMV_ROWS = 1
 
 
 def _word_aligned(cfg: TQConfig, k: int) -> bool:
@@ -507,8 +521,23 @@ def takes_row(x: torch.Tensor, cfg: TQConfig, matrices: int) -> bool:
     """Whether x times `matrices` matrices of cfg takes `tq_row`: one activation row (decode at batch 1),
     4 bits in whole words, a rotation `rotate` takes, up to three matrices."""
     k = x.shape[-1]
-    return (x.numel() == k and cfg.bits == 4 and _word_aligned(cfg, k) and 1 <= matrices <= 3 and rotates(cfg)
-            and "_tq_gemv_row" not in broken)
+    return x.numel() == k and _row_gemv_takes(cfg, k) and 1 <= matrices <= 3 and rotates(cfg)
+
+
+def _row_gemv_takes(cfg: TQConfig, k: int) -> bool:
+    return cfg.bits == 4 and _word_aligned(cfg, k) and "_tq_gemv_row" not in broken
+
+
+def row_rotation(cfg: TQConfig, column: torch.Tensor | None, k: int, head_dim: int, device: torch.device):
+    """(signs, Hadamard block, column scales or None) for a kernel that rotates the one-row input of a
+    [., k] matrix of cfg itself, a head's output of head_dim at a time (triton_ops.attend_one), for
+    `tq_rotated_row`: where the row GEMV takes the matrix and each group is one Hadamard block of whole
+    groups a head; else None."""
+    block = _block_size(cfg.dim, cfg.block)
+    if not (_row_gemv_takes(cfg, k) and rotates(cfg) and cfg.dim == block and head_dim % block == 0):
+        return None
+    signs, perm, _ = _hadamard_plan(cfg.dim, block, cfg.seed, device)
+    return (signs, block, column) if perm is None else None
 
 
 def nibble_major(x_rotated: torch.Tensor) -> torch.Tensor:
@@ -561,8 +590,6 @@ def tq_row(x: torch.Tensor | Residual, weights: list, cfg: TQConfig, column: tor
     residual = x if isinstance(x, Residual) else None
     x = x.h if residual is not None else x
     k = x.shape[-1]
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    words = [(_words(c), s.contiguous()) for c, s in weights]
     x2 = x.reshape(1, k)
     up2 = gelu_up.reshape(1, k) if gelu_up is not None else None
 
@@ -574,11 +601,20 @@ def tq_row(x: torch.Tensor | Residual, weights: list, cfg: TQConfig, column: tor
 
     xn = guarded("_hadamard_round", lambda: rotate(x2, cfg, column, nibble_major=True, norm=norm, gelu_up=up2,
                                                    residual=residual), by_ops)
-    out = guarded("_tq_gemv_row", lambda: _gemv_row(xn, words, cfg, x.dtype, interpret), lambda: None)
+    return tq_rotated_row(xn, weights, cfg, x)
+
+
+def tq_rotated_row(xn: torch.Tensor, weights: list, cfg: TQConfig, like: torch.Tensor) -> list[torch.Tensor]:
+    """The row GEMV on a row already rotated into its order (xn [1, K] float32, `nibble_major`) times up to
+    three 4-bit matrices ((codes, scales) each): one launch; the outputs in `like`'s dtype and leading shape."""
+    k = xn.shape[-1]
+    words = [(_words(c), s.contiguous()) for c, s in weights]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    out = guarded("_tq_gemv_row", lambda: _gemv_row(xn, words, cfg, like.dtype, interpret), lambda: None)
     if out is None:  # the row kernel failed here: the general GEMV, on x in its usual order
-        x_rotated = xn.reshape(8, k // 8).t().reshape(x.shape).to(x.dtype)
+        x_rotated = xn.reshape(8, k // 8).t().reshape(*like.shape[:-1], k).to(like.dtype)
         return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
-    return _split_outputs(out, weights, x)
+    return _split_outputs(out, weights, like)
 
 
 def _rotate_by_ops(x2: torch.Tensor, cfg: TQConfig, column: torch.Tensor | None) -> torch.Tensor:
@@ -590,15 +626,9 @@ def tq_linears(x_rotated: torch.Tensor, weights: list, cfg: TQConfig) -> list[to
     """[tq_linear(x_rotated, codes, scales, cfg) for (codes, scales) in weights]: for one row at 4 bits,
     up to three matrices in one launch (after a reorder of x; `tq_row` rotates straight into that order)."""
     k = x_rotated.shape[-1]
-    if not (x_rotated.numel() == k and cfg.bits == 4 and _word_aligned(cfg, k) and len(weights) <= 3):
+    if not (x_rotated.numel() == k and _row_gemv_takes(cfg, k) and len(weights) <= 3):
         return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
-    words = [(_words(c), s.contiguous()) for c, s in weights]
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    out = guarded("_tq_gemv_row", lambda: _gemv_row(nibble_major(x_rotated), words, cfg, x_rotated.dtype, interpret),
-                  lambda: None)
-    if out is None:
-        return [tq_linear(x_rotated, codes, scales, cfg) for codes, scales in weights]
-    return _split_outputs(out, weights, x_rotated)
+    return tq_rotated_row(nibble_major(x_rotated), weights, cfg, x_rotated)
 
 
 def _words(codes: torch.Tensor) -> torch.Tensor:
