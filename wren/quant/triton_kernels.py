@@ -128,25 +128,34 @@ if triton is not None:
         ok_n = rn < N
         ok_m = rm < M
         PER_SPLIT: tl.constexpr = (ROW_BYTES + SPLITS * BLOCK_B - 1) // (SPLITS * BLOCK_B) * BLOCK_B
+        # A byte tile inside one group (tiles start at multiples of their size): its rows' scales multiply
+        # the tile's product once, instead of every weight before it.
+        TILE_SCALE: tl.constexpr = GROUPS > 1 and GROUP % (BLOCK_B * PER_BYTE) == 0
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for i in range(0, PER_SPLIT, BLOCK_B):
             rb = pid_k * PER_SPLIT + i + tl.arange(0, BLOCK_B)
             ok_b = rb < ROW_BYTES
             packed = tl.load(codes_ptr + rn[:, None] * ROW_BYTES + rb[None, :],
                              mask=ok_n[:, None] & ok_b[None, :], other=0).to(tl.int32)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for p in tl.static_range(PER_BYTE):
                 k = rb * PER_BYTE + p
                 w = tl.load(table_ptr + ((packed >> (p * BITS)) & ((1 << BITS) - 1)))
-                if GROUPS > 1:
+                if GROUPS > 1 and not TILE_SCALE:
                     w = w * tl.load(scales_ptr + rn[:, None] * GROUPS + (k // GROUP)[None, :],
                                     mask=ok_n[:, None] & ok_b[None, :], other=0.0).to(tl.float32)
                 x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=ok_m[:, None] & ok_b[None, :], other=0.0)
                 if BLOCK_M == 1:
-                    acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
+                    part += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
                 elif IEEE:
-                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                    part += tl.dot(x, tl.trans(w), input_precision="ieee")
                 else:
-                    acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+                    part += tl.dot(x, tl.trans(w.to(x.dtype)))
+            if TILE_SCALE:
+                group = (pid_k * PER_SPLIT + i) * PER_BYTE // GROUP
+                part = part * tl.load(scales_ptr + rn * GROUPS + group, mask=ok_n & (group < GROUPS),
+                                      other=0.0).to(tl.float32)[None, :]
+            acc += part
         if GROUPS == 1:
             acc = acc * tl.load(scales_ptr + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
         tl.atomic_add(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=ok_m[:, None] & ok_n[None, :])
@@ -473,8 +482,9 @@ def _prologue_tensors(residual: Residual | None, x: torch.Tensor) -> tuple:
 
 # Up to this many activation rows take _tq_gemv; more take _tq_aligned's tl.dot. Counted in SASS for the
 # 31B shapes (bench/gpu_compile.py), _tq_gemv costs ~16, ~21 and ~31 instructions per weight code for 2, 4
-# and 8 rows (and 36-52 barriers a trip), _tq_aligned ~15-25 for any number up to 16 (5 barriers): from two
-# rows on, the tensor cores' dot. (Not timed on a GPU yet: bench/tq_kernels.py --batch 2 8 would say.)
+# and 8 rows (and 36-52 barriers a trip), _tq_aligned ~8-9 for any number up to 16 with its tiles inside a
+# group (9-11 barriers): from two rows on, the tensor cores' dot. (Not timed on a GPU yet:
+# bench/tq_kernels.py --batch 2 8 would say.)
 GEMV_ROWS = 1
 
 
