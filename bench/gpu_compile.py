@@ -13,8 +13,9 @@ tied embedding TurboQuant 4-bit in groups of 128, all empty (compiling reads no 
 short prompt and decodes at batch 1 and 8, with an f16 and a TurboQuant (tq4) cache, through the static
 decode step: the launches, shapes and constants a GPU would get.
 
-Per compiled kernel: registers, spilled bytes, shared memory, and the instructions of its main loop; for
-the row GEMV, loop instructions per weight code too. A GPU issues four warp instructions a cycle per SM,
+Per compiled kernel: registers, spilled and stack bytes, shared memory, and the instructions of its main
+loop; for the weight kernels, loop instructions per weight code too (a thread's, for all the activation
+rows a program takes: one for the row GEMV, up to 8 or 16 for the others). A GPU issues four warp instructions a cycle per SM,
 so at ~4.8 TB/s (H200) a 4-bit GEMV must spend at most ~3.5 instructions per code to keep up (2.5 for
 the ~70% the issue asks, less what the loads cost); this is how the kernels were shaped before any GPU ran
 them.
@@ -289,11 +290,22 @@ def rows(compiled: list) -> list[dict]:
                **resources(kernel.asm["cubin"]),
                "loop": len(loop), "barriers": ops.get("BAR", 0), "constants": constants,
                "top": ", ".join(f"{k} {v}" for k, v in ops.most_common(5))}
-        if name == "_tq_gemv_row" and loop:  # codes a thread takes a trip: its share of the word tile, 8 each
-            codes = constants["BLOCK_N"] * constants["BLOCK_W"] * 8 / (32 * row["warps"])
-            row["per_code"] = len(loop) / codes
+        codes = codes_a_trip(name, constants)
+        if codes and loop:  # weight codes a thread takes a trip: its share of the tile
+            row["per_code"] = len(loop) / (codes / (32 * row["warps"]))
         out.append(row)
     return out
+
+
+def codes_a_trip(kernel: str, constants: dict) -> int:
+    """Weight codes one trip of a weight kernel's main loop covers (0 for other kernels)."""
+    if kernel == "_tq_gemv_row":  # 32-bit words of 8 codes
+        return constants["BLOCK_N"] * constants["BLOCK_W"] * 8
+    if kernel == "_tq_gemv":
+        return constants["BLOCK_N"] * constants["BLOCK_W"] * 32 // constants["BITS"]
+    if kernel == "_tq_aligned":  # bytes
+        return constants["BLOCK_N"] * constants["BLOCK_B"] * 8 // constants["BITS"]
+    return 0
 
 
 def _shape_text(constants: dict) -> str:
