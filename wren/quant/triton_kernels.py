@@ -483,7 +483,7 @@ def _prologue_tensors(residual: Residual | None, x: torch.Tensor) -> tuple:
 # Up to this many activation rows take _tq_gemv; more take _tq_aligned's tl.dot. Counted in SASS for the
 # 31B shapes (bench/gpu_compile.py), _tq_gemv costs ~16, ~21 and ~31 instructions per weight code for 2, 4
 # and 8 rows (and 36-52 barriers a trip), _tq_aligned ~8-9 for any number up to 16 with its tiles inside a
-# group (9-11 barriers): from two rows on, the tensor cores' dot. (Not timed on a GPU yet:
+# group (5-7 barriers): from two rows on, the tensor cores' dot. (Not timed on a GPU yet:
 # bench/tq_kernels.py --batch 2 8 would say.)
 GEMV_ROWS = 1
 
