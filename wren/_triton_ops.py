@@ -80,6 +80,27 @@ def walsh_hadamard(x, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def rotated_rows(x, signs_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr, unit, INVERSE: tl.constexpr = False):
+    """turboquant's seeded Hadamard rotation of each row of x [ROWS, BLOCK], one block a row: both rounds of
+    signs (`signs_ptr`, [2, BLOCK]) and the Walsh-Hadamard transform times `unit` (1/sqrt(BLOCK)); with
+    INVERSE, the rounds undone in reverse."""
+    c = tl.arange(0, BLOCK)
+    if INVERSE:
+        x = walsh_hadamard(x, ROWS, BLOCK) * unit * tl.load(signs_ptr + BLOCK + c)[None, :]
+        return walsh_hadamard(x, ROWS, BLOCK) * unit * tl.load(signs_ptr + c)[None, :]
+    x = walsh_hadamard(x * tl.load(signs_ptr + c)[None, :], ROWS, BLOCK) * unit
+    return walsh_hadamard(x * tl.load(signs_ptr + BLOCK + c)[None, :], ROWS, BLOCK) * unit
+
+
+@triton.jit
+def cache_slot(pos_ptr, WINDOW: tl.constexpr):
+    """(the position of the token written, its slot: the position, or in a sliding layer's ring
+    (WINDOW > 0) the position modulo the window)."""
+    pos = tl.load(pos_ptr)
+    return pos, (pos % WINDOW if WINDOW > 0 else pos)
+
+
+@triton.jit
 def rotated_into(out, heads, ok_g, b, xn_ptr, col_ptr, signs_ptr, unit, K: tl.constexpr, RDIM: tl.constexpr,
                  HAS_COL: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr):
     """Attention outputs `out` [BLOCK_G, D] (float32, already rounded to the model's dtype) of query heads
@@ -95,9 +116,7 @@ def rotated_into(out, heads, ok_g, b, xn_ptr, col_ptr, signs_ptr, unit, K: tl.co
     x = tl.reshape(out, (runs, RDIM))
     k = tl.reshape(k, (runs, RDIM))
     ok = tl.reshape(ok_g[:, None] & (d >= 0)[None, :], (runs, RDIM))
-    c = tl.arange(0, RDIM)
-    y = walsh_hadamard(x * tl.load(signs_ptr + c)[None, :], runs, RDIM) * unit
-    y = walsh_hadamard(y * tl.load(signs_ptr + RDIM + c)[None, :], runs, RDIM) * unit
+    y = rotated_rows(x, signs_ptr, runs, RDIM, unit)
     tl.store(xn_ptr + b * K + (k % 8) * (K // 8) + k // 8, y, mask=ok)
 
 
@@ -192,8 +211,7 @@ def attend_codes_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, ktab_ptr, vtab_pt
     q = q.to(tl.float32)
     if HAS_KSCALE:
         q = q / tl.load(kscale_ptr + d)[None, :]
-    q = walsh_hadamard(q * tl.load(ksigns_ptr + d)[None, :], BLOCK_G, D) * unit
-    q = walsh_hadamard(q * tl.load(ksigns_ptr + D + d)[None, :], BLOCK_G, D) * unit
+    q = rotated_rows(q, ksigns_ptr, BLOCK_G, D, unit)
     q = q.to(out_ptr.dtype.element_ty).to(tl.float32)
     qpos = tl.load(qpos_ptr + b * sqp_b)
     rows = (b * hkv + h) * S  # this head's first vector in the [B, Hkv, S, ...] buffers
@@ -223,8 +241,7 @@ def attend_codes_kernel(q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, ktab_ptr, vtab_pt
         acc = acc * alpha[:, None] + weighed
         m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    out = walsh_hadamard(out, BLOCK_G, D) * unit * tl.load(vsigns_ptr + D + d)[None, :]
-    out = walsh_hadamard(out, BLOCK_G, D) * unit * tl.load(vsigns_ptr + d)[None, :]
+    out = rotated_rows(out, vsigns_ptr, BLOCK_G, D, unit, INVERSE=True)
     out = out.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + (b * H + h * G + g)[:, None] * D + d[None, :], out, mask=ok_g[:, None])
     if ROTATE:
@@ -253,8 +270,7 @@ def kv_write_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, slot_pos_ptr, pos_ptr, h
     row = tl.program_id(0)
     b = row // heads
     h = row % heads
-    pos = tl.load(pos_ptr)
-    slot = pos % WINDOW if WINDOW > 0 else pos
+    pos, slot = cache_slot(pos_ptr, WINDOW)
     d = tl.arange(0, BLOCK_D)
     ok = d < D
     at = ((b * heads + h) * slots + slot) * D + d
@@ -297,8 +313,7 @@ def qkv_norms_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_p
     out = tl.where(is_v, y, roped).to(qo_ptr.dtype.element_ty)
     tl.store(dst + d, out, mask=ok)
     if WRITE:  # (t is the sequence: one token each)
-        pos = tl.load(pos_ptr)
-        slot = pos % WINDOW if WINDOW > 0 else pos
+        pos, slot = cache_slot(pos_ptr, WINDOW)
         cache = tl.where(is_v, values_ptr, keys_ptr) + ((t * hkv + head) * slots + slot) * D
         tl.store(cache + d, out, mask=ok & (h >= hq))
         tl.store(slot_pos_ptr + slot, pos, mask=(h == hq) & (t == 0))
@@ -330,9 +345,7 @@ def _encode_vector(src_ptr, kscale_ptr, signs_ptr, table_ptr, mids_ptr, codes_pt
     x = tl.load(src_ptr + d).to(tl.float32)
     if HAS_KSCALE:  # keys are coded scaled per channel (kv/scales.py)
         x = x * tl.load(kscale_ptr + d)
-    y = walsh_hadamard(tl.reshape(x * tl.load(signs_ptr + d), (1, D)), 1, D) * unit
-    y = walsh_hadamard(y * tl.load(signs_ptr + D + d)[None, :], 1, D) * unit
-    xr = tl.reshape(y, (D,))
+    xr = tl.reshape(rotated_rows(tl.reshape(x, (1, D)), signs_ptr, 1, D, unit), (D,))
     norm = tl.sqrt(tl.sum(xr * xr, axis=0))
     u = xr / tl.where(norm > 0, norm, 1.0)
     high = d < K_HIGH
@@ -368,8 +381,7 @@ def kv_encode_kernel(k_ptr, v_ptr, kscale_ptr, ksigns_ptr, vsigns_ptr, ktab_ptr,
     row = tl.program_id(0)
     b = row // heads
     h = row % heads
-    pos = tl.load(pos_ptr)
-    slot = pos % WINDOW if WINDOW > 0 else pos
+    pos, slot = cache_slot(pos_ptr, WINDOW)
     at = (b * heads + h) * slots + slot
     if tl.program_id(1) == 0:
         _encode_vector(k_ptr + b * k_sb + h * k_sh, kscale_ptr, ksigns_ptr, ktab_ptr, kmids_ptr, kcodes_ptr,

@@ -88,13 +88,18 @@ class KVCache:
     def written(self, layer: int, pos: torch.Tensor):
         """What `update` returns once the new keys and values at `pos` are in place (in a sliding layer's
         ring: one token's, written into the slot of the position one window back, which it no longer sees)."""
-        keys, values, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        slot_pos = self.slot_pos[layer]
         if self.ring[layer]:
-            return keys, values, slot_pos, self.valid[:, slot_pos.clamp(min=0)]
+            return (*self._held(layer, None), slot_pos, self.valid[:, slot_pos.clamp(min=0)])
         if self.step_position is not None and pos.numel() == 1:  # every slot; empty ones have position -1
-            return keys, values, slot_pos, self.valid
+            return (*self._held(layer, None), slot_pos, self.valid)
         end = int(pos[-1]) + 1
-        return keys[:, :, :end], values[:, :, :end], slot_pos[:end], self.valid[:, :end]
+        return (*self._held(layer, end), slot_pos[:end], self.valid[:, :end])
+
+    def _held(self, layer: int, end: int | None) -> tuple:
+        """A layer's keys and values as attention reads them: every slot, or those before `end`."""
+        keys, values = self.keys[layer], self.values[layer]
+        return (keys, values) if end is None else (keys[:, :, :end], values[:, :, :end])
 
     def write_target(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> tuple | None:
         """Where a kernel that makes one new token's keys (k [B, 1, Hkv, D], or a view of that shape) and

@@ -115,23 +115,38 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, key_val
     b, h, _, d = q.shape
     hkv = keys.shape[1]
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
-    key_pos = key_pos if key_pos.dim() == 2 else key_pos[None]  # [S] or [B, S]
-    valid = key_valid if key_valid is not None else key_pos
-    if valid.dtype == torch.bool:
-        valid = valid.view(torch.uint8)
+    key_pos, valid = _seen_args(key_pos, key_valid)
     group = h // hkv
-    signs, block, column = rotation if rotation is not None else (out, 16, None)
-    rotated = torch.empty(b, h * d, dtype=torch.float32, device=q.device) if rotation is not None else out
+    rotated, column, signs, block, has_col = _rotation_args(rotation, out, q)
     k["attend_one"][(b, hkv)](
-        q, keys, values, key_pos, valid, pos, out, rotated, column if column is not None else out, signs,
-        block ** -0.5, keys.shape[2], q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), key_pos.stride(0) if key_pos.shape[0] > 1 else 0,
+        q, keys, values, key_pos, valid, pos, out, rotated, column, signs, block ** -0.5, keys.shape[2],
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+        values.stride(1), values.stride(2), key_pos.stride(0) if key_pos.shape[0] > 1 else 0,
         valid.stride(0) if key_valid is not None else 0, pos.stride(0), int(window or 0), float(scale),
         float(softcap or 0.0), G=group, D=d, HAS_VALID=key_valid is not None, HAS_WINDOW=window is not None,
         SOFTCAP=softcap is not None, IEEE=keys.dtype == torch.float32, BLOCK_G=max(16, k["next_power_of_2"](group)),
-        BLOCK_S=32 if d > 256 else 64, ROTATE=rotation is not None, HAS_COL=column is not None,
+        BLOCK_S=32 if d > 256 else 64, ROTATE=rotation is not None, HAS_COL=has_col,
         RDIM=block, K_ROW=h * d)
     return out if rotation is None else (out, rotated)
+
+
+def _seen_args(key_pos: Tensor, key_valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Key positions as [B or 1, S], and validity as bytes (key_pos itself, unread, where there is none)."""
+    key_pos = key_pos if key_pos.dim() == 2 else key_pos[None]
+    valid = key_valid if key_valid is not None else key_pos
+    return key_pos, valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+
+
+def _rotation_args(rotation: tuple | None, out: Tensor, q: Tensor) -> tuple:
+    """(the rotated output [B, H*D] float32, column scales, signs, Hadamard block, whether there are column
+    scales) of an attention kernel that rotates its output for the o projection; placeholders the kernel
+    never reads where there is no `rotation` or no column scales."""
+    if rotation is None:
+        return out, out, out, 16, False
+    signs, block, column = rotation
+    b, h, _, d = q.shape
+    rotated = torch.empty(b, h * d, dtype=torch.float32, device=q.device)
+    return rotated, column if column is not None else out, signs, block, column is not None
 
 
 def reads_codes(parts: tuple) -> bool:
@@ -171,27 +186,24 @@ def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | N
     (kc, ks), (vc, vs) = keys.parts, values.parts
     hkv, slots = kc.shape[1], kc.shape[2]
     out = torch.empty(b, 1, h * d, dtype=q.dtype, device=q.device)
-    key_pos = key_pos if key_pos.dim() == 2 else key_pos[None]
-    valid = key_valid if key_valid is not None else key_pos
-    if valid.dtype == torch.bool:
-        valid = valid.view(torch.uint8)
+    key_pos, valid = _seen_args(key_pos, key_valid)
     ktab, k_high, k_hb, k_lb, k_low0, k_hl = _layout(keys.codec.cfg, q.device)
     vtab, v_high, v_hb, v_lb, v_low0, v_hl = _layout(values.codec.cfg, q.device)
     ksigns, vsigns = (_hadamard_plan(d, d, t.codec.cfg.seed, q.device)[0] for t in (keys, values))
     key_scale = keys.key_scale.float().contiguous() if keys.key_scale is not None else ksigns
     group = h // hkv
-    osigns, block, column = rotation if rotation is not None else (ksigns, 16, None)
-    rotated = torch.empty(b, h * d, dtype=torch.float32, device=q.device) if rotation is not None else out
+    rotated, column, osigns, block, has_col = _rotation_args(rotation, out, q)
     k["attend_codes"][(b, hkv)](
         q, kc, ks, vc, vs, ktab, vtab, key_pos, valid, pos, out, key_scale, ksigns, vsigns, d ** -0.5, rotated,
-        column if column is not None else out, osigns, block ** -0.5, slots, q.stride(0), q.stride(1), key_pos.stride(0) if key_pos.shape[0] > 1 else 0,
-        valid.stride(0) if key_valid is not None else 0, pos.stride(0), int(window or 0), float(scale),
+        column, osigns, block ** -0.5, slots, q.stride(0), q.stride(1),
+        key_pos.stride(0) if key_pos.shape[0] > 1 else 0, valid.stride(0) if key_valid is not None else 0,
+        pos.stride(0), int(window or 0), float(scale),
         float(softcap or 0.0), h, G=group, D=d, K_NBYTES=kc.shape[-1], K_HIGH=k_high, K_HB=k_hb, K_LB=k_lb,
         K_LOW0=k_low0, K_HL=k_hl, V_NBYTES=vc.shape[-1], V_HIGH=v_high, V_HB=v_hb, V_LB=v_lb, V_LOW0=v_low0,
         V_HL=v_hl, HAS_VALID=key_valid is not None, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
         HAS_KSCALE=keys.key_scale is not None, LOWP=q.dtype in (torch.float16, torch.bfloat16),
         BLOCK_G=max(16, k["next_power_of_2"](group)), BLOCK_S=32 if d <= 256 else 16, ROTATE=rotation is not None,
-        HAS_COL=column is not None, RDIM=block, K_ROW=h * d, num_warps=4 if d <= 256 else 8)
+        HAS_COL=has_col, RDIM=block, K_ROW=h * d, num_warps=4 if d <= 256 else 8)
     return out if rotation is None else (out, rotated)
 
 

@@ -72,14 +72,14 @@ class CompressedKVCache(KVCache):
         s = self.key_scale.get(layer)
         one = k.shape[2] == 1
         if one and self._encoded(layer, k, v, pos):
-            return self._one_written(layer, pos)
+            return self.written(layer, pos)
         new_k, new_v = encode_keys(kc, k, s), vc.encode(v)
         if not self.ring[layer]:
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, pos] = new
             slot_pos[pos] = pos
             if one:
-                return self._one_written(layer, pos)
+                return self.written(layer, pos)
             end = int(pos[-1]) + 1
             keys = self._read(kc, tuple(b[:, :, :end] for b in K), s, False)
             values = self._read(vc, tuple(b[:, :, :end] for b in V), None, False)
@@ -90,7 +90,7 @@ class CompressedKVCache(KVCache):
             for buf, new in (*zip(K, new_k), *zip(V, new_v)):
                 buf[:, :, slot] = new
             slot_pos[slot] = pos
-            return self._one_written(layer, pos)
+            return self.written(layer, pos)
         # Sliding ring: what the ring held before this chunk plus the chunk itself, then keep the newest
         # `window` entries (as KVCache does).
         keys = kc.read(joined(K, new_k), self.dtype, s)
@@ -118,20 +118,13 @@ class CompressedKVCache(KVCache):
 
         return guarded("kv_encode", launch, lambda: False)
 
-    def _one_written(self, layer: int, pos: torch.Tensor):
-        """What `update` returns once one token's key and value are in place: every slot (a ring, or a full
-        layer under a static decoder), or the slots up to pos; the codes as they are where a kernel reads them."""
+    def _held(self, layer: int, end: int | None) -> tuple:
+        """After one token's write (KVCache.written): the codes as they are where a kernel reads them."""
         kc, vc = self.codecs[layer]
-        K, V, slot_pos, s = self.keys[layer], self.values[layer], self.slot_pos[layer], self.key_scale.get(layer)
-        if self.ring[layer]:
-            valid = self.valid[:, slot_pos.clamp(min=0)]
-            return self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos, valid
-        if self.step_position is not None:  # every slot, as KVCache does
-            return self._read(kc, K, s, True), self._read(vc, V, None, True), slot_pos, self.valid
-        end = int(pos[-1]) + 1
-        keys = self._read(kc, tuple(b[:, :, :end] for b in K), s, True)
-        values = self._read(vc, tuple(b[:, :, :end] for b in V), None, True)
-        return keys, values, slot_pos[:end], self.valid[:, :end]
+        K, V = self.keys[layer], self.values[layer]
+        if end is not None:
+            K, V = (tuple(b[:, :, :end] for b in parts) for parts in (K, V))
+        return self._read(kc, K, self.key_scale.get(layer), True), self._read(vc, V, None, True)
 
     def _read(self, codec, parts: tuple, key_scale, one_token: bool):
         """What attention reads: for one new token, TurboQuant codes as they are (Coded) where a decode
