@@ -21,6 +21,28 @@ from pathlib import Path
 
 LLAMA_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"]
 EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")
+# llama.cpp's AMX matmul (ggml_backend_amx_mul_mat) dies with a segmentation fault on prompts of a few hundred
+# tokens on an AMX Xeon (seen on this project's machines; upstream: ggml-org/llama.cpp#20824). A native
+# build compiles it in wherever the CPU has AMX; undefining the compiler's __AMX_INT8__ leaves it out and
+# keeps every other instruction set (.ci/run and the README build the peer so).
+NO_AMX_CMAKE_ARGS = "-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
+
+
+def unusable_build() -> str | None:
+    """Why the installed llama-cpp-python cannot be run as the peer here, or None."""
+    import llama_cpp
+
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        return ("this llama-cpp-python was built with llama.cpp's AMX matmul, which crashes on batched prompts: "
+                f'rebuild it with CMAKE_ARGS="{NO_AMX_CMAKE_ARGS}" pip install --no-cache-dir --force-reinstall '
+                "--no-deps llama-cpp-python")
+    return None
+
+
+def check_build() -> None:
+    why = unusable_build()
+    if why:
+        raise RuntimeError(why)
 
 
 def cache_dir(source: Path) -> Path:

@@ -159,6 +159,9 @@ def rows_for(args, source: Path) -> list[dict]:
         if importlib.util.find_spec("llama_cpp") is None:
             log("llama-cpp-python is absent (pip install llama-cpp-python): its rows are left out")
             return rows
+        if why := _llama_requant.unusable_build():
+            log(f"{why}: llama.cpp's rows are left out")
+            return rows
         f32 = _llama_requant.f32_gguf(source, log)
         for t in llama:
             path, why = _llama_requant.requantized(f32, t, args.threads, log)

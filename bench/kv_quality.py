@@ -91,8 +91,10 @@ def score_window(model, ids: list[int], spec: str, ref: dict | None) -> dict:
 
 def llama_window(gguf: Path, ids: list[int], kv: str, threads: int) -> list[float]:
     import numpy as np
+    from _llama_requant import check_build
     from llama_cpp import Llama
 
+    check_build()
     llm = Llama(model_path=str(gguf), n_ctx=len(ids), n_batch=CHUNK, logits_all=True, flash_attn=True,
                 type_k=LLAMA_TYPES[kv], type_v=LLAMA_TYPES[kv], n_threads=threads, n_threads_batch=threads,
                 verbose=False)

@@ -238,6 +238,7 @@ def llama_row(name: str, args, windows, ref: Reference, params: int, ref_tokens,
     import torch
     from llama_cpp import Llama
 
+    _llama_requant.check_build()
     row = {"name": name, "engine": "llama.cpp"}
     if name == "F32":
         path = f32

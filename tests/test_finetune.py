@@ -228,12 +228,15 @@ def test_learns_a_key_value_task_on_held_out_prompts(folders, tmp_path):
 def test_turboquant_base_learns_too(folders, tmp_path):
     model = wren.load(folders["gemma3"])
     quant_folder.quantize_model(model, 4, 32, 8)
-    prompts = kv_prompts(0, 200)
+    # 400 prompts, not 200: on 200 the held-out score swung from 0.73 to 1.0 with the shuffle's seed and with
+    # the CPU's float rounding (0.8 on an Intel Xeon where an AMD EPYC gave >= 0.9); on 400 it was 1.0 for
+    # seeds 0-2 on that Xeon
+    prompts = kv_prompts(0, 400)
     cfg = T.TrainConfig(rank=16, alpha=32, lr=3e-3, batch_size=8, epochs=4, warmup=0.1)
     T.prepare(model, cfg)
     result = T.train(model, kv_examples(model, prompts), cfg, tmp_path)
     assert result.history[-1][1] < 0.01 * result.history[0][1]
-    assert exact_match(model, [p for p in kv_prompts(1, 20) if p not in prompts]) >= 0.9
+    assert exact_match(model, [p for p in kv_prompts(1, 40) if p not in prompts][:30]) >= 0.9
 
 
 # --- PEFT interop -----------------------------------------------------------------------------------------

