@@ -1,12 +1,11 @@
 """Tests for wren.tokenizer.
 
 The real-model tests (marked slow: opening the GGUF takes ~10-20 s, once per module) compare
-against transformers' tokenizer built from the same Gemma 3 GGUF; they skip when the file is absent.
+against transformers' tokenizer built from the same Gemma 3 GGUF (the default model's package).
 The synthetic-vocabulary tests need nothing but `tokenizers`.
 """
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -69,13 +68,10 @@ def ref(default_gguf):
     return transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
 
 
-@pytest.mark.slow
-def test_build_is_fast(meta):
-    start = time.perf_counter()
+def test_builds_the_whole_vocabulary(meta):
+    # how long the build takes is wren bench's to say (its load time), not a test's
     t = Tokenizer.from_gguf_metadata(meta)
-    elapsed = time.perf_counter() - start
-    assert t.vocab_size == 262144
-    assert elapsed < 5.0, f"building the 262k tokenizer took {elapsed:.2f} s"  # ~1 s; generous for CI
+    assert t.vocab_size == len(meta["tokenizer.ggml.tokens"]) == 262144
 
 
 @pytest.mark.slow
