@@ -122,7 +122,7 @@ def child_llama(path: Path, ids: list[int], lengths: list[int], decode: int, thr
 
 
 def child_main(args) -> None:
-    import resource
+    from _peak import peak_rss_mb
 
     ids = json.loads(Path(args.ids_file).read_text())
     lengths = [int(n) for n in args.prompt_tokens.split(",")]
@@ -131,7 +131,7 @@ def child_main(args) -> None:
         out = child_wren(Path(path), kv, ids, lengths, args.decode_tokens, args.threads)
     else:
         out = child_llama(Path(path), ids, lengths, args.decode_tokens, args.threads)
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out["rss_mb"] = peak_rss_mb()
     print(json.dumps(out), flush=True)
 
 

@@ -34,6 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peak import peak_rss_mb  # noqa: E402
+
 TEXT = REPO.parent / "shared" / "data" / "prideprejudice.txt"
 CACHE = Path(os.environ.get("WREN_CACHE", Path.home() / ".cache" / "wren")) / "bench" / "finetune"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -116,17 +119,6 @@ def hf_peer():
 
 
 # --- children -------------------------------------------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across fork + exec, so
-    a child would report at least its parent's size (here the parent has loaded two models)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(engine: str, rows_file: str, args) -> None:
