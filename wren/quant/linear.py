@@ -25,6 +25,7 @@ from ..errors import BadOptionError
 from .. import native, triton_ops
 from ..residual import Residual, value_of
 from ..triton_ops import guarded
+from ..weights.mapped_rows import take_rows
 from . import cpu_kernels
 from .turboquant import TQConfig, codes_nbytes, decode_rotated, quantize_mse, rotate, unrotate
 
@@ -238,7 +239,8 @@ class TQWeight(nn.Module):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows (an embedding lookup): only the rows asked for are decoded."""
         flat = ids.reshape(-1)
-        c = decode_rotated(self.codes[flat], self.cfg) * self.scales[flat].float().unsqueeze(-1)
+        codes, scales = take_rows(self.codes, flat), take_rows(self.scales, flat)  # a mapped file's rows by pread
+        c = decode_rotated(codes, self.cfg) * scales.float().unsqueeze(-1)
         if _fast_paths and self.cfg.rotation == "hadamard":  # the same rotation as matrix products, fewer ops
             w = cpu_kernels.unrotate_fast(c, self.cfg)
         else:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import ModelFormatError
 from .gguf_quants import dequantize, tensor_nbytes
+from .mapped_rows import take_rows
 
 
 class RowTable:
@@ -49,5 +49,5 @@ class RowTable:
             picked = np.take(self.raw, flat.numpy(), axis=0)
             rows = dequantize(picked.reshape(-1), self.ggml_type, (flat.numel(), self.width))
         else:
-            rows = F.embedding(flat, self.tensor)
+            rows = take_rows(self.tensor, flat)  # a mapped file's rows by pread (mapped_rows.py says why)
         return rows.to(device=device, dtype=dtype, non_blocking=True).reshape(*ids.shape, self.width)
