@@ -95,16 +95,13 @@ def test_beta_codebooks_approach_the_gaussian_one(bits):
     assert gaps[-1] < 2e-3
 
 
-def test_codebooks_every_width_sorted_and_fast():
-    import time
-
-    start = time.perf_counter()
-    for bits in range(1, 5):
-        codebook(bits, 333)  # a dimension nothing else asks for: computed here, not cached
-    assert time.perf_counter() - start < 1.0
-    for bits in range(1, 9):
-        c = codebook(bits, 128)
-        assert c.shape == (2**bits,) and c.dtype == torch.float32 and bool((c[1:] > c[:-1]).all())
+def test_codebooks_every_width_sorted():
+    # 333: a dimension nothing else asks for, computed here rather than cached (how long that takes is for a
+    # benchmark to say, not a test)
+    for d in (333, 128):
+        for bits in range(1, 9 if d == 128 else 5):
+            c = codebook(bits, d)
+            assert c.shape == (2**bits,) and c.dtype == torch.float32 and bool((c[1:] > c[:-1]).all())
 
 
 # --- TQ_mse distortion -----------------------------------------------------------------------------
