@@ -71,20 +71,13 @@ def _source(table: torch.Tensor) -> tuple[int, int] | None:
     tensor (the maps file is read once, not every decode step). The table is taken to be read-only: a page
     written through a private mapping would differ from the file."""
     key = id(table)  # not the tensor: a dict would compare tensors with ==, element by element
-    with _lock:
-        if key in _sources:
-            return _sources[key]
-    found = _find_source(table)
-    with _lock:
-        if key in _sources:  # another thread found it first
-            if found is not None:
-                os.close(found[0])
-            return _sources[key]
-        _sources[key] = found
-    # the entry and the fd live as long as the table (so an id is never reused while listed, and a removed
-    # model's file is freed)
-    weakref.finalize(table, _forget, key)
-    return found
+    with _lock:  # held while the maps file is read, once per table
+        if key not in _sources:
+            _sources[key] = _find_source(table)
+            # the entry and its fd live as long as the table (so an id is never reused while listed, and a
+            # removed model's file is freed)
+            weakref.finalize(table, _forget, key)
+        return _sources[key]
 
 
 def _forget(key: int) -> None:
