@@ -22,14 +22,18 @@ def _hf(name: str):
 
 @pytest.fixture(scope="session", autouse=True)
 def level_cache(tmp_path_factory):
-    """TurboQuant int8 levels cached by the tests' loads go to a session folder, not the user's cache."""
-    saved = os.environ.get("WREN_LEVEL_CACHE")
-    os.environ["WREN_LEVEL_CACHE"] = str(tmp_path_factory.mktemp("levels"))
+    """TurboQuant int8 levels and tokenizer arrays cached by the tests' loads go to session folders, not the
+    user's cache. Yields the levels' folder."""
+    names = {"WREN_LEVEL_CACHE": "levels", "WREN_TOKENIZER_CACHE": "tokenizers"}
+    saved = {var: os.environ.get(var) for var in names}
+    for var, folder in names.items():
+        os.environ[var] = str(tmp_path_factory.mktemp(folder))
     yield Path(os.environ["WREN_LEVEL_CACHE"])
-    if saved is None:
-        os.environ.pop("WREN_LEVEL_CACHE", None)
-    else:
-        os.environ["WREN_LEVEL_CACHE"] = saved
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
 
 
 @pytest.fixture(scope="session")

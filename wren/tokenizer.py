@@ -1,4 +1,5 @@
-"""Text <-> token ids, built on the HF `tokenizers` library.
+"""Text <-> token ids: a CompactBPE (wren/compact_bpe.py) for SentencePiece vocabularies where the compiled
+`_bpe` module was built, the HF `tokenizers` library otherwise; both give the same ids.
 
 A GGUF carries no tokenizer.json, only the vocabulary, scores and token types, so `from_gguf_metadata`
 rebuilds the tokenizer those describe:
@@ -19,6 +20,7 @@ half-decoded multi-byte character.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -26,6 +28,8 @@ from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
+from wren import compact_bpe
+from wren.compact_bpe import Added, CompactBPE
 from wren.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -90,13 +94,24 @@ def _meta_array(meta: dict, key: str, n_tokens: int, dtype) -> np.ndarray | None
 
 
 class Tokenizer:
-    """A wrapped `tokenizers.Tokenizer` plus the special ids a runtime needs."""
+    """Text <-> ids through a CompactBPE or a `tokenizers.Tokenizer`, plus the special ids a runtime needs."""
 
-    def __init__(self, hf: _HFTokenizer, bos_id=None, eos_id=None, pad_id=None, special_ids=()):
-        self._hf = hf
-        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+    def __init__(self, model: CompactBPE | _HFTokenizer, bos_id=None, eos_id=None, pad_id=None, special_ids=()):
+        self._bpe = model if isinstance(model, CompactBPE) else None
+        self._hf = None if self._bpe is not None else model
+        self.vocab_size: int = self._bpe.vocab_size if self._bpe is not None else \
+            self._hf.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self._special = frozenset(special_ids)
+
+    @property
+    def compact_model(self) -> CompactBPE | None:
+        """The CompactBPE that holds the vocabulary, or None where the `tokenizers` library does."""
+        return self._bpe
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special
 
     # --- construction -------------------------------------------------------------------------
 
@@ -117,39 +132,33 @@ class Tokenizer:
             types = np.full(n, NORMAL, dtype=np.int32)
         unk_id = _meta_int(meta, "tokenizer.ggml.unknown_token_id", n)
         ids = {k: _meta_int(meta, f"tokenizer.ggml.{k}_token_id", n) for k in ("bos", "eos", "padding")}
+        # Control tokens are special (skippable on decode); user-defined ones are ordinary text that
+        # must still match whole. Both bypass BPE.
+        special_ids = np.flatnonzero(types == CONTROL).tolist()
 
         if model in _SENTENCEPIECE_MODELS:
-            hf = cls._sentencepiece(meta, tokens, types, unk_id)
+            built = cls._sentencepiece(meta, tokens, types, unk_id, special_ids)
         elif model == "gpt2":
-            hf = cls._byte_level(meta, tokens)
+            built = cls._byte_level(meta, tokens)
+            built.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special_ids])
         else:
             raise UnsupportedModelError(
                 f"wren cannot build a tokenizer of type {model!r} (supported: llama, gemma4, gpt2)"
             )
-
-        # Control tokens are special (skippable on decode); user-defined ones are ordinary text that
-        # must still match whole. Both bypass BPE.
-        special_ids = np.flatnonzero(types == CONTROL).tolist()
-        hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special_ids])
-        if model in _SENTENCEPIECE_MODELS:
-            # Pieces of spaces match the escaped text ("▁▁"), the rest the raw text. Longest match
-            # wins, as in SentencePiece: 40 spaces -> the 31-space piece + the 9-space one.
-            user = np.flatnonzero(types == USER_DEFINED).tolist()
-            hf.add_tokens([AddedToken(tokens[i], special=False, normalized=SPACE in tokens[i]) for i in user])
-        return cls(hf, ids["bos"], ids["eos"], ids["padding"], special_ids)
+        return cls(built, ids["bos"], ids["eos"], ids["padding"], special_ids)
 
     @staticmethod
-    def _sentencepiece(meta, tokens, types, unk_id) -> _HFTokenizer:
+    def _sentencepiece(meta, tokens, types, unk_id, special_ids) -> CompactBPE | _HFTokenizer:
         n = len(tokens)
         # A user-defined piece of spaces is stored as "  " (llama.cpp un-escapes it); spell it "▁▁"
         # as SentencePiece does, so it can match the space-escaped text.
-        for i in np.flatnonzero(types == USER_DEFINED).tolist():
+        user = np.flatnonzero(types == USER_DEFINED).tolist()
+        for i in user:
             t = tokens[i]
             if " " in t and not t.strip(" "):
                 tokens[i] = SPACE * len(t)
-        vocab = {t: i for i, t in enumerate(tokens)}
-        if len(vocab) != n:
-            raise ModelFormatError(f"GGUF tokenizer vocabulary repeats {n - len(vocab)} token(s)")
+        if len(set(tokens)) != n:
+            raise ModelFormatError(f"GGUF tokenizer vocabulary repeats {n - len(set(tokens))} token(s)")
         listed = meta.get("tokenizer.ggml.merges")
         if listed is not None and len(listed):  # may be a list or an array: no truth test
             merges = [tuple(str(m).split(" ", 1)) for m in listed]
@@ -158,18 +167,15 @@ class Tokenizer:
             if scores is None:  # no scores: the vocabulary's order is the merge order
                 scores = -np.arange(n, dtype=np.float32)
             merges = sentencepiece_merges(tokens, scores, types == NORMAL)
-        unk = tokens[unk_id] if unk_id is not None else ("<unk>" if "<unk>" in vocab else None)
-        hf = _HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        if unk_id is None and "<unk>" in tokens:
+            unk_id = tokens.index("<unk>")
+        # Pieces of spaces match the escaped text ("▁▁"), the rest the raw text. Longest match wins, as in
+        # SentencePiece: 40 spaces -> the 31-space piece + the 9-space one.
+        added = [Added(i, True, False) for i in special_ids] + [Added(i, False, SPACE in tokens[i]) for i in user]
         # llama.cpp assumes a space prefix for a "llama" vocabulary unless told otherwise (Gemma 3
         # says False); Gemma 4 has none.
         prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", meta["tokenizer.ggml.model"] == "llama"))
-        replace = normalizers.Replace(" ", SPACE)
-        hf.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if prefix else replace
-        steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-        if prefix:
-            steps.append(decoders.Strip(" ", 1, 0))  # undo the prefix
-        hf.decoder = decoders.Sequence(steps)
-        return hf
+        return _sentencepiece_model(tokens, merges, added, prefix, unk_id)
 
     @staticmethod
     def _byte_level(meta, tokens) -> _HFTokenizer:
@@ -188,38 +194,123 @@ class Tokenizer:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelNotFoundError(f"no tokenizer file at {path}")
-        try:
-            hf = _HFTokenizer.from_file(path)
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ModelFormatError(f"{path} is not a valid tokenizer.json: {e}") from None
-        special = [i for i, t in hf.get_added_tokens_decoder().items() if t.special]
-        found = {k: [i for i in map(hf.token_to_id, names) if i is not None] for k, names in _GUESS.items()}
-        first = {k: ids[0] if ids else None for k, ids in found.items()}
-        return cls(hf, first["bos"], first["eos"], first["pad"], special)
+        model = _compact_from_json(path) if compact_bpe.available() else None
+        if model is None:
+            try:
+                model = _HFTokenizer.from_file(path)
+            except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+                raise ModelFormatError(f"{path} is not a valid tokenizer.json: {e}") from None
+            special = [i for i, t in model.get_added_tokens_decoder().items() if t.special]
+        else:
+            special = sorted(model.special_ids)
+        tok = cls(model, special_ids=special)
+        found = {k: [i for i in map(tok.token_to_id, names) if i is not None] for k, names in _GUESS.items()}
+        tok.bos_id, tok.eos_id, tok.pad_id = (found[k][0] if found[k] else None for k in ("bos", "eos", "pad"))
+        return tok
 
     def save(self, path) -> None:
         """Write an HF tokenizer.json (readable by `from_file` and by transformers)."""
-        self._hf.save(os.fspath(path))
+        hf = self._hf
+        if hf is None:
+            b = self._bpe
+            hf = _sentencepiece_hf(b.pieces(), b.merges(), b.added, b.prefix_space, b.unk_id)
+        hf.save(os.fspath(path))
 
     # --- use ----------------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        ids = self._bpe.encode(text) if self._bpe is not None else self._hf.encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        """The text of `ids`; ids outside the vocabulary are dropped."""
+        if self._bpe is not None:
+            return self._bpe.decode(ids, skip_special)
+        return self._hf.decode([i for i in map(int, ids) if i >= 0], skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
-        return self._hf.token_to_id(token)
+        return (self._bpe or self._hf).token_to_id(token)
 
     def id_to_token(self, i: int) -> str | None:
-        return self._hf.id_to_token(int(i)) if 0 <= int(i) < self.vocab_size else None
+        return (self._bpe or self._hf).id_to_token(int(i)) if 0 <= int(i) < self.vocab_size else None
 
     def is_special(self, i: int) -> bool:
         return int(i) in self._special
+
+
+def _sentencepiece_model(pieces, merges, added, prefix: bool, unk_id) -> CompactBPE | _HFTokenizer:
+    if compact_bpe.available():
+        return CompactBPE.build(pieces, merges, added, prefix, unk_id)
+    return _sentencepiece_hf(pieces, merges, added, prefix, unk_id)
+
+
+def _sentencepiece_hf(pieces, merges, added, prefix: bool, unk_id) -> _HFTokenizer:
+    """The `tokenizers` model a CompactBPE of the same arguments encodes as."""
+    vocab = {t: i for i, t in enumerate(pieces)}
+    unk = pieces[unk_id] if unk_id is not None else None
+    hf = _HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    replace = normalizers.Replace(" ", SPACE)
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if prefix else replace
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(" ", 1, 0))  # undo the prefix
+    hf.decoder = decoders.Sequence(steps)
+    hf.add_special_tokens([AddedToken(pieces[a.id], special=True, normalized=False) for a in added if a.special])
+    hf.add_tokens([AddedToken(pieces[a.id], special=False, normalized=a.normalized) for a in added if not a.special])
+    return hf
+
+
+_REPLACE_SPACE = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+_DECODE_STEPS = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+                 {"type": "Fuse"}]
+_STRIP_PREFIX = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+
+
+def _compact_from_json(path: str) -> CompactBPE | None:
+    """A CompactBPE of a tokenizer.json of the SentencePiece shape (what `save` writes for Gemma), or None
+    for any other, and for a file that is not JSON: `tokenizers` then reads it (and says what is wrong)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        model = data["model"]
+        if not (model.get("type") == "BPE" and model.get("byte_fallback") is True and model.get("dropout") is None
+                and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
+                and not model.get("ignore_merges") and (model.get("fuse_unk") or model.get("unk_token") is None)
+                and data.get("pre_tokenizer") is None and data.get("truncation") is None
+                and data.get("padding") is None):
+            return None
+        normalizer, decoder = data.get("normalizer"), data.get("decoder") or {}
+        if normalizer == _REPLACE_SPACE:
+            prefix = False
+        elif normalizer == {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE},
+                                                                _REPLACE_SPACE]}:
+            prefix = True
+        else:
+            return None
+        if decoder != {"type": "Sequence", "decoders": _DECODE_STEPS + [_STRIP_PREFIX] * prefix}:
+            return None
+        vocab = model["vocab"]
+        n = len(vocab)
+        if set(vocab.values()) != set(range(n)):  # ids 0..n-1, each once
+            return None
+        pieces = [""] * n
+        for piece, i in vocab.items():
+            pieces[i] = piece
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        added = []
+        for t in data.get("added_tokens", []):
+            if t["lstrip"] or t["rstrip"] or t["single_word"] or not 0 <= t["id"] < n:
+                return None
+            if pieces[t["id"]] != t["content"]:
+                return None
+            added.append(Added(t["id"], bool(t["special"]), bool(t["normalized"])))
+        unk = model.get("unk_token")
+        del data, model
+        return CompactBPE.build(pieces, merges, added, prefix, vocab[unk] if unk is not None else None)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 class StreamDetokenizer:

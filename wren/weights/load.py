@@ -20,6 +20,7 @@ from ..config import config_from_dict, validate_config
 from ..errors import ModelFormatError, ModelNotFoundError, WrenError
 from ..models import ARCHITECTURES
 from ..quant import folder as quant_folder
+from .. import tokenizer_cache
 from ..tokenizer import Tokenizer
 from .gguf import GGUFFile, config_dict, tokenizer_metadata, wren_name
 from .gguf_quants import dequantize
@@ -174,7 +175,9 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     if skipped:
         model.notes.append(f"ignored {skipped} vision/audio tensors: wren runs the text decoder")
     model.tensor_types = Counter(str(files[n].entries[n][0]).removeprefix("torch.") for n in files)
-    model.tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
+    tokenizer_json = folder / "tokenizer.json"
+    model.tokenizer = (tokenizer_cache.load(tokenizer_json, lambda: Tokenizer.from_file(tokenizer_json))
+                       if tokenizer_json.exists() else None)
     model.chat_template = _hf_chat_template(folder)
     model.license = (folder / "LICENSE").read_text(errors="replace") if (folder / "LICENSE").exists() else None
     return model
@@ -237,7 +240,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     model.storage_bits = {wren_name(i.name): i.nbytes * 8 / max(1, math.prod(i.shape)) for i in gf.tensors.values()}
     model.tensor_types = Counter(GGUF_TYPE_NAMES.get(i.ggml_type, str(i.ggml_type)) for i in gf.tensors.values())
     try:
-        model.tokenizer = Tokenizer.from_gguf_metadata(tokenizer_metadata(gf))
+        model.tokenizer = tokenizer_cache.load(path, lambda: Tokenizer.from_gguf_metadata(tokenizer_metadata(gf)))
     except WrenError:
         raise
     except Exception as exc:  # metadata of the wrong type or form; `tokenizers` raises bare Exceptions
