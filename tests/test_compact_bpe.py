@@ -176,6 +176,19 @@ def test_a_normalized_added_token_decodes_as_its_piece():
     assert compact.decode([5, 6]) == "\n  " and reference.decode([5, 6]) == "\n   "
 
 
+def test_unknown_characters_beside_a_partial_byte_table():
+    # Only some "<0xXX>" pieces: "€" has no bytes, so it is unknown (and fuses with the next unknown), while "é"
+    # falls back to its bytes, which `tokenizers` puts before a pending unknown.
+    def build():
+        vocab = ["<unk>", "<0xC3>", "<0xA9>", "a"]
+        model = CompactBPE.build(vocab, [], [], False, 0) if compact_bpe.available() else _hf(vocab, [], [], False, 0)
+        return Tokenizer(model)
+
+    compact, reference = both(build)
+    for text in ["€é", "€éa", "€€a€", "é€é", "a€"]:
+        assert compact.encode(text) == reference.encode(text), text
+
+
 def test_a_pair_listed_twice_keeps_its_last_rank():
     pieces = ["a", "b", "c", "ab", "bc"]
     for merges in ([("a", "b"), ("b", "c"), ("a", "b")], [("b", "c"), ("a", "b"), ("b", "c")]):

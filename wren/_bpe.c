@@ -129,10 +129,11 @@ static Py_ssize_t initial_symbols(const tables *t, const uint32_t *points, Py_ss
         const int nb = id < 0 ? utf8_bytes(points[i], bytes) : 0;
         int fallback = id < 0;
         for (int b = 0; b < nb; b++) fallback &= t->byte_ids[bytes[b]] >= 0;
-        if (id >= 0 || fallback) {
+        if (id >= 0) {
             if (pending_unk) s[count++].id = t->unk_id, pending_unk = 0;
-            if (id >= 0) s[count++].id = id;
-            else for (int b = 0; b < nb; b++) s[count++].id = t->byte_ids[bytes[b]];
+            s[count++].id = id;
+        } else if (fallback) { /* a pending unknown stays pending, after these bytes, as `tokenizers` has it */
+            for (int b = 0; b < nb; b++) s[count++].id = t->byte_ids[bytes[b]];
         } else if (t->unk_id >= 0) {
             pending_unk = 1;
         } /* else: no id at all, and the character is dropped, as `tokenizers` drops it */
