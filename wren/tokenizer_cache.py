@@ -3,7 +3,7 @@
 Building them for a 262k vocabulary is most of a model's load time: reading the tokenizer.json (0.7 s) or
 deriving ~500k merges from a GGUF's scores (0.8 s), then indexing the merges (0.9 s). Kept under
 $WREN_CACHE/tokenizers/ (default ~/.cache/wren/tokenizers/; $WREN_TOKENIZER_CACHE moves them), a later load
-reads ~20 MB of arrays instead (~30 ms). The key is the source file's path, size and mtime, so a rewritten
+reads 16 MB of arrays instead (~80 ms). The key is the source file's path, size and mtime, so a rewritten
 file gets a new entry; the newest KEEP are kept. Any failure (a read-only home, a full disk, a corrupt cache
 file, a build without the compiled `_bpe`) builds the tokenizer as without the cache.
 """
