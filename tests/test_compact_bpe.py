@@ -18,7 +18,8 @@ from wren.compact_bpe import Added, CompactBPE
 from wren.tokenizer import Tokenizer
 from wren.weights.gguf import GGUFFile, tokenizer_metadata
 
-pytestmark = pytest.mark.skipif(not compact_bpe.available(), reason="wren._bpe was not built (no C compiler)")
+pytestmark = pytest.mark.skipif(not compact_bpe.available(),
+                                reason="the compact tokenizer is off: wren._bpe was not built, or WREN_COMPACT_BPE=0")
 
 SAMPLES = [
     "Hello, world! This is a plain English sentence.",

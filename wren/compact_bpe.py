@@ -17,12 +17,13 @@ Two differences, both where `tokenizers` fails: a str with a lone surrogate (JSO
 as its bytes instead of raising TypeError, and with a prepended space a normalized added token decodes as its
 own piece, not as its normalized text (which `tokenizers` gives a second "▁"; Gemma prepends nothing).
 `wren.tokenizer.Tokenizer` uses this class where the compiled `_bpe` module was built, and `tokenizers`
-otherwise; wren.tokenizer_cache keeps its arrays on disk.
+otherwise or with WREN_COMPACT_BPE=0; wren.tokenizer_cache keeps its arrays on disk.
 """
 
 from __future__ import annotations
 
 import operator
+import os
 import re
 import zlib
 from typing import NamedTuple
@@ -44,7 +45,8 @@ _BYTE_PIECE = re.compile(r"<0x(\+[0-9A-Fa-f]|[0-9A-Fa-f]{2})>")
 
 
 def available() -> bool:
-    return _bpe is not None
+    """Whether the compiled merge loop was built (and WREN_COMPACT_BPE=0 does not turn it off)."""
+    return _bpe is not None and os.environ.get("WREN_COMPACT_BPE", "1") != "0"
 
 
 class Added(NamedTuple):
