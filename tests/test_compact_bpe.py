@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from wren import compact_bpe, tokenizer_cache
-from wren.compact_bpe import Added, CompactBPE
+from wren.compact_bpe import Added, CompactBPE, merge_ids
 from wren.tokenizer import Tokenizer
 from wren.weights.gguf import GGUFFile, tokenizer_metadata
 
@@ -137,9 +137,11 @@ def tiny(pieces, merges, *, prefix=False, unk=True, byte_pieces=True, added=()):
     added = [Added(4, True, False), Added(5, False, False), Added(6, False, True), *added]
     unk_id = 3 if unk else None
 
+    ids = merge_ids(merges, vocab)
+
     def build():
-        model = compact_bpe.CompactBPE.build(vocab, merges, added, prefix, unk_id) if compact_bpe.available() else \
-            _hf(vocab, merges, added, prefix, unk_id)
+        model = compact_bpe.CompactBPE.build(vocab, ids, added, prefix, unk_id) if compact_bpe.available() else \
+            _hf(vocab, ids, added, prefix, unk_id)
         return Tokenizer(model, 2, 1, 0, [0, 1, 2, 4])
 
     return both(build), vocab
@@ -181,9 +183,10 @@ def test_unknown_characters_beside_a_partial_byte_table():
     # Only some "<0xXX>" pieces: "€" has no bytes, so it is unknown (and fuses with the next unknown), while "é"
     # falls back to its bytes, which `tokenizers` puts before a pending unknown.
     def build():
-        vocab = ["<unk>", "<0xC3>", "<0xA9>", "a"]
-        model = CompactBPE.build(vocab, [], [], False, 0) if compact_bpe.available() else _hf(vocab, [], [], False, 0)
-        return Tokenizer(model)
+        vocab, no_merges = ["<unk>", "<0xC3>", "<0xA9>", "a"], merge_ids([], [])
+        if compact_bpe.available():
+            return Tokenizer(CompactBPE.build(vocab, no_merges, [], False, 0))
+        return Tokenizer(_hf(vocab, no_merges, [], False, 0))
 
     compact, reference = both(build)
     for text in ["€é", "€éa", "€€a€", "é€é", "a€"]:

@@ -128,8 +128,9 @@ class CompactBPE:
         self._normalized = _Matcher({self._normalize(self.id_to_token(t.id)): t.id for t in added if t.normalized})
 
     @classmethod
-    def build(cls, pieces: list[str], merges: list[tuple[str, str]], added: list[Added], prefix_space: bool,
+    def build(cls, pieces: list[str], merges: np.ndarray, added: list[Added], prefix_space: bool,
               unk_id: int | None) -> "CompactBPE":
+        """From the pieces (by id) and the merges, best first, as rows (left id, right id, merged id)."""
         n = len(pieces)
         vocab = {p: i for i, p in enumerate(pieces)}
         if len(vocab) != n:
@@ -139,7 +140,7 @@ class CompactBPE:
         np.cumsum([len(b) for b in encoded], out=offsets[1:])
         hashes = np.fromiter(map(zlib.crc32, encoded), dtype=np.uint32, count=n)
         hash_order = np.argsort(hashes, kind="stable").astype(np.int32)
-        pair_keys, pair_vals = _merge_table(merges, vocab)
+        pair_keys, pair_vals = _merge_table(np.asarray(merges, dtype=np.int64).reshape(-1, 3), n)
         chars = sorted((ord(p), i) for i, p in enumerate(pieces) if len(p) == 1)
         points = np.array([c for c, _ in chars], dtype=np.uint32)
         ids = np.array([i for _, i in chars], dtype=np.int32)
@@ -233,12 +234,11 @@ class CompactBPE:
     def pieces(self) -> list[str]:
         return [self.id_to_token(i) for i in range(self.vocab_size)]
 
-    def merges(self) -> list[tuple[str, str]]:
-        """The merges, best first, as the constructor took them."""
+    def merge_ids(self) -> np.ndarray:
+        """The merges, best first, as `build` takes them (a pair listed twice: once, at its last rank)."""
         order = np.argsort(self.arrays["pair_vals"] >> np.uint64(32), kind="stable")
-        keys = self.arrays["pair_keys"][order]
-        lefts, rights = (keys >> np.uint64(32)).tolist(), (keys & np.uint64(0xFFFFFFFF)).tolist()
-        return [(self.id_to_token(a), self.id_to_token(b)) for a, b in zip(lefts, rights)]
+        keys, vals, low = self.arrays["pair_keys"][order], self.arrays["pair_vals"][order], np.uint64(0xFFFFFFFF)
+        return np.stack([keys >> np.uint64(32), keys & low, vals & low], axis=1).astype(np.int64)
 
 
 def _check_arrays(a: dict[str, np.ndarray], n: int, unk_id: int | None, added: list[Added]) -> None:
@@ -267,20 +267,29 @@ def _bytes_text(data: bytearray) -> str:
         return "\ufffd" * len(data)
 
 
-def _merge_table(merges: list[tuple[str, str]], vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (left << 32 | right) keys and (rank << 32 | merged) values. A pair listed twice keeps its
-    last rank, as `tokenizers` does (its map takes the later entry)."""
+def merge_ids(merges: list[tuple[str, str]], pieces: list[str]) -> np.ndarray:
+    """Merges given as pairs of pieces (a tokenizer.json's, a GGUF's list) as `build` takes them."""
+    vocab = {p: i for i, p in enumerate(pieces)}
     n = len(merges)
     lefts, rights = zip(*merges) if merges else ((), ())
     try:
-        left, right, merged = (np.fromiter(map(vocab.__getitem__, names), dtype=np.uint64, count=n)
-                               for names in (lefts, rights, map(operator.add, lefts, rights)))
+        columns = [np.fromiter(map(vocab.__getitem__, names), dtype=np.int64, count=n)
+                   for names in (lefts, rights, map(operator.add, lefts, rights))]
     except KeyError as e:
         raise ValueError(f"a merge names {e.args[0]!r}, which the vocabulary lacks") from None
+    return np.stack(columns, axis=1)
+
+
+def _merge_table(merges: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (left << 32 | right) keys and (rank << 32 | merged) values. A pair listed twice keeps its
+    last rank, as `tokenizers` does (its map takes the later entry)."""
+    if merges.size and (merges.min() < 0 or merges.max() >= n):
+        raise ValueError("a merge names an id outside the vocabulary")
+    left, right, merged = (merges[:, k].astype(np.uint64) for k in range(3))
     keys = (left << np.uint64(32)) | right
-    vals = (np.arange(n, dtype=np.uint64) << np.uint64(32)) | merged
+    vals = (np.arange(len(merges), dtype=np.uint64) << np.uint64(32)) | merged
     order = np.argsort(keys, kind="stable")  # stable: a repeated pair's entries stay in rank order
     keys, vals = keys[order], vals[order]
-    last = np.ones(n, dtype=bool)
+    last = np.ones(len(keys), dtype=bool)
     last[:-1] = keys[:-1] != keys[1:]
     return np.ascontiguousarray(keys[last]), np.ascontiguousarray(vals[last])

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
 from wren import compact_bpe
-from wren.compact_bpe import Added, CompactBPE
+from wren.compact_bpe import Added, CompactBPE, merge_ids
 from wren.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -45,8 +45,8 @@ _GUESS = {
 }
 
 
-def sentencepiece_merges(tokens: list[str], scores: np.ndarray, mergeable: np.ndarray) -> list[tuple]:
-    """BPE merges implied by a SentencePiece vocabulary, best first.
+def sentencepiece_merges(tokens: list[str], scores: np.ndarray, mergeable: np.ndarray) -> np.ndarray:
+    """BPE merges implied by a SentencePiece vocabulary, best first: int64 rows (left id, right id, merged id).
 
     Only `mergeable` pieces (normal ones) take part: SentencePiece never merges control, byte or
     user-defined pieces, and leaving them out also keeps a literal "<0x0A>" in text from becoming
@@ -55,17 +55,19 @@ def sentencepiece_merges(tokens: list[str], scores: np.ndarray, mergeable: np.nd
     ids = np.flatnonzero(mergeable)
     # Higher score first, ties by id. Sorting the pieces rather than the ~500k merges keeps this fast.
     ids = ids[np.lexsort((ids, -scores[ids].astype(np.float64)))]
-    pieces = {tokens[i] for i in ids.tolist()}
-    merges = []
+    id_of = {tokens[i]: i for i in ids.tolist()}
+    lefts, rights, merged = [], [], []
     for i in ids.tolist():
         piece = tokens[i]
         # All ways to build this piece from two pieces share its rank; longer left part first, as
         # transformers orders them, so both produce identical tokenizers.
         for cut in range(len(piece) - 1, 0, -1):
-            left, right = piece[:cut], piece[cut:]
-            if left in pieces and right in pieces:
-                merges.append((left, right))
-    return merges
+            left = id_of.get(piece[:cut])
+            if left is not None and (right := id_of.get(piece[cut:])) is not None:
+                lefts.append(left)
+                rights.append(right)
+                merged.append(i)
+    return np.array([lefts, rights, merged], dtype=np.int64).reshape(3, -1).T
 
 
 def _meta_int(meta: dict, key: str, n_tokens: int) -> int | None:
@@ -161,7 +163,10 @@ class Tokenizer:
             raise ModelFormatError(f"GGUF tokenizer vocabulary repeats {n - len(set(tokens))} token(s)")
         listed = meta.get("tokenizer.ggml.merges")
         if listed is not None and len(listed):  # may be a list or an array: no truth test
-            merges = [tuple(str(m).split(" ", 1)) for m in listed]
+            try:
+                merges = merge_ids([tuple(str(m).split(" ", 1)) for m in listed], tokens)
+            except ValueError as e:
+                raise ModelFormatError(f"GGUF tokenizer.ggml.merges: {e}") from None
         else:
             scores = _meta_array(meta, "tokenizer.ggml.scores", n, np.float32)
             if scores is None:  # no scores: the vocabulary's order is the merge order
@@ -213,7 +218,7 @@ class Tokenizer:
         hf = self._hf
         if hf is None:
             b = self._bpe
-            hf = _sentencepiece_hf(b.pieces(), b.merges(), b.added, b.prefix_space, b.unk_id)
+            hf = _sentencepiece_hf(b.pieces(), b.merge_ids(), b.added, b.prefix_space, b.unk_id)
         hf.save(os.fspath(path))
 
     # --- use ----------------------------------------------------------------------------------
@@ -246,11 +251,12 @@ def _sentencepiece_model(pieces, merges, added, prefix: bool, unk_id) -> Compact
     return _sentencepiece_hf(pieces, merges, added, prefix, unk_id)
 
 
-def _sentencepiece_hf(pieces, merges, added, prefix: bool, unk_id) -> _HFTokenizer:
+def _sentencepiece_hf(pieces, merges: np.ndarray, added, prefix: bool, unk_id) -> _HFTokenizer:
     """The `tokenizers` model a CompactBPE of the same arguments encodes as."""
     vocab = {t: i for i, t in enumerate(pieces)}
     unk = pieces[unk_id] if unk_id is not None else None
-    hf = _HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    pairs = [(pieces[a], pieces[b]) for a, b in merges[:, :2].tolist()]
+    hf = _HFTokenizer(BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
     replace = normalizers.Replace(" ", SPACE)
     hf.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if prefix else replace
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -298,7 +304,8 @@ def _compact_from_json(path: str) -> CompactBPE | None:
         pieces = [""] * n
         for piece, i in vocab.items():
             pieces[i] = piece
-        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        merges = merge_ids([tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+                            for m in model.get("merges", [])], pieces)
         added = []
         for t in data.get("added_tokens", []):
             if t["lstrip"] or t["rstrip"] or t["single_word"] or not 0 <= t["id"] < n:
