@@ -137,7 +137,7 @@ def tiny(pieces, merges, *, prefix=False, unk=True, byte_pieces=True, added=()):
     added = [Added(4, True, False), Added(5, False, False), Added(6, False, True), *added]
     unk_id = 3 if unk else None
 
-    ids = merge_ids(merges, vocab)
+    ids = merge_ids(merges, {p: i for i, p in enumerate(vocab)})
 
     def build():
         model = compact_bpe.CompactBPE.build(vocab, ids, added, prefix, unk_id) if compact_bpe.available() else \
@@ -183,7 +183,7 @@ def test_unknown_characters_beside_a_partial_byte_table():
     # Only some "<0xXX>" pieces: "€" has no bytes, so it is unknown (and fuses with the next unknown), while "é"
     # falls back to its bytes, which `tokenizers` puts before a pending unknown.
     def build():
-        vocab, no_merges = ["<unk>", "<0xC3>", "<0xA9>", "a"], merge_ids([], [])
+        vocab, no_merges = ["<unk>", "<0xC3>", "<0xA9>", "a"], merge_ids([], {})
         if compact_bpe.available():
             return Tokenizer(CompactBPE.build(vocab, no_merges, [], False, 0))
         return Tokenizer(_hf(vocab, no_merges, [], False, 0))

@@ -267,9 +267,9 @@ def _bytes_text(data: bytearray) -> str:
         return "\ufffd" * len(data)
 
 
-def merge_ids(merges: list[tuple[str, str]], pieces: list[str]) -> np.ndarray:
-    """Merges given as pairs of pieces (a tokenizer.json's, a GGUF's list) as `build` takes them."""
-    vocab = {p: i for i, p in enumerate(pieces)}
+def merge_ids(merges: list[tuple[str, str]], vocab: dict[str, int]) -> np.ndarray:
+    """Merges given as pairs of pieces (a tokenizer.json's, a GGUF's list) as `build` takes them; `vocab` maps
+    each piece to its id."""
     n = len(merges)
     lefts, rights = zip(*merges) if merges else ((), ())
     try:

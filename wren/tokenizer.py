@@ -159,12 +159,13 @@ class Tokenizer:
             t = tokens[i]
             if " " in t and not t.strip(" "):
                 tokens[i] = SPACE * len(t)
-        if len(set(tokens)) != n:
-            raise ModelFormatError(f"GGUF tokenizer vocabulary repeats {n - len(set(tokens))} token(s)")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if len(vocab) != n:
+            raise ModelFormatError(f"GGUF tokenizer vocabulary repeats {n - len(vocab)} token(s)")
         listed = meta.get("tokenizer.ggml.merges")
         if listed is not None and len(listed):  # may be a list or an array: no truth test
             try:
-                merges = merge_ids([tuple(str(m).split(" ", 1)) for m in listed], tokens)
+                merges = merge_ids([tuple(str(m).split(" ", 1)) for m in listed], vocab)
             except ValueError as e:
                 raise ModelFormatError(f"GGUF tokenizer.ggml.merges: {e}") from None
         else:
@@ -172,8 +173,8 @@ class Tokenizer:
             if scores is None:  # no scores: the vocabulary's order is the merge order
                 scores = -np.arange(n, dtype=np.float32)
             merges = sentencepiece_merges(tokens, scores, types == NORMAL)
-        if unk_id is None and "<unk>" in tokens:
-            unk_id = tokens.index("<unk>")
+        if unk_id is None:
+            unk_id = vocab.get("<unk>")
         # Pieces of spaces match the escaped text ("▁▁"), the rest the raw text. Longest match wins, as in
         # SentencePiece: 40 spaces -> the 31-space piece + the 9-space one.
         added = [Added(i, True, False) for i in special_ids] + [Added(i, False, SPACE in tokens[i]) for i in user]
@@ -305,7 +306,7 @@ def _compact_from_json(path: str) -> CompactBPE | None:
         for piece, i in vocab.items():
             pieces[i] = piece
         merges = merge_ids([tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-                            for m in model.get("merges", [])], pieces)
+                            for m in model.get("merges", [])], vocab)
         added = []
         for t in data.get("added_tokens", []):
             if t["lstrip"] or t["rstrip"] or t["single_word"] or not 0 <= t["id"] < n:
