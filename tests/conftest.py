@@ -64,3 +64,11 @@ def default_model():
     import wren
 
     return wren.load()
+
+
+@pytest.fixture(scope="session")
+def default_model_int8():
+    """The default model as `wren run` and `wren serve` load it: its quantized weights as int8 levels."""
+    import wren
+
+    return wren.load(int8=True)

@@ -19,15 +19,16 @@ GREEDY = ["--temperature", "0", "--repeat-penalty", "1", "--num-predict", "12"]
 
 
 @pytest.mark.slow
-def test_one_shot_on_default_model():
+def test_one_shot_on_default_model(default_model, default_model_int8):
     import wren as api
 
     r = wren("run", "--raw", "The capital of France is", *GREEDY, "--verbose")
-    assert r.returncode == 0, r.stderr
-    model = api.load()
-    expected = api.generate(model, "The capital of France is", raw=True, temperature=0, repeat_penalty=1,
-                            num_predict=12)
-    assert r.stdout == expected + "\n"
+    exact = wren("run", "--raw", "The capital of France is", *GREEDY, "--exact-weights")
+    assert r.returncode == exact.returncode == 0, r.stderr + exact.stderr
+    for out, model in ((r, default_model_int8), (exact, default_model)):  # int8 levels unless --exact-weights
+        expected = api.generate(model, "The capital of France is", raw=True, temperature=0, repeat_penalty=1,
+                                num_predict=12)
+        assert out.stdout == expected + "\n"
     assert "eval rate:" in r.stderr and "prompt eval rate:" in r.stderr
 
 

@@ -55,11 +55,12 @@ def gemma4_hf(shape: str, seed: int = 0, vocab: int = 384, sliding_window: int =
     return model
 
 
-def gemma3_hf(seed: int = 0, vocab: int = 384, sliding_window: int = 6, intermediate: int = 96, head_dim: int = 16):
+def gemma3_hf(seed: int = 0, vocab: int = 384, sliding_window: int = 6, intermediate: int = 96, head_dim: int = 16,
+              hidden: int = 64):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=6, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
         max_position_embeddings=256, attn_implementation="eager",
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},

@@ -81,22 +81,25 @@ def unrotate_fast(y: Tensor, cfg: TQConfig) -> Tensor:
 
 def int8_levels(codes: Tensor, scales: Tensor, cfg: TQConfig, in_features: int,
                 rows_per_step: int = 8192) -> tuple[Tensor, Tensor]:
-    """(int8 [out, in], bf16 scale [out]) with level × scale ≈ the rotated weight row.
-
-    The scale is rounded up to a bf16 value first and the levels are fit to that rounded scale, so the
-    bf16 scale the kernel needs adds no error of its own."""
+    """(int8 [out, in], bf16 scale [out]) with level × scale ≈ the rotated weight row (`round_to_levels`)."""
     levels, row_scales = [], []
     for start in range(0, codes.shape[0], rows_per_step):
         c = codes[start:start + rows_per_step]
         v = (decode_rotated(c, cfg) * scales[start:start + rows_per_step].float().unsqueeze(-1))
-        v = v.reshape(c.shape[0], in_features)
-        step = (v.abs().amax(-1) / 127).clamp_min(1e-30)
-        step_bf16 = step.bfloat16()
-        step_bf16 = torch.where(step_bf16.float() < step, torch.nextafter(step_bf16, torch.full_like(step_bf16, 1e30)),
-                                step_bf16)
-        levels.append(torch.round(v / step_bf16.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8))
-        row_scales.append(step_bf16)
+        lv, sc = round_to_levels(v.reshape(c.shape[0], in_features))
+        levels.append(lv)
+        row_scales.append(sc)
     return torch.cat(levels), torch.cat(row_scales)
+
+
+def round_to_levels(v: Tensor) -> tuple[Tensor, Tensor]:
+    """(int8 [rows, width], bf16 scale [rows]) with level × scale ≈ v, on the 255-level grid of each row's
+    largest value; the scale is rounded up to bf16 first, so the bf16 scale adds no error of its own."""
+    step = (v.abs().amax(-1) / 127).clamp_min(1e-30)
+    step_bf16 = step.bfloat16()
+    step_bf16 = torch.where(step_bf16.float() < step, torch.nextafter(step_bf16, torch.full_like(step_bf16, 1e30)),
+                            step_bf16)
+    return torch.round(v / step_bf16.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8), step_bf16
 
 
 def int8_matmul(x_rotated: Tensor, levels: Tensor, row_scales: Tensor) -> Tensor:

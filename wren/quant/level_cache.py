@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -71,7 +72,7 @@ def attach(model, folder: Path) -> None:
             _write(path, modules)
             _map(path, modules)
         os.utime(path)  # most recently used: pruned last
-        _prune(path.parent)
+        prune(path.parent)
     except (OSError, WrenError, KeyError):  # unwritable or unreadable: build in memory when first needed
         for m in modules.values():
             m._int8 = None
@@ -99,26 +100,35 @@ def _write(path: Path, modules: dict[str, TQWeight]) -> None:
 
 
 def _save_aligned(tensors: dict[str, torch.Tensor], f) -> None:
+    write_aligned(f, [(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()])
+
+
+def write_aligned(f, items) -> None:
     """A safetensors file whose every tensor starts ALIGN bytes into a page (padding tensors fill the
     gaps): PyTorch's int8 kernel crashes on levels that are only 8-byte aligned, as plain safetensors
-    offsets may be."""
-    entries, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        if pad := -offset % ALIGN:
-            entries[f"__pad{len(blobs)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
-            blobs.append(bytes(pad))
+    offsets may be. `items` are (name, dtype, shape, make): the header is written first, then each tensor
+    as `make()` returns it, one at a time, so a writer never holds more than one."""
+    entries, offset = {}, 0
+    layout = []  # (padding before, name, dtype, shape, make)
+    for name, dtype, shape, make in items:
+        pad = -offset % ALIGN
+        if pad:
+            entries[f"__pad{len(layout)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
             offset += pad
-        data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        entries[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                         "data_offsets": [offset, offset + data.nbytes]}
-        blobs.append(data)
-        offset += data.nbytes
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        layout.append((pad, name, dtype, shape, make))
     header = json.dumps(entries).encode()
     header += b" " * (-(8 + len(header)) % ALIGN)
     f.write(len(header).to_bytes(8, "little"))
     f.write(header)
-    for blob in blobs:
-        f.write(memoryview(blob))
+    for pad, name, dtype, shape, make in layout:
+        f.write(bytes(pad))
+        t = make()
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: made {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
+        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _map(path: Path, modules: dict[str, TQWeight]) -> None:
@@ -132,7 +142,7 @@ def _map(path: Path, modules: dict[str, TQWeight]) -> None:
         m._int8 = (levels, scales)
 
 
-def _prune(root: Path) -> None:
+def prune(root: Path) -> None:
     caches = sorted(root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in caches[KEEP:]:
         old.unlink(missing_ok=True)

@@ -46,6 +46,7 @@ class Settings:
     memory_budget: int | None = None
     keep_alive: float | None = 300.0
     kv_cache: str | None = None
+    exact_weights: bool = False  # --exact-weights: GGUF weights dequantized, not run as int8 levels
 
 
 def parse_host(value: str | None) -> tuple[str, int]:
@@ -161,7 +162,8 @@ def create_app(settings: Settings | None = None, store=None) -> Starlette:
         store = ModelStore()
     metrics = Metrics()
     manager = Manager(store, parallel=settings.parallel, max_queue=settings.max_queue, max_loaded=settings.max_loaded,
-                      memory_budget=settings.memory_budget, metrics=metrics, kv_cache=settings.kv_cache)
+                      memory_budget=settings.memory_budget, metrics=metrics, kv_cache=settings.kv_cache,
+                      int8=not settings.exact_weights)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -210,7 +212,7 @@ def settings_from_args(args) -> Settings:
                     parallel=getattr(args, "parallel", None) or int(env.get("WREN_NUM_PARALLEL", 4)),
                     max_loaded=getattr(args, "max_loaded_models", None) or int(env.get("WREN_MAX_LOADED_MODELS", 3)),
                     keep_alive=parse_keep_alive(getattr(args, "keep_alive", None) or env.get("WREN_KEEP_ALIVE")),
-                    kv_cache=kv)
+                    kv_cache=kv, exact_weights=bool(getattr(args, "exact_weights", False)))
 
 
 def serve(args) -> int:

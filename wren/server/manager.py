@@ -76,9 +76,11 @@ def _total_memory() -> int:
 
 class Manager:
     def __init__(self, store, *, parallel: int = 4, max_queue: int = 512, max_loaded: int = 3,
-                 memory_budget: int | None = None, default_ctx: int = 4096, metrics=None, kv_cache: str | None = None):
+                 memory_budget: int | None = None, default_ctx: int = 4096, metrics=None, kv_cache: str | None = None,
+                 int8: bool = True):
         self.store, self.parallel, self.max_queue = store, parallel, max_queue
         self.kv_cache = kv_cache  # the server's default cache type (--kv-cache); a model's PARAMETER wins
+        self.int8 = int8  # GGUF weights as int8 levels on the CPU (wren.load's int8)
         self.max_loaded = max(1, max_loaded)
         self.budget = memory_budget or int(_total_memory() * 0.75)
         self.default_ctx, self.metrics = default_ctx, metrics
@@ -126,7 +128,7 @@ class Manager:
         params = resolved.parameters or {}
         ctx = int(num_ctx or params.get("num_ctx") or self.default_ctx)
         t0 = time.perf_counter()
-        model = await asyncio.to_thread(wren.load, resolved.model_path)
+        model = await asyncio.to_thread(wren.load, resolved.model_path, int8=self.int8)
         if model.tokenizer is None:
             raise WrenError(f"{resolved.name} has no tokenizer; it cannot be served")
         ctx = max(1, min(ctx, model.config.max_position_embeddings))

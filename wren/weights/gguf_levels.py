@@ -1,0 +1,160 @@
+"""A GGUF's quantized weights as int8 levels (`quant/levels.py`), converted once and kept on disk.
+
+`wren run`, `wren serve` and `wren bench` load a GGUF this way on the CPU (`load(..., int8=True)`). The
+linear layers and the tied LM head whose GGUF type is a block format become `LevelsLinear` /
+`LevelsEmbedding`; dense-typed (F32, F16, BF16) weights stay exact.
+
+Converting dequantizes every weight and rotates it, a few seconds for the default model. The levels are
+written to the level cache (`level_cache.cache_root()`, keyed by the GGUF's path, size and mtime) and
+mapped by later loads, which then never dequantize nor read the GGUF's weights: resident memory holds
+the levels the kernels read, as clean file pages. The tied embedding's lookups still read the GGUF's own
+rows, exactly (a `RowTable`). A cache that cannot be written (a read-only home, a full disk) falls back
+to converting in memory at every load; a corrupt or mismatched one is written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WrenError
+from ..quant import level_cache
+from ..quant.cpu_kernels import release_free_memory
+from ..quant.levels import GROUP, ROW_CHUNK, SEED, LevelsEmbedding, LevelsLinear, convertible, to_levels
+from .gguf_quants import QT, dequantize
+from .safetensors import SafetensorsFile
+from .tables import RowTable
+
+FORMAT = 1  # bump when to_levels changes what it computes
+_DENSE_TYPES = {QT.F32, QT.F16, QT.BF16}
+
+
+def choose(model, infos: dict) -> dict:
+    """module name -> GGUF tensor info of the weights to hold as levels: the linear layers, and a tied
+    embedding (the LM head), stored in a block format, of a width GROUP divides."""
+    tied = getattr(model, "lm_head", 0) is None
+    chosen = {}
+    for name, module in model.named_modules():
+        info = infos.get(f"{name}.weight")
+        if info is None or info.ggml_type in _DENSE_TYPES or not convertible(info.shape):
+            continue
+        if isinstance(module, nn.Linear) or (tied and name == "embed_tokens" and isinstance(module, nn.Embedding)):
+            chosen[name] = info
+    return chosen
+
+
+def install(model, chosen: dict) -> None:
+    """Swap the chosen modules (on the meta device) for empty level modules that load by name."""
+    for name, info in chosen.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        cls = LevelsEmbedding if isinstance(getattr(parent, child), nn.Embedding) else LevelsLinear
+        setattr(parent, child, cls(*info.shape, seed=SEED))
+
+
+def attach_rows(model, gf, chosen: dict) -> None:
+    """After loading: the level embedding looks its rows up in the GGUF's own bytes (exact)."""
+    info = chosen.get("embed_tokens")
+    if info is not None:
+        model.embed_tokens.source_rows = RowTable(*info.shape, raw=gf.raw(info.name), ggml_type=info.ggml_type)
+
+
+def tensors(path: Path, gf, chosen: dict) -> dict:
+    """state-dict name -> (shape, getter) of every chosen module's levels and row scales: mapped from the
+    cache (written first if missing), or converted in memory where the cache cannot be used."""
+    if not chosen:
+        return {}
+    cache = level_cache.cache_root() / f"gguf-{_key(path)}.safetensors"
+    try:
+        try:
+            mapped = _open(cache, chosen)
+        except (OSError, WrenError, KeyError):  # missing, or corrupt: (re)write it once
+            cache.unlink(missing_ok=True)
+            _write(cache, gf, chosen)
+            mapped = _open(cache, chosen)
+        os.utime(cache)  # most recently used: pruned last
+        level_cache.prune(cache.parent)
+    except (OSError, WrenError, KeyError):
+        return _in_memory(gf, chosen)
+    out = {}
+    for name, info in chosen.items():
+        for part, shape in (("levels", info.shape), ("row_scales", info.shape[:1])):
+            out[f"{name}.{part}"] = (shape, lambda n=f"{name}.{part}": mapped.tensor(n))
+    return out
+
+
+def _key(path: Path) -> str:
+    st = path.stat()
+    text = f"{FORMAT}:{GROUP}:{SEED}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def convert(gf, info) -> tuple[torch.Tensor, torch.Tensor]:
+    """The levels and row scales of one GGUF tensor, dequantized a slice of rows at a time."""
+    rows, width = info.shape
+    raw = gf.raw(info.name).reshape(rows, -1)
+    levels = torch.empty(rows, width, dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.bfloat16)
+    for start in range(0, rows, ROW_CHUNK):
+        part = raw[start:start + ROW_CHUNK]
+        w = dequantize(part.reshape(-1), info.ggml_type, (part.shape[0], width))
+        levels[start:start + ROW_CHUNK], scales[start:start + ROW_CHUNK] = to_levels(w)
+    return levels, scales
+
+
+def _in_memory(gf, chosen: dict) -> dict:
+    out = {}
+    for name, info in chosen.items():
+        held = {}
+
+        def get(part, info=info, held=held):
+            if not held:
+                held["levels"], held["row_scales"] = convert(gf, info)
+            return held.pop(part)
+
+        out[f"{name}.levels"] = (info.shape, lambda get=get: get("levels"))
+        out[f"{name}.row_scales"] = (info.shape[:1], lambda get=get: get("row_scales"))
+    return out
+
+
+def _write(path: Path, gf, chosen: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = sum(info.shape[0] * (info.shape[1] + 2) for info in chosen.values())
+    if shutil.disk_usage(path.parent).free < 2 * need:  # leave the disk at least as much again
+        raise OSError(f"{need} bytes of levels would nearly fill {path.parent}")
+    held = {}
+
+    def levels_of(info):
+        held["scales"] = None
+        levels, held["scales"] = convert(gf, info)
+        return levels
+
+    items = []
+    for name, info in chosen.items():
+        items.append((f"{name}.levels", torch.int8, tuple(info.shape), lambda info=info: levels_of(info)))
+        items.append((f"{name}.row_scales", torch.bfloat16, tuple(info.shape[:1]), lambda: held.pop("scales")))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            level_cache.write_aligned(f, items)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    release_free_memory()
+
+
+def _open(path: Path, chosen: dict) -> SafetensorsFile:
+    """The mapped cache, checked to hold every chosen tensor in its shape, type and alignment."""
+    f = SafetensorsFile(path)
+    for name, info in chosen.items():
+        for part, shape, dtype in (("levels", info.shape, torch.int8), ("row_scales", info.shape[:1], torch.bfloat16)):
+            t = f.tensor(f"{name}.{part}")
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.data_ptr() % level_cache.ALIGN:
+                raise KeyError(f"{name}.{part}: cached levels of the wrong shape, type or alignment")
+    return f
