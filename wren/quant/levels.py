@@ -6,8 +6,8 @@ llama.cpp reads. Re-laid once as the levels the compiled int8 kernels read (`nat
 rotated per group of GROUP by the seeded Hadamard rotation, then rounded to 255 levels of its largest
 value, `cpu_kernels.round_to_levels`), they read one byte a weight, take the one-call-a-layer decode plan,
 and differ from the exact weights by ~0.8% of each row's norm (the rotation spreads a row's outliers, so
-its largest value is a few times its RMS). On the default model that moves perplexity by +0.1%, where
-llama.cpp's own kernels (8-bit activations) move it by +1% (docs/performance.md).
+its largest value is a few times its RMS). On the default model, with the kernels' int8 inputs, that moves
+perplexity by +0.1-0.3% where llama.cpp's own kernels move it by +0.7-1.0% (docs/performance.md).
 
 The modules are TurboQuant modules with int8 levels in place of codes, so every CPU path of
 `quant/linear.py` (the compiled kernels, PyTorch's int8 kernel, the exact reference on the levels) and the

@@ -150,6 +150,16 @@ class GGUFFile:
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def release(self, name: str) -> None:
+        """Take the tensor's pages out of this process's resident memory once its bytes have been read into
+        a copy (dequantized, converted): they stay in the page cache, and a later read maps them again."""
+        info = self.tensors[name]
+        start = info.offset - info.offset % mmap.PAGESIZE
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        except (AttributeError, OSError, ValueError):  # no madvise here: the pages just stay
+            pass
+
     @property
     def architecture(self) -> str:
         arch = self.metadata.get("general.architecture")

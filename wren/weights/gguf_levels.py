@@ -105,6 +105,7 @@ def convert(gf, info) -> tuple[torch.Tensor, torch.Tensor]:
         part = raw[start:start + ROW_CHUNK]
         w = dequantize(part.reshape(-1), info.ggml_type, (part.shape[0], width))
         levels[start:start + ROW_CHUNK], scales[start:start + ROW_CHUNK] = to_levels(w)
+    gf.release(info.name)
     return levels, scales
 
 

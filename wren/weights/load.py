@@ -231,7 +231,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, int8: bool = False) -> torch.nn.M
 
     def getter(info, name):
         def get():
-            t = dequantize(gf.raw(info.name), info.ggml_type, info.shape)
+            t = dequantize(gf.raw(info.name), info.ggml_type, info.shape)  # (a copy: the file is mapped read-only)
+            gf.release(info.name)
             return t - norm_shift if norm_shift and name.endswith("norm.weight") else t
         return get
 
