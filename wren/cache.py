@@ -180,6 +180,10 @@ class SlotCache:
         shape = (*prefix, spec.head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
+    def __getstate__(self) -> dict:
+        # a copy drops the rows' decode plans: they point at this cache's buffers (decode_plan.SlotRow)
+        return {k: v for k, v in self.__dict__.items() if k != "_row_plans"}
+
     def nbytes(self) -> int:
         parts = [p for t in (*self.keys.values(), *self.values.values()) for p in (t if isinstance(t, tuple) else (t,))]
         return sum(t.numel() * t.element_size() for t in parts)

@@ -22,7 +22,7 @@ import weakref
 import torch
 
 from . import native
-from .cache import KVCache
+from .cache import KVCache, SlotCache
 from .quant.linear import TQWeight
 
 ENABLED = True  # tests turn it off to compare with the modules
@@ -55,6 +55,14 @@ def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | None:
     if (not ENABLED or cache is None or ids.shape != (1, 1) or ids.device.type != "cpu" or torch.is_grad_enabled()
             or not native.available() or getattr(cache, "step_position", None) is not None):
         return None
+    if isinstance(cache, SlotCache):  # the server's: a plan per row, for a step that decodes one row only
+        if len(cache.rows) != 1:
+            return None
+        plans = cache.__dict__.setdefault("_row_plans", {})  # row -> (model, plan)
+        built = plans.get(cache.rows[0])
+        if built is None or built[0]() is not model:
+            built = plans[cache.rows[0]] = (weakref.ref(model), _build(model, SlotRow(cache, cache.rows[0])))
+        return built[1]
     built = getattr(cache, "_decode_plan", None)  # (the model it was built for, the plan or None)
     if built is None or built[0]() is not model:  # a cache handed to another model gets a plan of its own
         built = (weakref.ref(model), _build(model, cache))
@@ -62,15 +70,34 @@ def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | None:
     return built[1]
 
 
+class SlotRow:
+    """One row of a server slot cache (`cache.SlotCache`, or wren.kv's CompressedSlotCache) as a cache of one
+    sequence: [1, ...] views of the row's buffers, which the kernel writes and reads in place. A row's empty
+    and truncated slots hold position -1 (`SlotCache.truncate`), which attention skips as it does a
+    KVCache's."""
+
+    def __init__(self, cache: SlotCache, row: int):
+        def of_row(t):
+            return tuple(part[row:row + 1] for part in t) if isinstance(t, tuple) else t[row:row + 1]
+
+        self.batch = 1
+        self.keys = {layer: of_row(t) for layer, t in cache.keys.items()}
+        self.values = {layer: of_row(t) for layer, t in cache.values.items()}
+        self.slot_pos = {layer: p[row] for layer, p in cache.slot_pos.items()}
+        self.ring = cache.ring
+        self.codecs = getattr(cache, "codecs", None)  # (a compressed cache's)
+        self.key_scale = getattr(cache, "key_scale", None)
+
+
 def _cache_fields(cache, layer: int, head_dim: int) -> dict | None:
     """The plan's fields for one layer's cache: a dense cache (KVCache, or a CompressedKVCache of dense
     types), or a TurboQuant one whose codes the kernel reads (both halves); None for anything else."""
     from .kv.codecs import TQ, Dense
 
-    if type(cache) is KVCache:
+    if getattr(cache, "codecs", None) is None:  # a KVCache, or a SlotCache's row
         keys, values = cache.keys.get(layer), cache.values.get(layer)
         parts = None
-    else:  # a CompressedKVCache
+    else:  # a CompressedKVCache, or a CompressedSlotCache's row
         codecs = cache.codecs.get(layer, ())
         if all(isinstance(c, Dense) for c in codecs):
             if cache.key_scale.get(layer) is not None:
@@ -138,8 +165,9 @@ def _build(model, cache) -> DecodePlan | None:
         return None
     from .kv.cache import CompressedKVCache  # here: wren.kv imports the models, which import this module
 
-    if type(cache) not in (KVCache, CompressedKVCache) or cache.batch != 1 or not bool(cache.valid.all()):
-        return None  # a cache of one sequence without padding (not the server's slot caches)
+    if not isinstance(cache, SlotRow) and (type(cache) not in (KVCache, CompressedKVCache) or cache.batch != 1
+                                           or not bool(cache.valid.all())):
+        return None  # a cache of one sequence without padding, or one row of the server's
     layout = native._native.plan_layout()
     hidden = cfg.hidden_size
     if hidden > native.MAX_WIDTH:

@@ -23,6 +23,7 @@ from ..tokenizer import StreamDetokenizer
 from .constrained import Constraint, TokenTable
 from .engine import Job, JobStats, QueueFullError
 from .thinking import ThoughtSplitter
+from .threads import in_own_thread
 
 MAX_BODY = 64 << 20
 
@@ -138,7 +139,7 @@ async def make_constraint(loaded, root, opts: Options):
     if root is None:
         return None
     model = loaded.model
-    table = await asyncio.to_thread(TokenTable.get, model.tokenizer, model.config.vocab_size)
+    table = await in_own_thread(TokenTable.get, model.tokenizer, model.config.vocab_size)
     return Constraint(root, table, opts, stop_ids_for(model))
 
 

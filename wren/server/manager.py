@@ -1,6 +1,6 @@
 """Loaded models: load on demand from the store, keep_alive expiry, several models within a memory budget.
 
-Each loaded model owns one Engine (its batching worker). Loading runs in a worker thread; a per-name lock
+Each loaded model owns one Engine (its batching worker). Loading runs in a thread of its own; a per-name lock
 keeps two requests from loading the same model twice. Past the budget (bytes or model count), the least
 recently used idle model is unloaded first.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..errors import BadOptionError, WrenError
 from ..kv import resolve_types
 from .engine import Engine
+from .threads import in_own_thread
 
 DEFAULT_KEEP_ALIVE = 300.0
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -128,7 +129,7 @@ class Manager:
         params = resolved.parameters or {}
         ctx = int(num_ctx or params.get("num_ctx") or self.default_ctx)
         t0 = time.perf_counter()
-        model = await asyncio.to_thread(wren.load, resolved.model_path, int8=self.int8)
+        model = await in_own_thread(wren.load, resolved.model_path, int8=self.int8)  # (threads.py says why)
         if model.tokenizer is None:
             raise WrenError(f"{resolved.name} has no tokenizer; it cannot be served")
         ctx = max(1, min(ctx, model.config.max_position_embeddings))
@@ -137,7 +138,7 @@ class Manager:
         self._make_room(weights)
         model.kv_cache = params.get("kv_cache") or self.kv_cache
         kv_types = resolve_types(model, model.kv_cache)
-        engine = await asyncio.to_thread(Engine, model, slots=self.parallel, ctx=ctx, max_queue=self.max_queue,
+        engine = await in_own_thread(Engine, model, slots=self.parallel, ctx=ctx, max_queue=self.max_queue,
                                          metrics=self.metrics, name=resolved.name, kv_types=kv_types)
         loaded = Loaded(resolved.name, resolved, model, engine, time.perf_counter() - t0, weights)
         self.loaded[resolved.digest] = loaded

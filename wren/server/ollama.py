@@ -25,6 +25,7 @@ from ..sampling import Options
 from .engine import Job
 from .manager import parse_keep_alive
 from .thinking import Thinking
+from .threads import in_own_thread
 from .tools import check_tools, maybe_tool_call, parse_tool_calls, render_messages
 
 NDJSON = "application/x-ndjson"
@@ -460,7 +461,7 @@ async def _progress_stream(request: Request, body: dict, work, statuses: tuple[s
 
     async def runner():
         try:
-            await asyncio.to_thread(work, progress)
+            await in_own_thread(work, progress)  # (torch work: threads.py says why)
             events.put_nowait(("done",))
         except BaseException as exc:  # reported to the client
             events.put_nowait(("error", exc))
