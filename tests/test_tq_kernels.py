@@ -81,7 +81,8 @@ def test_native_input_is_the_rotation_to_int8_precision(group, width, column_sca
 
 
 @needs_native
-@pytest.mark.parametrize("rows,out", [(1, 96), (5, 97), (32, 3), (2, 35)])  # not multiples of 16: the row tail
+@pytest.mark.parametrize("rows,out", [(1, 96), (5, 97), (32, 3), (2, 35), (8, 33), (19, 50)])  # and the row tail;
+# from 8 rows the levels are transposed into tiles (LEVEL_TILE_ROWS), 8 rows at a time then one by one
 def test_native_matmul_is_exact_on_its_int8_inputs(rows, out):
     cfg = TQConfig(bits=4, dim=128, seed=2)
     x = torch.randn(rows, 384, generator=_gen(rows))

@@ -344,7 +344,7 @@ VBMI static inline __attribute__((always_inline)) void direct_rows(int count, in
 }
 
 /* v[i] (16 dwords of row i) -> v[j] (dword j of rows 0..15): a 16 x 16 transpose of 32-bit elements. */
-VBMI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
+VNNI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
     __m512i t[16];
     for (int i = 0; i < 16; i += 2) {
         t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
@@ -375,7 +375,7 @@ VBMI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
 #define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define BROADCAST_QUAD(p) _mm512_set1_epi32(*(const int32_t *)(const void *)(p))
 
-VBMI static void tile_rows8(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
+VNNI static void tile_rows8(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
                             int K, const float *xs, const int32_t *corr, float step, float *out, int N, int rows) {
 #define DECLARE(m) __m512 f##m = _mm512_setzero_ps();
     EIGHT(DECLARE)
@@ -404,7 +404,7 @@ VBMI static void tile_rows8(const uint8_t *tiles, const float *block_scales, int
 #undef STORE
 }
 
-VBMI static void tile_rows1(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
+VNNI static void tile_rows1(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
                             const float *xs, const int32_t *corr, float step, float *out, int rows) {
     __m512 f = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
@@ -416,6 +416,18 @@ VBMI static void tile_rows1(const uint8_t *tiles, const float *block_scales, int
                             _mm512_mul_ps(_mm512_loadu_ps(block_scales + (size_t)g * 16), _mm512_set1_ps(xs[g])), f);
     }
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << rows) - 1), _mm512_mul_ps(f, _mm512_set1_ps(step)));
+}
+
+/* Every input row times a block of 16 rows held in tiles. */
+VNNI static void tile_rows(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
+                           const float *xs, const int32_t *corr, int M, int K, float step, float *out, int N, int rows) {
+    int m = 0;
+    for (; m + 8 <= M; m += 8)
+        tile_rows8(tiles, block_scales, groups, group, x + (size_t)m * K, K, xs + (size_t)m * groups,
+                   corr + (size_t)m * groups, step, out + (size_t)m * N, N, rows);
+    for (; m < M; m++)
+        tile_rows1(tiles, block_scales, groups, group, x + (size_t)m * K, xs + (size_t)m * groups,
+                   corr + (size_t)m * groups, step, out + (size_t)m * N, rows);
 }
 
 #define DIRECT_ROWS 2 /* input rows up to which each reads the codes itself; more share one unpacked block */
@@ -467,14 +479,33 @@ VBMI static void codes_block(const int8_t *x, const float *xs, const int32_t *co
             uint8_t *t = tiles + (size_t)(g * group + 64 * c) * 16;
             for (int j = 0; j < 16; j++) _mm512_store_si512(t + 64 * j, v[j]);
         }
-    float *out = w->y + n0;
-    int m = 0;
-    for (; m + 8 <= M; m += 8)
-        tile_rows8(tiles, block_scales, groups, group, x + (size_t)m * K, K, xs + (size_t)m * groups,
-                   corr + (size_t)m * groups, L->step, out + (size_t)m * N, N, rows);
-    for (; m < M; m++)
-        tile_rows1(tiles, block_scales, groups, group, x + (size_t)m * K, xs + (size_t)m * groups,
-                   corr + (size_t)m * groups, L->step, out + (size_t)m * N, rows);
+    tile_rows(tiles, block_scales, groups, group, x, xs, corr, M, K, L->step, w->y + n0, N, rows);
+}
+
+#define LEVEL_TILE_ROWS 8 /* input rows from which a LEVELS block is transposed into tiles (reads shared by 8) */
+
+/* Rows [n0, n0 + 16) of a LEVELS matrix for LEVEL_TILE_ROWS or more input rows: its levels transposed once into
+   the tiles codes_block unpacks codes into (+128: unsigned, which `corr` takes off; rows past N: zero), every
+   group's scales the row scales, and the same tile products. scratch as codes_block's. */
+VNNI static void levels_tiles(const int8_t *x, const float *xs, const int32_t *corr, int M, int K, int group,
+                              const matrix *w, int b, uint8_t *scratch) {
+    const int groups = K / group, N = w->N, n0 = b * 16, rows = N - n0 < 16 ? N - n0 : 16;
+    uint8_t *tiles = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *block_scales = (float *)(tiles + (size_t)16 * K);
+    for (int r = 0; r < 16; r++) {
+        const float s = r < rows ? bf16_to_float(w->scale[n0 + r]) : 0.0f;
+        for (int g = 0; g < groups; g++) block_scales[(size_t)g * 16 + r] = s;
+    }
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int8_t *levels = (const int8_t *)w->data + (size_t)n0 * K;
+    for (int c = 0; c < K / 64; c++) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++)
+            v[r] = r < rows ? _mm512_xor_si512(_mm512_loadu_si512(levels + (size_t)r * K + 64 * c), flip) : flip;
+        transpose16(v);
+        for (int j = 0; j < 16; j++) _mm512_store_si512(tiles + (size_t)64 * c * 16 + 64 * j, v[j]);
+    }
+    tile_rows(tiles, block_scales, groups, group, x, xs, corr, M, K, 1.0f, w->y + n0, N, rows);
 }
 
 /* The input as CODES matrices read it: signed bytes x [M, K] (xq - 128) and corr [M, K / group] = -128 * each
@@ -500,18 +531,20 @@ VNNI static void signed_input(const uint8_t *xq, int M, int K, int group, int8_t
 VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int count,
                     int threads) {
     int first[MAX_MATRICES + 1] = {0}; /* the first global block of each matrix */
-    int codes = 0;
+    int codes = 0, levels = 0;
     for (int i = 0; i < count; i++) {
         first[i + 1] = first[i] + (w[i].N + 15) / 16;
         codes |= w[i].format == CODES;
+        levels |= w[i].format == LEVELS;
     }
+    const int tile_levels = levels && M >= LEVEL_TILE_ROWS;
     int32_t *corr = NULL; /* and the signed input after it */
-    if (codes) {
+    if (codes || tile_levels) {
         if (!(corr = malloc(sizeof(int32_t) * (size_t)M * (K / group) + (size_t)M * K))) return -1;
         signed_input(xq, M, K, group, (int8_t *)(corr + (size_t)M * (K / group)), corr);
     }
     const int8_t *x = (const int8_t *)(corr + (size_t)M * (K / group));
-    const int unpack = codes && M > DIRECT_ROWS;
+    const int unpack = (codes && M > DIRECT_ROWS) || tile_levels;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -524,9 +557,11 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
         for (int b = 0; b < first[count]; b++) {
             int i = 0;
             while (b >= first[i + 1]) i++;
-            if (w[i].format == LEVELS)
+            if (w[i].format == LEVELS && !tile_levels)
                 levels_block(xq, xs, M, K, group, &w[i], b - first[i]);
-            else if (!unpack || scratch)
+            else if (w[i].format == LEVELS && scratch)
+                levels_tiles(x, xs, corr, M, K, group, &w[i], b - first[i], scratch);
+            else if (w[i].format == CODES && (!unpack || scratch))
                 codes_block(x, xs, corr, M, K, group, &w[i], b - first[i], scratch);
         }
         free(scratch);
