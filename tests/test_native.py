@@ -322,19 +322,24 @@ def test_a_cache_handed_to_another_model_gets_its_own_plan(quantized_gemma3):
     assert cache._decode_plan[0]() is other and cache._decode_plan[1] is not first[1]
 
 
-def test_a_slot_cache_row_decodes_through_the_plan_as_a_cache_of_its_own(quantized_gemma3):
-    """The server's slot cache: a step that decodes one row takes a plan on that row's buffers
-    (decode_plan.SlotRow), and computes exactly what the plan computes on a KVCache holding the same keys,
-    values and positions: a row past its sliding window, and a reused row cut back to a prefix. A step of
-    two rows runs the modules."""
+@pytest.mark.parametrize("spec", [None, "f16", pytest.param("tq4/tq3", marks=needs_codes)])
+def test_a_slot_cache_row_decodes_through_the_plan_as_a_cache_of_its_own(quantized_gemma3, spec):
+    """The server's slot cache (dense, or wren.kv's compressed one): a step that decodes one row takes a plan on
+    that row's buffers (decode_plan.SlotRow), and computes exactly what the plan computes on a cache of one
+    sequence holding the same keys, values and positions: a row past its sliding window, and a reused row
+    cut back to a prefix. A step of two rows runs the modules."""
     import copy
 
     from wren import decode_plan
-    from wren.cache import SlotCache
+    from wren.kv import make_kv_cache, make_slot_cache, resolve_types
 
     model = quantized_gemma3
-    slots = SlotCache.for_model(model, 3, 64)
+    slots = make_slot_cache(model, 3, 64, resolve_types(model, spec))
     ids = torch.randint(0, 384, (1, 40), generator=_gen(5))
+
+    def parts(t):  # a layer's buffers: one tensor, or a compressed cache's tuple of them
+        return t if isinstance(t, tuple) else (t,)
+
     with torch.inference_mode():
         slots.select([1])
         model(ids[:, :20], slots, logits_to_keep=1)  # past the window of 6: the sliding layers' rings wrap
@@ -343,10 +348,11 @@ def test_a_slot_cache_row_decodes_through_the_plan_as_a_cache_of_its_own(quantiz
         slots.truncate(0, 4)  # reused: positions 4-8 are stale
         own = {}
         for row in (0, 1):
-            own[row] = model.make_cache(1, 64)
-            for layer in own[row].keys:
-                own[row].keys[layer].copy_(slots.keys[layer][row:row + 1])
-                own[row].values[layer].copy_(slots.values[layer][row:row + 1])
+            own[row] = make_kv_cache(model, batch=1, max_len=64, spec=spec)
+            for layer in own[row].slot_pos:
+                for mine, theirs in ((own[row].keys, slots.keys), (own[row].values, slots.values)):
+                    for a, b in zip(parts(mine[layer]), parts(theirs[layer])):
+                        a.copy_(b[row:row + 1])
                 own[row].slot_pos[layer].copy_(slots.slot_pos[layer][row])
             own[row].length = slots.lengths[row]
         for t in ids[0, 20:30]:
@@ -356,7 +362,8 @@ def test_a_slot_cache_row_decodes_through_the_plan_as_a_cache_of_its_own(quantiz
                 assert torch.equal(got, model(t.view(1, 1), own[row]))
         for row in (0, 1):
             assert slots._row_plans[row][1] is not None and own[row]._decode_plan[1] is not None
-            assert all(torch.equal(slots.keys[layer][row], own[row].keys[layer][0]) for layer in own[row].keys)
+            assert all(torch.equal(a[row], b[0]) for layer in own[row].slot_pos
+                       for a, b in zip(parts(slots.keys[layer]), parts(own[row].keys[layer])))
         slots.select([0, 1])
         assert decode_plan.plan_for(model, slots, ids[:, :1]) is None  # (ids of one row: plan_for's own check)
         assert decode_plan.plan_for(model, slots, torch.zeros(2, 1, dtype=torch.long)) is None

@@ -25,7 +25,11 @@ from .linear import TQEmbedding, TQLinear, TQWeight, group_config
 
 GROUP = 128  # a Hadamard block of the compiled kernels (native.takes_layout), dividing every Gemma width
 SEED = 0
-ROW_CHUNK = 8192  # rows rotated at a time: bounds the float32 temporaries of a 262k-row table
+CHUNK_WEIGHTS = 1 << 22  # weights rotated at a time: bounds the float32 temporaries (a 262k-row table, 21k-wide rows)
+
+
+def rows_per_chunk(width: int) -> int:
+    return max(1, CHUNK_WEIGHTS // width)
 
 
 def convertible(shape) -> bool:
@@ -40,10 +44,11 @@ def to_levels(w: torch.Tensor, seed: int = SEED) -> tuple[torch.Tensor, torch.Te
     rows, width = w.shape
     levels = torch.empty(rows, width, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.bfloat16)
-    for start in range(0, rows, ROW_CHUNK):
-        part = w[start:start + ROW_CHUNK].float().reshape(-1, width // GROUP, GROUP)
+    step = rows_per_chunk(width)
+    for start in range(0, rows, step):
+        part = w[start:start + step].float().reshape(-1, width // GROUP, GROUP)
         rotated = cpu_kernels.rotate_fast(part, cfg).reshape(-1, width)
-        levels[start:start + ROW_CHUNK], scales[start:start + ROW_CHUNK] = cpu_kernels.round_to_levels(rotated)
+        levels[start:start + step], scales[start:start + step] = cpu_kernels.round_to_levels(rotated)
     return levels, scales
 
 

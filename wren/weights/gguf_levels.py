@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import WrenError
 from ..quant import level_cache
 from ..quant.cpu_kernels import release_free_memory
-from ..quant.levels import GROUP, ROW_CHUNK, SEED, LevelsEmbedding, LevelsLinear, convertible, to_levels
+from ..quant.levels import GROUP, SEED, LevelsEmbedding, LevelsLinear, convertible, rows_per_chunk, to_levels
 from .gguf_quants import QT, dequantize
 from .safetensors import SafetensorsFile
 from .tables import RowTable
@@ -101,10 +101,11 @@ def convert(gf, info) -> tuple[torch.Tensor, torch.Tensor]:
     raw = gf.raw(info.name).reshape(rows, -1)
     levels = torch.empty(rows, width, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.bfloat16)
-    for start in range(0, rows, ROW_CHUNK):
-        part = raw[start:start + ROW_CHUNK]
+    step = rows_per_chunk(width)
+    for start in range(0, rows, step):
+        part = raw[start:start + step]
         w = dequantize(part.reshape(-1), info.ggml_type, (part.shape[0], width))
-        levels[start:start + ROW_CHUNK], scales[start:start + ROW_CHUNK] = to_levels(w)
+        levels[start:start + step], scales[start:start + step] = to_levels(w)
     gf.release(info.name)
     return levels, scales
 
