@@ -46,8 +46,8 @@ def _read_bytes(module: nn.Module) -> int:
     from .quant import linear as tq
 
     if isinstance(module, tq.TQWeight):
-        held = module.codes if module.codes is not None else module.levels  # (levels alone: quant/levels.py)
-        on_cpu_fast = tq._fast_paths and held.device.type == "cpu" and module.cfg.rotation == "hadamard"
+        device = next(module.buffers()).device  # (codes, or levels alone: quant/levels.py)
+        on_cpu_fast = tq._fast_paths and device.type == "cpu" and module.cfg.rotation == "hadamard"
         if on_cpu_fast and not module.reads_codes():  # int8 levels and a bf16 row scale (cpu_kernels.int8_levels)
             levels = module.out_features * (module.in_features + 2)
             if native.supports(module.cfg):  # and the compiled kernels' float32 sums of each group's levels

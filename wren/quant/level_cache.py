@@ -65,42 +65,55 @@ def attach(model, folder: Path) -> None:
         return
     path = cache_root() / f"{cache_key(folder)}.safetensors"
     try:
-        try:
-            _map(path, modules)
-        except (OSError, WrenError, KeyError):  # missing, or corrupt: (re)write it once
-            path.unlink(missing_ok=True)
-            _write(path, modules)
-            _map(path, modules)
-        os.utime(path)  # most recently used: pruned last
-        prune(path.parent)
-    except (OSError, WrenError, KeyError):  # unwritable or unreadable: build in memory when first needed
+        open_or_write(path, lambda: _map(path, modules), lambda: _write(path, modules))
+    except CACHE_ERRORS:  # unwritable or unreadable: build in memory when first needed
         for m in modules.values():
             m._int8 = None
 
 
-def _write(path: Path, modules: dict[str, TQWeight]) -> None:
+CACHE_ERRORS = (OSError, WrenError, KeyError)  # what a missing, corrupt or unwritable cache file raises
+
+
+def open_or_write(path: Path, open_, write):
+    """open_() the cache file at `path`; if it is missing or corrupt, write() it first (once). Either way it
+    becomes the most recently used, and the oldest past KEEP are removed. Raises CACHE_ERRORS where it can
+    be neither opened nor written."""
+    try:
+        opened = open_()
+    except CACHE_ERRORS:
+        path.unlink(missing_ok=True)
+        write()
+        opened = open_()
+    os.utime(path)  # most recently used: pruned last
+    prune(path.parent)
+    return opened
+
+
+def write_file(path: Path, items, need: int) -> None:
+    """Write a cache file of `items` (as `write_aligned` takes them, about `need` bytes) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    need = sum(m.out_features * (m.in_features + 2) for m in modules.values())
     if shutil.disk_usage(path.parent).free < 2 * need:  # leave the disk at least as much again
         raise OSError(f"{need} bytes of levels would nearly fill {path.parent}")
-    tensors = {}
-    for name, m in modules.items():
-        tensors[f"{name}.levels"], tensors[f"{name}.scales"] = m.int8_levels()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
-            _save_aligned(tensors, f)
+            write_aligned(f, items)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    for m in modules.values():  # the mapped copies replace these
-        m._int8 = None
-    del tensors
     release_free_memory()
 
 
-def _save_aligned(tensors: dict[str, torch.Tensor], f) -> None:
-    write_aligned(f, [(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()])
+def _write(path: Path, modules: dict[str, TQWeight]) -> None:
+    items = []
+    for name, m in modules.items():
+        levels, scales = m.int8_levels()
+        items += [(f"{name}.levels", levels.dtype, tuple(levels.shape), lambda t=levels: t),
+                  (f"{name}.scales", scales.dtype, tuple(scales.shape), lambda t=scales: t)]
+    need = sum(m.out_features * (m.in_features + 2) for m in modules.values())
+    write_file(path, items, need)
+    for m in modules.values():  # the mapped copies replace these
+        m._int8 = None
 
 
 def write_aligned(f, items) -> None:

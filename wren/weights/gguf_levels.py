@@ -15,17 +15,12 @@ to converting in memory at every load; a corrupt or mismatched one is written ag
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import WrenError
 from ..quant import level_cache
-from ..quant.cpu_kernels import release_free_memory
 from ..quant.levels import GROUP, SEED, LevelsEmbedding, LevelsLinear, convertible, rows_per_chunk, to_levels
 from .gguf_quants import QT, dequantize
 from .safetensors import SafetensorsFile
@@ -72,15 +67,8 @@ def tensors(path: Path, gf, chosen: dict) -> dict:
         return {}
     cache = level_cache.cache_root() / f"gguf-{_key(path)}.safetensors"
     try:
-        try:
-            mapped = _open(cache, chosen)
-        except (OSError, WrenError, KeyError):  # missing, or corrupt: (re)write it once
-            cache.unlink(missing_ok=True)
-            _write(cache, gf, chosen)
-            mapped = _open(cache, chosen)
-        os.utime(cache)  # most recently used: pruned last
-        level_cache.prune(cache.parent)
-    except (OSError, WrenError, KeyError):
+        mapped = level_cache.open_or_write(cache, lambda: _open(cache, chosen), lambda: _write(cache, gf, chosen))
+    except level_cache.CACHE_ERRORS:
         return _in_memory(gf, chosen)
     out = {}
     for name, info in chosen.items():
@@ -113,27 +101,17 @@ def convert(gf, info) -> tuple[torch.Tensor, torch.Tensor]:
 def _in_memory(gf, chosen: dict) -> dict:
     out = {}
     for name, info in chosen.items():
-        held = {}
-
-        def get(part, info=info, held=held):
-            if not held:
-                held["levels"], held["row_scales"] = convert(gf, info)
-            return held.pop(part)
-
-        out[f"{name}.levels"] = (info.shape, lambda get=get: get("levels"))
-        out[f"{name}.row_scales"] = (info.shape[:1], lambda get=get: get("row_scales"))
+        levels, scales = convert(gf, info)
+        out[f"{name}.levels"] = (info.shape, lambda t=levels: t)
+        out[f"{name}.row_scales"] = (info.shape[:1], lambda t=scales: t)
     return out
 
 
 def _write(path: Path, gf, chosen: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    need = sum(info.shape[0] * (info.shape[1] + 2) for info in chosen.values())
-    if shutil.disk_usage(path.parent).free < 2 * need:  # leave the disk at least as much again
-        raise OSError(f"{need} bytes of levels would nearly fill {path.parent}")
+    """The cache file, converted a tensor at a time as it is written (each tensor's scales follow its levels)."""
     held = {}
 
     def levels_of(info):
-        held["scales"] = None
         levels, held["scales"] = convert(gf, info)
         return levels
 
@@ -141,14 +119,7 @@ def _write(path: Path, gf, chosen: dict) -> None:
     for name, info in chosen.items():
         items.append((f"{name}.levels", torch.int8, tuple(info.shape), lambda info=info: levels_of(info)))
         items.append((f"{name}.row_scales", torch.bfloat16, tuple(info.shape[:1]), lambda: held.pop("scales")))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            level_cache.write_aligned(f, items)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    release_free_memory()
+    level_cache.write_file(path, items, sum(info.shape[0] * (info.shape[1] + 2) for info in chosen.values()))
 
 
 def _open(path: Path, chosen: dict) -> SafetensorsFile:

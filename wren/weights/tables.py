@@ -28,9 +28,11 @@ class RowTable:
             if raw.nbytes != rows * row_bytes:
                 raise ModelFormatError(f"row table holds {raw.nbytes} bytes, expected {rows * row_bytes}")
             self.raw = raw.reshape(rows, row_bytes)
+            with warnings.catch_warnings():  # torch warns that the array is read-only: it is only read
+                warnings.simplefilter("ignore", UserWarning)
+                self.raw_rows = torch.from_numpy(self.raw)  # the same mapping, for take_rows
         else:
-            self.raw = None
-        self._raw_tensor = None
+            self.raw = self.raw_rows = None
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "RowTable":
@@ -44,20 +46,12 @@ class RowTable:
     def nbytes(self) -> int:
         return self.raw.nbytes if self.raw is not None else self.tensor.numel() * self.tensor.element_size()
 
-    def _raw_rows(self) -> torch.Tensor:
-        """The raw block rows as a uint8 tensor over the same (read-only) mapping, made once."""
-        if self._raw_tensor is None:
-            with warnings.catch_warnings():  # torch warns that the array is read-only: it is only read
-                warnings.simplefilter("ignore", UserWarning)
-                self._raw_tensor = torch.from_numpy(self.raw)
-        return self._raw_tensor
-
     def lookup(self, ids: torch.Tensor, device, dtype) -> torch.Tensor:
         flat = ids.reshape(-1).cpu()
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.rows):
             raise ModelFormatError(f"token id outside the table's {self.rows} rows")
         if self.raw is not None:
-            picked = take_rows(self._raw_rows(), flat).numpy()  # by pread, as below
+            picked = take_rows(self.raw_rows, flat).numpy()  # by pread, as below
             rows = dequantize(picked.reshape(-1), self.ggml_type, (flat.numel(), self.width))
         else:
             rows = take_rows(self.tensor, flat)  # a mapped file's rows by pread (mapped_rows.py says why)
