@@ -9,6 +9,6 @@ import sys
 from setuptools import Extension, setup
 
 openmp = [] if sys.platform in ("win32", "darwin") else ["-fopenmp"]  # MSVC and Apple clang spell it otherwise
-setup(ext_modules=[Extension("wren._native", ["wren/_native.c"], optional=True,
+setup(ext_modules=[Extension("wren._native", ["wren/_native.c"], depends=["wren/_gguf_blocks.h"], optional=True,
                              extra_compile_args=["-O3", *openmp], extra_link_args=openmp),
                    Extension("wren._bpe", ["wren/_bpe.c"], optional=True, extra_compile_args=["-O2"])])

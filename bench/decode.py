@@ -5,7 +5,8 @@
     python bench/decode.py --json   # one JSON object instead of tables
 
 Rows: wren with each of --wren's weights (`tq4`, `tq3`: what `wren quantize --bits 4|3` writes, made once and
-cached; `gguf`: the source GGUF as `wren run` loads it, its quantized weights as int8 levels) under each of --kv's cache types, and llama-cpp-python with
+cached; `gguf`: the source GGUF as `wren run` loads it, its quantized weights as int8 levels; `gguf-blocks`: as
+`wren run --low-memory` loads it, its linear layers read in their block formats) under each of --kv's cache types, and llama-cpp-python with
 each of --llama's types (llama.cpp's own requantization of the same weights, cached; see _llama_requant.py).
 Each repeat of a row is a fresh child process (so load time and peak RSS are its own): it loads the model,
 warms up on 32 tokens, then for each --prompt-tokens length prefills that prompt into a fresh cache (chunks
@@ -35,7 +36,7 @@ import _llama_requant  # noqa: E402
 
 CHUNK = 512  # llama.cpp's n_batch: wren prefills in chunks of the same size (generation.PREFILL_CHUNK)
 WREN_BITS = {"tq4": 4, "tq3": 3}  # weights made by `wren quantize --bits N` (its default recipe)
-PAIRS = {"tq4": "Q4_K_M", "tq3": "Q3_K_M", "gguf": "Q4_K_M"}  # the llama.cpp row each wren row is compared with
+PAIRS = {"tq4": "Q4_K_M", "tq3": "Q3_K_M", "gguf": "Q4_K_M", "gguf-blocks": "Q4_K_M"}  # the llama.cpp row each wren row is compared with
 
 
 def log(msg: str) -> None:
@@ -59,7 +60,7 @@ def prompt_ids(model_path: Path, n: int, file: str | None) -> list[int]:
 
 def wren_weights(source: Path, name: str) -> Path:
     """The weights of row `name`: the source itself, or `wren quantize` of it (written once, cached)."""
-    if name == "gguf":
+    if name in ("gguf", "gguf-blocks"):
         return source
     out = _llama_requant.cache_dir(source) / f"wren-{name}"
     if out.exists():
@@ -73,7 +74,8 @@ def wren_weights(source: Path, name: str) -> Path:
     return out
 
 
-def child_wren(path: Path, kv: str, ids: list[int], lengths: list[int], decode: int, threads: int) -> dict:
+def child_wren(path: Path, kv: str, ids: list[int], lengths: list[int], decode: int, threads: int,
+               in_place: bool = False) -> dict:
     import torch
 
     import wren
@@ -82,7 +84,7 @@ def child_wren(path: Path, kv: str, ids: list[int], lengths: list[int], decode: 
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = wren.load(path, int8=True)  # as `wren run` loads it (a GGUF's weights as int8 levels)
+    model = wren.load(path, int8=True, in_place=in_place)  # as `wren run [--low-memory]` loads it
     load_s = time.perf_counter() - t0
     with torch.inference_mode():
         _one_run(model, ids[:32], 4, kv)  # warm-up
@@ -127,8 +129,8 @@ def child_main(args) -> None:
     ids = json.loads(Path(args.ids_file).read_text())
     lengths = [int(n) for n in args.prompt_tokens.split(",")]
     engine, path, kv = json.loads(args.child)
-    if engine == "wren":
-        out = child_wren(Path(path), kv, ids, lengths, args.decode_tokens, args.threads)
+    if engine.startswith("wren"):
+        out = child_wren(Path(path), kv, ids, lengths, args.decode_tokens, args.threads, engine == "wren-in-place")
     else:
         out = child_llama(Path(path), ids, lengths, args.decode_tokens, args.threads)
     out["rss_mb"] = peak_rss_mb()
@@ -137,7 +139,8 @@ def child_main(args) -> None:
 
 def run_child(row: dict, args, ids_file: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, __file__, "--child", json.dumps([row["engine"], str(row["path"]), row["kv"]]),
+    engine = "wren-in-place" if row.get("weights") == "gguf-blocks" else row["engine"]
+    cmd = [sys.executable, __file__, "--child", json.dumps([engine, str(row["path"]), row["kv"]]),
            "--ids-file", ids_file, "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens),
            "--prompt-tokens", args.prompt_tokens]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -150,8 +153,8 @@ def run_child(row: dict, args, ids_file: str) -> dict:
 def rows_for(args, source: Path) -> list[dict]:
     rows = []
     for w in [w for w in args.wren.split(",") if w]:
-        if w != "gguf" and w not in WREN_BITS:
-            raise SystemExit(f"unknown wren weights {w!r}: choose from gguf, {', '.join(WREN_BITS)}")
+        if w not in ("gguf", "gguf-blocks") and w not in WREN_BITS:
+            raise SystemExit(f"unknown wren weights {w!r}: choose from gguf, gguf-blocks, {', '.join(WREN_BITS)}")
         path = wren_weights(source, w)
         rows += [{"engine": "wren", "weights": w, "kv": kv, "path": path} for kv in args.kv.split(",") if kv]
     llama = [t for t in args.llama.split(",") if t]
@@ -223,7 +226,8 @@ def tables(results: list[dict], lengths: list[int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--wren", default="tq4,tq3", help="wren weights: tq4, tq3 (wren quantize), gguf (the source)")
+    ap.add_argument("--wren", default="tq4,tq3", help="wren weights: tq4, tq3 (wren quantize), gguf (the source), "
+                    "gguf-blocks (the source, --low-memory)")
     ap.add_argument("--kv", default="f16,tq3.5", help="wren KV cache types, each a row per weights")
     ap.add_argument("--llama", default="Q4_K_M,Q3_K_M", help="llama.cpp types (requantized from the source)")
     ap.add_argument("--threads", type=int, default=2)

@@ -1,4 +1,5 @@
-"""How far does `wren run`'s int8-level path take a GGUF from its exact weights, beside llama.cpp's own kernels?
+"""How far do `wren run`'s int8 levels (and `--low-memory`'s blocks) take a GGUF from its exact weights, beside
+llama.cpp's own kernels?
 
     python bench/gguf_quality.py                  # the default model, 8 windows of 512 tokens of the book
     python bench/gguf_quality.py --model m.gguf --windows 4 --file text.txt
@@ -6,7 +7,9 @@
 Rows: `exact` (wren.load: the GGUF dequantized to float32, the reference), `int8` (wren.load(int8=True), what
 `wren run` / `wren serve` run: int8 levels and int8 inputs in the compiled kernels), `int8 levels, float
 inputs` (the same levels through the float32 reference path: the levels' own share of the error), and
-`llama.cpp` (llama-cpp-python on the same file, 8-bit activations in its dot products). Each window starts
+`in place, a token at a time` (wren.load(int8=True, in_place=True), what `--low-memory` runs: the first half of
+each window prefilled, the second, which is scored, decoded a forward a token through the kernels that read the
+GGUF's blocks), and `llama.cpp` (llama-cpp-python on the same file, 8-bit activations in its dot products). Each window starts
 with BOS; perplexity scores the second half of each window, as llama.cpp's perplexity does; top-1 agreement
 counts every position. Printed, never asserted (tests/test_gguf_levels.py asserts loose bounds).
 """
@@ -34,6 +37,16 @@ def scores(logits: np.ndarray, tokens: list[int], half: int) -> tuple[list[float
     return nll[half:].tolist(), logits.argmax(-1).numpy()
 
 
+def token_at_a_time(model, x: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits [T, V] of x [1, T]: the first `prefill` positions in one forward, the rest a forward each."""
+    from wren.cache import KVCache
+
+    cache = KVCache(model.specs, 1, x.shape[1] + 1, model.config.sliding_window)
+    logits = [model(x[:, :prefill], cache=cache)[0]]
+    logits += [model(x[:, i:i + 1], cache=cache)[0] for i in range(prefill, x.shape[1])]
+    return torch.cat(logits)
+
+
 def main() -> None:
     import wren
     from wren.quant.linear import reference_path
@@ -49,6 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
     exact, fast = wren.load(path), wren.load(path, int8=True)
+    in_place = wren.load(path, int8=True, in_place=True)
     ids = exact.tokenizer.encode(args.file.read_text(encoding="utf-8", errors="replace"))
     step = args.ctx - 1
     if len(ids) < args.windows * step:
@@ -60,7 +74,7 @@ def main() -> None:
 
         llm = Llama(model_path=str(path), n_ctx=args.ctx, n_batch=args.ctx, n_threads=args.threads,
                     logits_all=True, verbose=False)
-    rows = ["exact", "int8", "int8 levels, float inputs"] + (["llama.cpp"] if llm else [])
+    rows = ["exact", "int8", "int8 levels, float inputs", "in place, a token at a time"] + (["llama.cpp"] if llm else [])
     nll = {r: [] for r in rows}
     tops = {r: [] for r in rows}
     for tokens in windows:
@@ -69,6 +83,7 @@ def main() -> None:
             out = {"exact": exact(x)[0].numpy(), "int8": fast(x)[0].numpy()}
             with reference_path():
                 out["int8 levels, float inputs"] = fast(x)[0].numpy()
+            out["in place, a token at a time"] = token_at_a_time(in_place, x, args.ctx // 2).numpy()
         if llm:
             llm.reset()
             llm.eval(tokens)

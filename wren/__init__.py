@@ -12,15 +12,16 @@ __version__ = "0.1.0"
 from .errors import WrenError  # noqa: E402
 
 
-def load(source=None, *, dtype=None, device="cpu", int8=False):
+def load(source=None, *, dtype=None, device="cpu", int8=False, in_place=False):
     """A model from an HF folder, a .gguf file, or None for the default; call it on [B, T] ids for logits.
     `int8=True` runs a GGUF's quantized weights on the CPU as int8 levels: several times faster decoding,
-    ~0.8% from the exact weights (what `wren run` and `wren serve` do)."""
+    ~0.8% from the exact weights (what `wren run` and `wren serve` do). With `in_place=True` too, the linear
+    layers' blocks are read as the file stores them (`--low-memory`): the GGUF's own footprint."""
     import torch
 
     from .weights.load import load as _load
 
-    return _load(source, dtype=dtype or torch.float32, device=device, int8=int8)
+    return _load(source, dtype=dtype or torch.float32, device=device, int8=int8, in_place=in_place)
 
 
 def stream(model, prompt, *, system=None, raw=False, think=False, **options):

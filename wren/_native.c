@@ -36,6 +36,7 @@
 #endif
 
 #define MAX_GROUP 4096
+enum { GGUF_BASE = 16, BLOCK_INPUT = 32 }; /* gemm's GGUF formats (base + ggml type) and their input's group */
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -99,8 +100,9 @@ VNNI static void fwht(float *a, int n) {
 }
 
 /* x [M, K] fp32 -> xq [M, K] as unsigned bytes (the int8 value + 128, what VNNI multiplies), xs [M, K/group].
-   in_scale [K] (or NULL) divides out the columns' importance scaling; signs [2, group] are the rounds'.
-   group: a power of two, a multiple of 16. Rows in parallel when there are several (prefill). */
+   in_scale [K] (or NULL) divides out the columns' importance scaling; signs [2, group] are the rounds' (NULL:
+   no rotation, the input of a GGUF matrix). group: a power of two, a multiple of 16. Rows in parallel when
+   there are several (prefill). */
 VNNI static void rotate_quantize(const float *x, int M, int K, int group, const float *in_scale, const float *signs,
                                  uint8_t *xq, float *xs, int threads) {
     const int groups = K / group;
@@ -111,17 +113,20 @@ VNNI static void rotate_quantize(const float *x, int M, int K, int group, const 
         for (int g = 0; g < groups; g++) {
             const size_t base = (size_t)m * K + (size_t)g * group;
             for (int i = 0; i < group; i += 16) {
-                __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + base + i), _mm512_loadu_ps(signs + i));
+                __m512 v = _mm512_loadu_ps(x + base + i);
+                if (signs) v = _mm512_mul_ps(v, _mm512_loadu_ps(signs + i));
                 if (in_scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(in_scale + (size_t)g * group + i));
                 _mm512_storeu_ps(buf + i, v);
             }
-            fwht(buf, group);
-            for (int i = 0; i < group; i += 16)
-                _mm512_storeu_ps(buf + i, _mm512_mul_ps(_mm512_loadu_ps(buf + i), _mm512_loadu_ps(signs + group + i)));
-            fwht(buf, group);
+            if (signs) {
+                fwht(buf, group);
+                for (int i = 0; i < group; i += 16)
+                    _mm512_storeu_ps(buf + i, _mm512_mul_ps(_mm512_loadu_ps(buf + i), _mm512_loadu_ps(signs + group + i)));
+                fwht(buf, group);
+            }
             __m512 top = _mm512_setzero_ps();
             for (int i = 0; i < group; i += 16) {
-                const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(buf + i), norm);
+                const __m512 v = signs ? _mm512_mul_ps(_mm512_loadu_ps(buf + i), norm) : _mm512_loadu_ps(buf + i);
                 _mm512_storeu_ps(buf + i, v);
                 top = _mm512_max_ps(top, _mm512_abs_ps(v));
             }
@@ -229,6 +234,8 @@ VNNI static void levels_block(const uint8_t *xq, const float *xs, int M, int K, 
         }
     }
 }
+
+#include "_gguf_blocks.h"
 
 /* --- The same product straight from the packed codes (format CODES) ------------------------------------
    A row's weight is centroid[code] * group scale in the rotated space; the centroids of each run of bits
@@ -531,11 +538,28 @@ VNNI static void signed_input(const uint8_t *xq, int M, int K, int group, int8_t
 VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int count,
                     int threads) {
     int first[MAX_MATRICES + 1] = {0}; /* the first global block of each matrix */
-    int codes = 0, levels = 0;
+    int codes = 0, levels = 0, blocks = 0;
     for (int i = 0; i < count; i++) {
         first[i + 1] = first[i] + (w[i].N + 15) / 16;
         codes |= w[i].format == CODES;
         levels |= w[i].format == LEVELS;
+        blocks |= w[i].format >= GGUF_BASE;
+    }
+    if (blocks) { /* GGUF matrices (all of them: they share an unrotated input) */
+        float *floats = malloc(sizeof(float) * (size_t)M * BLOCK_INPUT_FLOATS(K) + (size_t)M * K);
+        if (!floats) return -1;
+        int8_t *x = (int8_t *)(floats + (size_t)M * BLOCK_INPUT_FLOATS(K));
+        for (int m = 0; m < M; m++)
+            block_input(xq + (size_t)m * K, xs + (size_t)m * (K / BLOCK_INPUT), K, x + (size_t)m * K,
+                        floats + (size_t)m * BLOCK_INPUT_FLOATS(K));
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int b = 0; b < first[count]; b++) {
+            int i = 0;
+            while (b >= first[i + 1]) i++;
+            gguf_block(x, xq, floats, M, K, &w[i], b - first[i]);
+        }
+        free(floats);
+        return 0;
     }
     const int tile_levels = levels && M >= LEVEL_TILE_ROWS;
     int32_t *corr = NULL; /* and the signed input after it */
@@ -1041,6 +1065,14 @@ static int codes_supported(void) {
 
 /* --- Python bindings: addresses and sizes as ints; the caller (native.py) checks shapes and dtypes. --- */
 
+static int blocks_supported(void) {
+#ifdef WREN_X86
+    return cpu_supported() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
 static int need_vnni(void) {
     if (cpu_supported()) return 0;
     PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512 VNNI");
@@ -1133,16 +1165,24 @@ static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     }
     if (as_ints(args, n, n, a) < 0) return NULL;
     if (need_vnni() < 0) return NULL;
-    if (a[4] < 64 || a[4] % 64 || a[4] > MAX_GROUP || a[3] % a[4] || a[6] != (n - 7) / 6) {
-        PyErr_SetString(PyExc_ValueError, "group must be a multiple of 64 up to 4096 that divides K");
+    const int gguf = a[6] == (n - 7) / 6 && a[7] >= GGUF_BASE; /* the first matrix's format */
+    if (gguf ? a[4] != BLOCK_INPUT || a[3] % BLOCK_INPUT
+             : a[4] < 64 || a[4] % 64 || a[4] > MAX_GROUP || a[3] % a[4] || a[6] != (n - 7) / 6) {
+        PyErr_SetString(PyExc_ValueError, gguf ? "a GGUF matrix takes an input quantized per 32 (no rotation)"
+                                               : "group must be a multiple of 64 up to 4096 that divides K");
         return NULL;
     }
 #ifdef WREN_X86
     matrix w[MAX_MATRICES];
     for (int i = 0; i < (int)a[6]; i++) {
         const long long *m = a + 7 + 6 * i;
-        if (m[0] != LEVELS && (m[0] != CODES || !codes_supported() ||
-                               ((const codes_layout *)(intptr_t)m[3])->chunks != a[4] / 64)) {
+        if (gguf != (m[0] >= GGUF_BASE) || (gguf && (!blocks_supported() || !gguf_row_bytes((int)m[0] - GGUF_BASE, (int)a[3])
+                                                     || a[3] % gguf_block_weights((int)m[0] - GGUF_BASE)))) {
+            PyErr_SetString(PyExc_ValueError, "GGUF matrices mixed with others, or of a type or width not read here");
+            return NULL;
+        }
+        if (!gguf && m[0] != LEVELS && (m[0] != CODES || !codes_supported() ||
+                                        ((const codes_layout *)(intptr_t)m[3])->chunks != a[4] / 64)) {
             PyErr_SetString(PyExc_ValueError, "a matrix in a format this CPU does not read, or of another group");
             return NULL;
         }
@@ -1446,6 +1486,28 @@ static PyObject *py_gelu_mul(PyObject *self, PyObject *const *args, Py_ssize_t n
 
 static PyObject *py_supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_supported()); }
 
+static PyObject *py_blocks_supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(blocks_supported()); }
+
+static PyObject *py_gguf_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[6];
+    if (as_ints(args, n, 6, a) < 0) return NULL; /* type, data, N, K, out, threads */
+    if (!blocks_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU does not read GGUF blocks (AVX-512 VNNI, VL and F16C)");
+        return NULL;
+    }
+#ifdef WREN_X86
+    if (a[3] <= 0 || !gguf_row_bytes((int)a[0], (int)a[3]) || a[3] % gguf_block_weights((int)a[0])) {
+        PyErr_SetString(PyExc_ValueError, "a GGUF type not read here, or a width its blocks do not divide");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    gguf_dequantize((int)a[0], (const uint8_t *)(intptr_t)a[1], a[2], (int)a[3], (float *)(intptr_t)a[4],
+                    a[5] > 0 ? (int)a[5] : 1);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"rotate_quantize", (PyCFunction)(void (*)(void))py_rotate_quantize, METH_FASTCALL,
      "rotate_quantize(x, M, K, group, in_scale, signs, xq, xs, threads): addresses and sizes"},
@@ -1479,6 +1541,10 @@ static PyMethodDef methods[] = {
      "scratch_floats(hidden, heads, kv_heads, head_dim, width)"},
     {"gelu_mul", (PyCFunction)(void (*)(void))py_gelu_mul, METH_FASTCALL, "gelu_mul(gate, up, out, n): float32"},
     {"supported", py_supported, METH_NOARGS, "whether this CPU runs gemm (AVX-512 VNNI)"},
+    {"blocks_supported", py_blocks_supported, METH_NOARGS,
+     "whether this CPU runs gemm on GGUF blocks in place (AVX-512 VNNI, VL and F16C)"},
+    {"gguf_dequantize", (PyCFunction)(void (*)(void))py_gguf_dequantize, METH_FASTCALL,
+     "gguf_dequantize(type, data, N, K, out, threads): GGUF blocks to float32"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,6 +38,8 @@ KV_HELP = ("KV cache type: f32, f16, bf16, q8, tq4, tq3.5, tq3, tq2.5, tq2, or K
            "(default: the model's PARAMETER kv_cache, else $WREN_KV_CACHE, else dense in the model's dtype)")
 EXACT_HELP = ("run a GGUF's quantized weights dequantized to float32, exactly, instead of as int8 levels "
               "(slower; the levels are within ~1%% of them)")
+LOW_MEMORY_HELP = ("read a GGUF's linear layers in their own block formats, as stored, instead of as int8 levels: "
+                   "the file's footprint in memory and no level cache on disk, at about llama.cpp's speed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="print timings after each answer")
     run.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP)
     run.add_argument("--exact-weights", action="store_true", help=EXACT_HELP)
+    run.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     _add_sampling(run)
     show = sub.add_parser("show", help="describe a model")
     show.add_argument("model", nargs="?", default=None)
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: the physical cores)")
     bench.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP)
     bench.add_argument("--exact-weights", action="store_true", help=EXACT_HELP)
+    bench.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     ppl = sub.add_parser("perplexity", help="perplexity over a text file, as llama.cpp measures it")
     ppl.add_argument("model", nargs="?", default=None)
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keep-alive", help="how long an idle model stays loaded (5m; -1 forever)")
     serve.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP + "; a request's options.kv_cache wins")
     serve.add_argument("--exact-weights", action="store_true", help=EXACT_HELP)
+    serve.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     return parser
 
 
@@ -138,7 +143,7 @@ def cmd_run(args) -> int:
             prompt = f"{prompt}\n\n{piped}" if prompt else piped
     opts = Options.from_dict(_options(args))
     t0 = time.perf_counter()
-    model = wren.load(source, int8=not args.exact_weights)
+    model = wren.load(source, int8=not args.exact_weights, in_place=args.low_memory)
     load_seconds = time.perf_counter() - t0
     if getattr(model, "defaults", None):  # a stored model's PARAMETERs; flags given here win
         opts = Options.from_dict({**model.defaults, **_options(args)})
@@ -353,7 +358,7 @@ def cmd_bench(args) -> int:
 
     torch.set_num_threads(args.threads or default_threads())
     t0 = time.perf_counter()
-    model = wren.load(args.model, int8=not args.exact_weights)
+    model = wren.load(args.model, int8=not args.exact_weights, in_place=args.low_memory)
     load_s = time.perf_counter() - t0
     r = {"model": args.model or "the default model", "load_s": load_s,
          **bench(model, args.prompt, args.gen, args.repeat, kv_cache=args.kv_cache)}

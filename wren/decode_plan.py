@@ -141,10 +141,11 @@ def _projection(modules, x_width: int) -> list | None:
         return None
     first = modules[0]
     column, column_bytes = first.column_scale()
-    if any((m.cfg.dim, m.cfg.seed, m.column_scale()[1]) != (first.cfg.dim, first.cfg.seed, column_bytes)
-           for m in modules):
+    if any((m.cfg.dim, m.cfg.seed, m.column_scale()[1], m.input_rotated)
+           != (first.cfg.dim, first.cfg.seed, column_bytes, first.input_rotated) for m in modules):
         return None  # not one quantized input for all
-    fields = [first.cfg.dim, column, native._signs(first.cfg.dim, first.cfg.seed)]
+    signs = native._signs(first.cfg.dim, first.cfg.seed) if first.input_rotated else None  # None: GGUF blocks
+    fields = [first.cfg.dim, column, signs]
     for m in modules:
         w = m.native_weight()
         fields += list(w.fields())

@@ -90,7 +90,9 @@ def group_sums(levels: Tensor, group: int) -> Tensor:
     return sums
 
 
-LEVELS, CODES = 0, 1  # the two formats `matmul_many` reads (_native.c `matrix`)
+LEVELS, CODES = 0, 1  # the formats `matmul_many` reads (_native.c `matrix`), and a GGUF's blocks:
+GGUF_BASE, BLOCK_INPUT = 16, 32  # format GGUF_BASE + ggml type, its input quantized per 32, unrotated
+IN_PLACE_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K (_gguf_blocks.h)
 READ_CODES = True  # tests turn it off to run the levels format where the codes one would run
 
 
@@ -113,6 +115,44 @@ class Weight:
     def matmul(self, q: QuantizedInput) -> Tensor:
         """float32 [rows, out]: the quantized input times this weight."""
         return matmul_many(q, (self,))[0]
+
+
+def blocks_readable() -> bool:
+    """Whether `BlocksWeight`s run here: the built module on a CPU with AVX-512 VNNI, VL and F16C."""
+    return available() and _native.blocks_supported()
+
+
+def quantize_blocks(x: Tensor) -> QuantizedInput:
+    """x [rows, width] as a GGUF matrix reads it: int8 per block of BLOCK_INPUT, not rotated."""
+    x = x.float().contiguous()
+    rows, width = x.shape
+    values = torch.empty(rows, width, dtype=torch.uint8)
+    scales = torch.empty(rows, width // BLOCK_INPUT, dtype=torch.float32)
+    _native.rotate_quantize(x.data_ptr(), rows, width, BLOCK_INPUT, 0, 0, values.data_ptr(), scales.data_ptr(),
+                            torch.get_num_threads())
+    return QuantizedInput(values, scales, BLOCK_INPUT)
+
+
+def dequantize_blocks(blocks: Tensor, ggml_type: int, width: int) -> Tensor:
+    """float32 [rows, width] of a GGUF matrix's blocks [rows, row bytes] (`blocks_readable` types)."""
+    out = torch.empty(blocks.shape[0], width, dtype=torch.float32)
+    _native.gguf_dequantize(ggml_type, blocks.contiguous().data_ptr(), blocks.shape[0], width, out.data_ptr(),
+                            torch.get_num_threads())
+    return out
+
+
+class BlocksWeight(Weight):
+    """A GGUF matrix read in place (_native.c, formats GGUF_BASE + ggml type; `_gguf_blocks.h`): its blocks
+    [out, row bytes] as stored in the file, 4.5-8.5 bits a weight, nothing converted at load."""
+
+    def __init__(self, blocks: Tensor, ggml_type: int, width: int):
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous() or ggml_type not in IN_PLACE_TYPES:
+            raise ValueError(f"blocks {tuple(blocks.shape)} {blocks.dtype} of ggml type {ggml_type} are not read in place")
+        self.blocks, self.ggml_type = blocks, ggml_type
+        self.out, self.width, self.group = blocks.shape[0], width, BLOCK_INPUT
+
+    def fields(self) -> tuple:
+        return GGUF_BASE + self.ggml_type, self.blocks, self.blocks, self.blocks
 
 
 class CodesWeight(Weight):

@@ -45,6 +45,9 @@ def _read_bytes(module: nn.Module) -> int:
     from . import native
     from .quant import linear as tq
 
+    blocks = getattr(module, "blocks", None)
+    if isinstance(module, tq.TQWeight) and isinstance(blocks, torch.Tensor):  # a GGUF's blocks, read as stored
+        return blocks.nbytes
     if isinstance(module, tq.TQWeight):
         device = next(module.buffers()).device  # (codes, or levels alone: quant/levels.py)
         on_cpu_fast = tq._fast_paths and device.type == "cpu" and module.cfg.rotation == "hadamard"

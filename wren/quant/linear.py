@@ -97,6 +97,8 @@ def _version(x: torch.Tensor) -> int | None:
 class TQWeight(nn.Module):
     """Codes and scales of a [out, in] matrix, and the two things a model does with one."""
 
+    input_rotated = True  # the compiled kernels' input is rotated per group (not so for GGUF blocks)
+
     def __init__(self, out_features: int, in_features: int, bits: float, group: int, seed: int,
                  input_scaled: bool = False):
         super().__init__()

@@ -47,6 +47,7 @@ class Settings:
     keep_alive: float | None = 300.0
     kv_cache: str | None = None
     exact_weights: bool = False  # --exact-weights: GGUF weights dequantized, not run as int8 levels
+    low_memory: bool = False  # --low-memory: GGUF linear layers read in their block formats, in place
 
 
 def parse_host(value: str | None) -> tuple[str, int]:
@@ -163,7 +164,7 @@ def create_app(settings: Settings | None = None, store=None) -> Starlette:
     metrics = Metrics()
     manager = Manager(store, parallel=settings.parallel, max_queue=settings.max_queue, max_loaded=settings.max_loaded,
                       memory_budget=settings.memory_budget, metrics=metrics, kv_cache=settings.kv_cache,
-                      int8=not settings.exact_weights)
+                      int8=not settings.exact_weights, in_place=settings.low_memory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -212,7 +213,8 @@ def settings_from_args(args) -> Settings:
                     parallel=getattr(args, "parallel", None) or int(env.get("WREN_NUM_PARALLEL", 4)),
                     max_loaded=getattr(args, "max_loaded_models", None) or int(env.get("WREN_MAX_LOADED_MODELS", 3)),
                     keep_alive=parse_keep_alive(getattr(args, "keep_alive", None) or env.get("WREN_KEEP_ALIVE")),
-                    kv_cache=kv, exact_weights=bool(getattr(args, "exact_weights", False)))
+                    kv_cache=kv, exact_weights=bool(getattr(args, "exact_weights", False)),
+                    low_memory=bool(getattr(args, "low_memory", False)))
 
 
 def serve(args) -> int:

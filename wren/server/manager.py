@@ -78,10 +78,10 @@ def _total_memory() -> int:
 class Manager:
     def __init__(self, store, *, parallel: int = 4, max_queue: int = 512, max_loaded: int = 3,
                  memory_budget: int | None = None, default_ctx: int = 4096, metrics=None, kv_cache: str | None = None,
-                 int8: bool = True):
+                 int8: bool = True, in_place: bool = False):
         self.store, self.parallel, self.max_queue = store, parallel, max_queue
         self.kv_cache = kv_cache  # the server's default cache type (--kv-cache); a model's PARAMETER wins
-        self.int8 = int8  # GGUF weights as int8 levels on the CPU (wren.load's int8)
+        self.int8, self.in_place = int8, in_place  # how GGUF weights run on the CPU (wren.load's int8, in_place)
         self.max_loaded = max(1, max_loaded)
         self.budget = memory_budget or int(_total_memory() * 0.75)
         self.default_ctx, self.metrics = default_ctx, metrics
@@ -129,7 +129,8 @@ class Manager:
         params = resolved.parameters or {}
         ctx = int(num_ctx or params.get("num_ctx") or self.default_ctx)
         t0 = time.perf_counter()
-        model = await in_own_thread(wren.load, resolved.model_path, int8=self.int8)  # (threads.py says why)
+        model = await in_own_thread(wren.load, resolved.model_path, int8=self.int8,  # (threads.py says why)
+                                    in_place=self.in_place)
         if model.tokenizer is None:
             raise WrenError(f"{resolved.name} has no tokenizer; it cannot be served")
         ctx = max(1, min(ctx, model.config.max_position_embeddings))

@@ -22,7 +22,7 @@ from ..models import ARCHITECTURES
 from ..quant import folder as quant_folder
 from .. import tokenizer_cache
 from ..tokenizer import Tokenizer
-from . import gguf_levels
+from . import gguf_blocks, gguf_levels
 from .gguf import GGUFFile, config_dict, tokenizer_metadata, wren_name
 from .gguf_quants import dequantize
 from .safetensors import json_object, open_checkpoint
@@ -72,11 +72,13 @@ def resolve(source: str | os.PathLike | None) -> Path:
 
 
 def load(source=None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         int8: bool = False) -> torch.nn.Module:
+         int8: bool = False, in_place: bool = False) -> torch.nn.Module:
     """Load a model; the returned module maps [B, T] token ids to [B, T, V] logits and carries
     `.tokenizer`, `.chat_template`, `.source`, `.tensor_types` and `.notes`. With `int8`, a GGUF loaded on
     the CPU runs its quantized weights as int8 levels (`gguf_levels.py`: ~0.8% from the exact weights,
-    several times faster); without, they are dequantized to `dtype`, exactly."""
+    several times faster); without, they are dequantized to `dtype`, exactly. `in_place` (with `int8`) reads the
+    linear layers' blocks as the file stores them instead (`gguf_blocks.py`): the GGUF's own footprint,
+    ~llama.cpp's speed."""
     from ..store.hook import attach, lookup  # a model name such as gemma3:270m, and the default model
 
     stored = lookup(source)
@@ -84,7 +86,8 @@ def load(source=None, *, dtype: torch.dtype = torch.float32, device: str | torch
     if path.is_dir():
         model = _load_hf_folder(path, dtype)
     else:
-        model = _load_gguf(path, dtype, int8 and torch.device(device).type == "cpu")
+        cpu = torch.device(device).type == "cpu"
+        model = _load_gguf(path, dtype, int8 and cpu, in_place and int8 and cpu)
     model.source = path
     if stored is not None:
         attach(model, stored)
@@ -224,7 +227,7 @@ def _hf_chat_template(folder: Path) -> str | None:
     return None
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, int8: bool = False) -> torch.nn.Module:
+def _load_gguf(path: Path, dtype: torch.dtype, int8: bool = False, in_place: bool = False) -> torch.nn.Module:
     gf = GGUFFile(path)
     cfg = _make_config(config_dict(gf), path)
     norm_shift = 1.0 if cfg.model_type == "gemma3" else 0.0  # llama.cpp stores Gemma 3 norms as 1 + w
@@ -245,19 +248,24 @@ def _load_gguf(path: Path, dtype: torch.dtype, int8: bool = False) -> torch.nn.M
             table = RowTable(info.shape[0], info.shape[1], raw=gf.raw(info.name), ggml_type=info.ggml_type)
         elif name is not None:
             tensors[name] = (info.shape, getter(info, name))
-    chosen = {}
+    chosen, blocks = {}, {}
 
-    def swap(model):  # int8: the quantized weights as levels, from the level cache
+    def swap(model):  # int8: the linear layers' blocks in place, the other quantized weights as levels
         infos = {wren_name(i.name): i for i in gf.tensors.values()}
+        blocks.update(gguf_blocks.choose(model, infos) if in_place else {})
+        gguf_blocks.install(model, blocks)
         chosen.update(gguf_levels.choose(model, infos))
         gguf_levels.install(model, chosen)
-        for name in chosen:
+        for name in (*blocks, *chosen):
             del tensors[f"{name}.weight"]
+        tensors.update(gguf_blocks.tensors(gf, blocks))
         with torch.device("cpu"):  # (swap runs on the meta device; the levels are real)
             tensors.update(gguf_levels.tensors(path, gf, chosen))
 
     model = _build(cfg, tensors, dtype, table, swap=swap if int8 else None)
     gguf_levels.attach_rows(model, gf, chosen)
+    if blocks:
+        model.notes.append(f"{len(blocks)} quantized GGUF layers run in place, in their block formats")
     if chosen:
         model.notes.append(f"{len(chosen)} quantized GGUF weights run as int8 levels (exact ones: --exact-weights)")
     model.storage_bits = {wren_name(i.name): i.nbytes * 8 / max(1, math.prod(i.shape)) for i in gf.tensors.values()}

@@ -1,0 +1,377 @@
+/* A GGUF's quantized weights multiplied in place: the formats GGUF_BASE + ggml type of `gemm` (_native.c).
+
+   llama.cpp's block formats hold each run of 32 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or 256 (Q4_K, Q5_K, Q6_K)
+   weights as small unsigned integers q with a float scale, and an offset, per block or sub-block:
+     w = ws * q + wo      (ws, wo per 32 weights; Q6_K's per 16)
+   so a row times an input x is  sum_blocks ws * <q, x> + wo * sum(x).  The input is quantized per block of
+   32, unrotated (rotate_quantize without signs): x = xs * xi with xi int8. Each row is read once, as stored
+   (4.5-8.5 bits a weight), its q unpacked to bytes in registers 64 at a time, and VNNI multiplies those
+   unsigned bytes by the signed input: <q, xi> per 4 weights in each 32-bit lane. A lane is then scaled by
+   its block's ws (a vector of the blocks' scales, permuted to their lanes) times its xs (`lanes`, made once
+   per input row). Offsets that are a fixed multiple of ws (Q4_0's -8 ws, Q5_0's -16 ws) are one more VNNI
+   product, of that multiple with the input; Q8_0's signed q takes the unsigned input xi + 128 and drops
+   128 * sum(q) the same way; the others' (K-quant mins, Q6_K's -32 ws) take the input's sums per sub-block
+   as a vector per super-block.
+
+   The layouts are ggml's (ggml-common.h), as wren/weights/gguf_quants.py decodes them. */
+
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+#define BLOCKS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
+
+/* (weights, bytes) of one block of a ggml type gemm reads in place; 0 weights for any other type. */
+static void gguf_block_size(int type, int *weights, int *bytes) {
+    static const short sizes[][3] = {{T_Q4_0, 32, 18}, {T_Q4_1, 32, 20}, {T_Q5_0, 32, 22}, {T_Q5_1, 32, 24},
+                                     {T_Q8_0, 32, 34}, {T_Q4_K, 256, 144}, {T_Q5_K, 256, 176}, {T_Q6_K, 256, 210}};
+    *weights = *bytes = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
+        if (sizes[i][0] == type) *weights = sizes[i][1], *bytes = sizes[i][2];
+}
+
+static int gguf_block_weights(int type) {
+    int weights, bytes;
+    gguf_block_size(type, &weights, &bytes);
+    return weights;
+}
+
+static size_t gguf_row_bytes(int type, int K) {
+    int weights, bytes;
+    gguf_block_size(type, &weights, &bytes);
+    return weights ? (size_t)K / weights * bytes : 0;
+}
+
+BLOCKS static inline float half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* One input row as the GGUF formats read it (block_input makes them once per row). */
+typedef struct {
+    const int8_t *x;     /* [K] the int8 input xi */
+    const uint8_t *xu;   /* [K] xi + 128, VNNI's unsigned operand (the quantized input as given) */
+    const float *lanes;  /* [K / 4] xs of each 4-weight lane */
+    const float *sums16; /* [K / 16] xs * the sum of xi over each run of 16 */
+    const float *sums32; /* [K / 32] the same over each block of 32 */
+} block_in;
+
+/* Floats block_input writes per input row of K (besides K bytes of x). */
+#define BLOCK_INPUT_FLOATS(K) ((K) / 4 + (K) / 16 + (K) / 32)
+
+BLOCKS static void block_input(const uint8_t *xq, const float *xs, int K, int8_t *x, float *floats) {
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    float *lanes = floats, *sums16 = lanes + K / 4, *sums32 = sums16 + K / 16;
+    for (int i = 0; i < K; i += 16) {
+        const __m128i u = _mm_loadu_si128((const __m128i *)(xq + i));
+        _mm_storeu_si128((__m128i *)(x + i), _mm_xor_si128(u, flip));
+        const __m128i wide = _mm_sad_epu8(u, _mm_setzero_si128());
+        const float scale = xs[i / 32];
+        sums16[i / 16] = scale * (float)(_mm_extract_epi16(wide, 0) + _mm_extract_epi16(wide, 4) - 16 * 128);
+        _mm_storeu_ps(lanes + i / 4, _mm_set1_ps(scale));
+    }
+    for (int b = 0; b < K / 32; b++) sums32[b] = sums16[2 * b] + sums16[2 * b + 1];
+}
+
+/* 32 weights' q of a 16-byte run of nibbles: the low nibbles are weights 0-15, the high ones 16-31. */
+BLOCKS static inline __m256i nibbles32(const uint8_t *qs) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+/* q (bytes) of one block of 32 of the 32-weight formats, its ws and wo (Q8_0's q as q + 128). */
+BLOCKS static inline __attribute__((always_inline)) __m256i block32(int type, const uint8_t *p, float *ws, float *wo) {
+    uint32_t qh;
+    switch (type) {
+    case T_Q8_0:
+        *ws = half(p), *wo = -128.0f * *ws;
+        return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_epi8((char)0x80));
+    case T_Q4_0:
+        *ws = half(p), *wo = -8.0f * *ws;
+        return nibbles32(p + 2);
+    case T_Q4_1:
+        *ws = half(p), *wo = half(p + 2);
+        return nibbles32(p + 4);
+    case T_Q5_0:
+        memcpy(&qh, p + 2, 4);
+        *ws = half(p), *wo = -16.0f * *ws;
+        return _mm256_or_si256(nibbles32(p + 6), _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
+    default: /* T_Q5_1 */
+        memcpy(&qh, p + 4, 4);
+        *ws = half(p), *wo = half(p + 2);
+        return _mm256_or_si256(nibbles32(p + 8), _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
+    }
+}
+
+/* The fp16 scales at p0 and p1 as a vector: lanes 0-7 the first, 8-15 the second (two blocks of 32). */
+BLOCKS static inline __m512 pair_scales(const uint8_t *p0, const uint8_t *p1) {
+    uint16_t h0, h1;
+    memcpy(&h0, p0, 2), memcpy(&h1, p1, 2);
+    const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | (uint32_t)h1 << 16)));
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d));
+}
+
+/* f + the 16 lanes of acc, each times its ws (`scales`) and xs: the step every format ends a chunk of 64 with. */
+BLOCKS static inline __m512 scaled(__m512 f, __m512i acc, __m512 scales, const float *lanes) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(scales, _mm512_loadu_ps(lanes)), f);
+}
+
+/* Q8_0, Q4_0 and Q5_0, whose offset is a fixed multiple of ws: two blocks of 32 a step, their q made in one
+   512-bit register; an odd last block is the generic loop's (row_blocks32). */
+BLOCKS static inline __attribute__((always_inline)) float row_fixed_offset(int type, const uint8_t *row, int K,
+                                                                          const block_in *in, int *done) {
+    int weights, bytes;
+    gguf_block_size(type, &weights, &bytes);
+    const __m512i zero = _mm512_setzero_si512(), mask = _mm512_set1_epi8(0x0F);
+    const __m512i bias = _mm512_set1_epi8((char)(type == T_Q8_0 ? 0x80 : type == T_Q5_0 ? 16 : 8));
+    __m512 f = _mm512_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= K / 32; b += 2) {
+        const uint8_t *p0 = row + (size_t)b * bytes, *p1 = p0 + bytes;
+        __m512i acc;
+        if (type == T_Q8_0) { /* <xi + 128, q> - <128, q> */
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
+                                                 _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
+            acc = _mm512_sub_epi32(dpbusd(zero, _mm512_loadu_si512(in->xu + 32 * b), q), dpbusd(zero, bias, q));
+        } else { /* <q, xi> - <8 or 16, xi> */
+            const int at = type == T_Q5_0 ? 6 : 2;
+            const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p0 + at))),
+                                                      _mm_loadu_si128((const __m128i *)(p1 + at)), 1);
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+            /* [low 0 | low 1 | high 0 | high 1] -> [low 0 | high 0 | low 1 | high 1]: weights in order */
+            __m512i q = _mm512_and_si512(_mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0)), mask);
+            if (type == T_Q5_0) {
+                uint32_t h0, h1;
+                memcpy(&h0, p0 + 2, 4), memcpy(&h1, p1 + 2, 4);
+                q = _mm512_or_si512(q, _mm512_maskz_mov_epi8((uint64_t)h0 | (uint64_t)h1 << 32, _mm512_set1_epi8(0x10)));
+            }
+            const __m512i x = _mm512_loadu_si512(in->x + 32 * b);
+            acc = _mm512_sub_epi32(dpbusd(zero, q, x), dpbusd(zero, bias, x));
+        }
+        f = scaled(f, acc, pair_scales(p0, p1), in->lanes + 8 * b);
+    }
+    *done = b;
+    return _mm512_reduce_add_ps(f);
+}
+
+/* Blocks [first, K / 32) of a row of a 32-weight format, one at a time: ws * <q, xi> * xs + wo * sum(x). */
+BLOCKS static inline __attribute__((always_inline)) float row_blocks32(int type, const uint8_t *row, int K, int first,
+                                                                      const block_in *in) {
+    int weights, bytes;
+    gguf_block_size(type, &weights, &bytes);
+    float total = 0.0f;
+    for (int b = first; b < K / 32; b++) {
+        float ws, wo;
+        const __m256i q = block32(type, row + (size_t)b * bytes, &ws, &wo);
+        const __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, _mm256_loadu_si256((const __m256i *)(in->x + 32 * b)));
+        const __m128i pair = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        const __m128i two = _mm_add_epi32(pair, _mm_shuffle_epi32(pair, _MM_SHUFFLE(1, 0, 3, 2)));
+        const int dot = _mm_cvtsi128_si32(two) + _mm_extract_epi32(two, 1);
+        total += ws * in->lanes[8 * b] * (float)dot + wo * in->sums32[b];
+    }
+    return total;
+}
+
+/* Q4_K / Q5_K: 8 six-bit scales and mins of a super-block's 12 bytes. */
+static inline void k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+/* 8 bytes as 8 floats in the low half of a vector. */
+BLOCKS static inline __m512 bytes_as_floats(const uint8_t *b) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b)));
+}
+
+/* q of a Q4_K / Q5_K super-block's run c (0-3) of 32 bytes of nibbles: the low ones sub-block 2c, the high
+   ones 2c + 1; Q5_K's bit 4 of weight j of sub-block k is bit k of qh[j]. */
+BLOCKS static inline __attribute__((always_inline)) void k45_run(const uint8_t *p, int five, int c, __m256i *lo,
+                                                                __m256i *hi) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + (five ? 48 : 16) + 32 * c));
+    *lo = _mm256_and_si256(v, mask), *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    if (five) {
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 16));
+        *lo = _mm256_or_si256(*lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+        *hi = _mm256_or_si256(*hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+    }
+}
+
+/* One row of Q4_K or Q5_K times one input row, a super-block of 256 at a time: its 8 scales d * sc as a
+   vector, each run's two permuted to their lanes; its mins' offset, dmin * mn . sums32, as a vector too. */
+BLOCKS static inline __attribute__((always_inline)) float row_q45_k(int type, const uint8_t *row, int K,
+                                                                   const block_in *in) {
+    const int five = type == T_Q5_K, bytes = five ? 176 : 144;
+    __m512 f = _mm512_setzero_ps(), offset = _mm512_setzero_ps();
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *p = row + (size_t)sb * bytes;
+        uint8_t sc[8], mn[8];
+        k_scales(p + 4, sc, mn);
+        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half(p)), bytes_as_floats(sc));
+        const __m512 mins = _mm512_mul_ps(_mm512_set1_ps(half(p + 2)), bytes_as_floats(mn));
+        offset = _mm512_mask3_fmadd_ps(mins, _mm512_maskz_loadu_ps(0xFF, in->sums32 + 8 * sb), offset, 0xFF);
+        for (int c = 0; c < 4; c++) {
+            __m256i lo, hi;
+            k45_run(p, five, c, &lo, &hi);
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            const __m512i acc = dpbusd(_mm512_setzero_si512(), q, _mm512_loadu_si512(in->x + 256 * sb + 64 * c));
+            const __m512i runs = _mm512_set_epi32(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1,
+                                                  2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c, 2 * c);
+            f = scaled(f, acc, _mm512_permutexvar_ps(runs, scales), in->lanes + 64 * sb + 16 * c);
+        }
+    }
+    return _mm512_reduce_add_ps(f) - _mm512_reduce_add_ps(offset);
+}
+
+/* q of a Q6_K super-block's half h (128 weights) in four runs of 32: 64 bytes of low nibbles (bytes 0-31:
+   weights 0-31 low, 64-95 high; bytes 32-63: 32-63 low, 96-127 high) and 32 bytes of 2-bit high parts (bits
+   2k-2k+1 of byte j: weight 32k + j); w = d * sc[w / 16] * (q - 32). */
+BLOCKS static inline __attribute__((always_inline)) void q6_half(const uint8_t *p, int h, __m256i q[4]) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+    const uint8_t *ql = p + 64 * h;
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    q[0] = _mm256_and_si256(l0, mask), q[1] = _mm256_and_si256(l1, mask);
+    q[2] = _mm256_and_si256(_mm256_srli_epi16(l0, 4), mask), q[3] = _mm256_and_si256(_mm256_srli_epi16(l1, 4), mask);
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three), 4));
+}
+
+/* One row of Q6_K times one input row: per super-block its 16 scales d * sc as a vector, four of them
+   permuted to each chunk's lanes, and the offset -32 * scales . sums16. */
+BLOCKS static float row_q6_k(const uint8_t *row, int K, const block_in *in) {
+    __m512 f = _mm512_setzero_ps(), offset = _mm512_setzero_ps();
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *p = row + (size_t)sb * 210;
+        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 208)),
+                                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192)))));
+        offset = _mm512_fmadd_ps(scales, _mm512_loadu_ps(in->sums16 + 16 * sb), offset);
+        for (int h = 0; h < 2; h++) {
+            __m256i q[4];
+            q6_half(p, h, q);
+            for (int c = 0; c < 2; c++) {
+                const int r = 8 * h + 4 * c; /* the chunk's first run of 16 in the super-block */
+                const __m512i q64 = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * c]), q[2 * c + 1], 1);
+                const __m512i acc = dpbusd(_mm512_setzero_si512(), q64, _mm512_loadu_si512(in->x + 256 * sb + 64 * (2 * h + c)));
+                const __m512i runs = _mm512_set_epi32(r + 3, r + 3, r + 3, r + 3, r + 2, r + 2, r + 2, r + 2, r + 1, r + 1,
+                                                      r + 1, r + 1, r, r, r, r);
+                f = scaled(f, acc, _mm512_permutexvar_ps(runs, scales), in->lanes + 64 * sb + 16 * (2 * h + c));
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(f) - 32.0f * _mm512_reduce_add_ps(offset);
+}
+
+BLOCKS static inline __attribute__((always_inline)) float row_32(int type, const uint8_t *row, int K, const block_in *in) {
+    int done = 0;
+    float total = 0.0f;
+    if (type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0) total = row_fixed_offset(type, row, K, in, &done);
+    return total + row_blocks32(type, row, K, done, in);
+}
+
+BLOCKS static float gguf_row(int type, const uint8_t *row, int K, const block_in *in) {
+    switch (type) { /* each its own copy, the type a constant */
+    case T_Q6_K: return row_q6_k(row, K, in);
+    case T_Q4_K: return row_q45_k(T_Q4_K, row, K, in);
+    case T_Q5_K: return row_q45_k(T_Q5_K, row, K, in);
+    case T_Q8_0: return row_32(T_Q8_0, row, K, in);
+    case T_Q4_0: return row_32(T_Q4_0, row, K, in);
+    case T_Q4_1: return row_32(T_Q4_1, row, K, in);
+    case T_Q5_0: return row_32(T_Q5_0, row, K, in);
+    default: return row_32(T_Q5_1, row, K, in);
+    }
+}
+
+/* The input rows as block_in: x [M, K], xq [M, K], floats [M, BLOCK_INPUT_FLOATS(K)]. */
+static inline block_in input_row(const int8_t *x, const uint8_t *xq, const float *floats, int K, int m) {
+    const float *lanes = floats + (size_t)m * BLOCK_INPUT_FLOATS(K);
+    return (block_in){x + (size_t)m * K, xq + (size_t)m * K, lanes, lanes + K / 4, lanes + K / 4 + K / 16};
+}
+
+/* Rows [n0, n0 + 16) of a GGUF matrix (or its last, shorter block) for every input row. */
+BLOCKS static void gguf_block(const int8_t *x, const uint8_t *xq, const float *floats, int M, int K, const matrix *w,
+                              int b) {
+    const int type = w->format - GGUF_BASE, n0 = b * 16, n1 = w->N - n0 < 16 ? w->N : n0 + 16;
+    const size_t row_bytes = gguf_row_bytes(type, K);
+    for (int m = 0; m < M; m++) {
+        const block_in in = input_row(x, xq, floats, K, m);
+        for (int n = n0; n < n1; n++)
+            w->y[(size_t)m * w->N + n] = gguf_row(type, (const uint8_t *)w->data + (size_t)n * row_bytes, K, &in);
+    }
+}
+
+/* --- Dequantizing (prefill: PyTorch's float32 matmul on a slice of rows, wren/quant/blocks.py) ---------- */
+
+/* out[0..15] = ws * q + wo for 16 weights' q (bytes), one rounding each (as the dequantized weight). */
+BLOCKS static inline void put16(float *out, __m128i q, float ws, float wo) {
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), _mm512_set1_ps(ws),
+                                          _mm512_set1_ps(wo)));
+}
+
+BLOCKS static inline void put32(float *out, __m256i q, float ws, float wo) {
+    put16(out, _mm256_castsi256_si128(q), ws, wo);
+    put16(out + 16, _mm256_extracti128_si256(q, 1), ws, wo);
+}
+
+/* One row of a GGUF matrix [K] as float32 (wren/weights/gguf_quants.py's dequantize, to the last bit but for
+   K-quant scales, whose two products it rounds once). */
+BLOCKS static inline __attribute__((always_inline)) void dequantize_row(int type, const uint8_t *row, int K,
+                                                                         float *out) {
+    if (type == T_Q4_K || type == T_Q5_K) {
+        const int five = type == T_Q5_K;
+        for (int sb = 0; sb < K / 256; sb++, out += 256) {
+            const uint8_t *p = row + (size_t)sb * (five ? 176 : 144);
+            const float d = half(p), dmin = half(p + 2);
+            uint8_t sc[8], mn[8];
+            k_scales(p + 4, sc, mn);
+            for (int c = 0; c < 4; c++) {
+                __m256i lo, hi;
+                k45_run(p, five, c, &lo, &hi);
+                put32(out + 64 * c, lo, d * sc[2 * c], -dmin * mn[2 * c]);
+                put32(out + 64 * c + 32, hi, d * sc[2 * c + 1], -dmin * mn[2 * c + 1]);
+            }
+        }
+    } else if (type == T_Q6_K) {
+        for (int sb = 0; sb < K / 256; sb++, out += 256) {
+            const uint8_t *p = row + (size_t)sb * 210;
+            const int8_t *sc = (const int8_t *)(p + 192);
+            const float d = half(p + 208);
+            for (int h = 0; h < 2; h++) {
+                __m256i q[4];
+                q6_half(p, h, q);
+                for (int k = 0; k < 4; k++) {
+                    const int r = 8 * h + 2 * k; /* the run of 32's first run of 16 */
+                    const float a = d * sc[r], b = d * sc[r + 1];
+                    put16(out + 128 * h + 32 * k, _mm256_castsi256_si128(q[k]), a, -32.0f * a);
+                    put16(out + 128 * h + 32 * k + 16, _mm256_extracti128_si256(q[k], 1), b, -32.0f * b);
+                }
+            }
+        }
+    } else {
+        int weights, bytes;
+        gguf_block_size(type, &weights, &bytes);
+        for (int b = 0; b < K / 32; b++) {
+            float ws, wo;
+            const __m256i q = block32(type, row + (size_t)b * bytes, &ws, &wo);
+            put32(out + 32 * b, q, ws, wo);
+        }
+    }
+}
+
+/* rows [N, row bytes] of a GGUF matrix -> out [N, K] float32, rows in parallel. */
+BLOCKS static void gguf_dequantize(int type, const uint8_t *data, long long N, int K, float *out, int threads) {
+    const size_t row_bytes = gguf_row_bytes(type, K);
+#pragma omp parallel for schedule(static) num_threads(threads) if (N >= 16)
+    for (long long n = 0; n < N; n++) {
+        switch (type) { /* each its own copy, the type a constant */
+        case T_Q8_0: dequantize_row(T_Q8_0, data + (size_t)n * row_bytes, K, out + (size_t)n * K); break;
+        case T_Q5_0: dequantize_row(T_Q5_0, data + (size_t)n * row_bytes, K, out + (size_t)n * K); break;
+        case T_Q4_K: dequantize_row(T_Q4_K, data + (size_t)n * row_bytes, K, out + (size_t)n * K); break;
+        case T_Q6_K: dequantize_row(T_Q6_K, data + (size_t)n * row_bytes, K, out + (size_t)n * K); break;
+        default: dequantize_row(type, data + (size_t)n * row_bytes, K, out + (size_t)n * K);
+        }
+    }
+}

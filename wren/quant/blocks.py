@@ -1,0 +1,99 @@
+"""A GGUF's linear layers multiplied in place, in the file's own block formats (Q4_0 ... Q6_K).
+
+Int8 levels (`levels.py`) read 8 bits a weight, so a Q4_K_M model held as levels takes ~1.8x its file in
+memory, and as much again in the level cache on disk. `BlocksLinear` keeps the GGUF's blocks as stored
+(mapped from the file: 4.5-6.5 bits a weight for Q4_K/Q5_0/Q6_K) and the compiled kernels multiply them
+there for a few input rows (decode; `_gguf_blocks.h`), with the input quantized to int8 per block of 32,
+as llama.cpp's kernels do. Prefill (PREFILL_ROWS rows or more) dequantizes a slice of rows at a time and
+takes PyTorch's float32 matmul, which for many rows is the faster of the two.
+
+The module is a TurboQuant module to the rest of wren (`linears`, the decode plan), with an unrotated input
+(`input_rotated` False). It runs on the CPU only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import native
+from ..weights.gguf_quants import dequantize
+from . import linear as linear_mod
+from .linear import TQLinear, group_config
+
+PREFILL_ROWS = 8  # input rows from which the float32 matmul on dequantized rows is faster (bench/decode.py)
+CHUNK_WEIGHTS = 1 << 22  # weights dequantized at a time for that matmul
+
+
+def as_tensor(raw: np.ndarray, rows: int) -> torch.Tensor:
+    """A GGUF tensor's bytes (a read-only view of the mapped file) as uint8 [rows, row bytes], not copied:
+    nothing writes to it."""
+    with warnings.catch_warnings():  # torch warns that the array is read-only; the kernels only read it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw).reshape(rows, -1)
+
+
+class BlocksLinear(TQLinear):
+    """nn.Linear(in, out, bias=False) held as a GGUF tensor's blocks [out, row bytes] of `ggml_type`."""
+
+    input_rotated = False
+
+    def __init__(self, out_features: int, in_features: int, ggml_type: int, row_bytes: int):
+        nn.Module.__init__(self)  # not TQWeight's: it would allocate codes
+        self.out_features, self.in_features, self.ggml_type = out_features, in_features, ggml_type
+        self.bits, self.group, self.seed = 8, native.BLOCK_INPUT, 0
+        self.cfg = group_config(8, native.BLOCK_INPUT, 0)
+        self.register_buffer("blocks", torch.zeros(out_features, row_bytes, dtype=torch.uint8))
+        self.input_scale = self.codes = self.scales = None
+        self._native = None
+        self._column_scale = None
+
+    def bits_per_weight(self) -> float:
+        return self.blocks.shape[1] * 8 / self.in_features
+
+    def takes_native(self, x: torch.Tensor) -> bool:
+        """The compiled kernels take a CPU input of under PREFILL_ROWS rows that needs no gradient."""
+        return (linear_mod._fast_paths and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+                and x.numel() < PREFILL_ROWS * self.in_features and native.blocks_readable())
+
+    def native_input(self, x: torch.Tensor) -> native.QuantizedInput:
+        return linear_mod._once_per_input("native", x, self._input_key(x, None),
+                                          lambda: native.quantize_blocks(x.reshape(-1, self.in_features)))
+
+    def _input_key(self, x: torch.Tensor, column_bytes) -> tuple:
+        return ("blocks", native.BLOCK_INPUT, linear_mod._version(x))
+
+    def native_weight(self) -> native.BlocksWeight:
+        if self._native is None or self._native.blocks is not self.blocks:
+            self._native = native.BlocksWeight(self.blocks, self.ggml_type, self.in_features)
+        return self._native
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError("GGUF blocks run on the CPU; load the model with its exact weights for CUDA")
+        if self.takes_native(x):
+            y = self.native_weight().matmul(self.native_input(x))
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        flat = x.reshape(-1, self.in_features).float()
+        step = max(1, CHUNK_WEIGHTS // self.in_features)
+        parts = [F.linear(flat, self._dequantized(start, start + step)) for start in range(0, self.out_features, step)]
+        return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _dequantized(self, start: int, stop: int) -> torch.Tensor:
+        part = self.blocks[start:stop]
+        if native.blocks_readable():  # the kernels' own unpacking: ~10x PyTorch's
+            return native.dequantize_blocks(part, self.ggml_type, self.in_features)
+        return dequantize(part.numpy().reshape(-1), self.ggml_type, (part.shape[0], self.in_features))
+
+    def dense(self) -> torch.Tensor:
+        return self._dequantized(0, self.out_features)
+
+    def rotated_weight(self, dtype: torch.dtype) -> torch.Tensor:  # the input is not rotated: the weight itself
+        return self.dense().to(dtype)
+
+    def int8_levels(self):
+        raise RuntimeError("GGUF blocks have no int8 levels; they run through native.BlocksWeight")
