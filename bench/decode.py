@@ -6,7 +6,8 @@
 
 Rows: wren with each of --wren's weights (`tq4`, `tq3`: what `wren quantize --bits 4|3` writes, made once and
 cached; `gguf`: the source GGUF as `wren run` loads it, its quantized weights as int8 levels; `gguf-blocks`: as
-`wren run --low-memory` loads it, its linear layers read in their block formats) under each of --kv's cache types, and llama-cpp-python with
+`wren run --low-memory` loads it, its linear layers read in their block formats) under each of --kv's cache
+types, and llama-cpp-python with
 each of --llama's types (llama.cpp's own requantization of the same weights, cached; see _llama_requant.py).
 Each repeat of a row is a fresh child process (so load time and peak RSS are its own): it loads the model,
 warms up on 32 tokens, then for each --prompt-tokens length prefills that prompt into a fresh cache (chunks
@@ -36,7 +37,8 @@ import _llama_requant  # noqa: E402
 
 CHUNK = 512  # llama.cpp's n_batch: wren prefills in chunks of the same size (generation.PREFILL_CHUNK)
 WREN_BITS = {"tq4": 4, "tq3": 3}  # weights made by `wren quantize --bits N` (its default recipe)
-PAIRS = {"tq4": "Q4_K_M", "tq3": "Q3_K_M", "gguf": "Q4_K_M", "gguf-blocks": "Q4_K_M"}  # the llama.cpp row each wren row is compared with
+# the llama.cpp row each wren row is compared with
+PAIRS = {"tq4": "Q4_K_M", "tq3": "Q3_K_M", "gguf": "Q4_K_M", "gguf-blocks": "Q4_K_M"}
 
 
 def log(msg: str) -> None:

@@ -9,7 +9,8 @@ Rows: `exact` (wren.load: the GGUF dequantized to float32, the reference), `int8
 inputs` (the same levels through the float32 reference path: the levels' own share of the error), and
 `in place, a token at a time` (wren.load(int8=True, in_place=True), what `--low-memory` runs: the first half of
 each window prefilled, the second, which is scored, decoded a forward a token through the kernels that read the
-GGUF's blocks), and `llama.cpp` (llama-cpp-python on the same file, 8-bit activations in its dot products). Each window starts
+GGUF's blocks), and `llama.cpp` (llama-cpp-python on the same file, 8-bit activations in its dot products).
+Each window starts
 with BOS; perplexity scores the second half of each window, as llama.cpp's perplexity does; top-1 agreement
 counts every position. Printed, never asserted (tests/test_gguf_levels.py asserts loose bounds).
 """
@@ -74,7 +75,8 @@ def main() -> None:
 
         llm = Llama(model_path=str(path), n_ctx=args.ctx, n_batch=args.ctx, n_threads=args.threads,
                     logits_all=True, verbose=False)
-    rows = ["exact", "int8", "int8 levels, float inputs", "in place, a token at a time"] + (["llama.cpp"] if llm else [])
+    rows = ["exact", "int8", "int8 levels, float inputs", "in place, a token at a time"]
+    rows += ["llama.cpp"] if llm else []
     nll = {r: [] for r in rows}
     tops = {r: [] for r in rows}
     for tokens in windows:

@@ -14,8 +14,9 @@ from gguf_writer import write_gguf
 from tiny_models import gemma3_hf
 from wren import decode_plan, native
 from wren.cache import KVCache
-from wren.quant.blocks import BlocksLinear
-from wren.quant.levels import LevelsLinear
+from wren.quant.blocks import PREFILL_ROWS, BlocksLinear
+from wren.quant.levels import LevelsLinear, to_levels
+from wren.quant.linear import reference_path
 from wren.weights.gguf import GGUFFile
 from wren.weights.gguf_quants import dequantize
 
@@ -61,6 +62,19 @@ def test_matmul_equals_the_dequantized_weights_times_the_int8_input(qtype, rows,
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype", list(HALVES), ids=lambda t: t.name)
+def test_dequantized_and_level_rows_are_those_of_the_python_reference(qtype):
+    """Prefill's two conversions of the blocks, bit for bit: dequantized (gguf_quants.dequantize) and as
+    the int8 levels a GGUF's layers hold in `wren run` (levels.to_levels of the dequantized rows)."""
+    blocks = _random_blocks(qtype, 33, 512, seed=3)
+    w = dequantize(blocks.numpy().reshape(-1), qtype, (33, 512))
+    assert torch.equal(native.dequantize_blocks(blocks, int(qtype), 512), w)
+    want = to_levels(w)
+    got = native.blocks_to_levels(blocks, int(qtype), 512, 128, 0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_kernels
 def test_the_kernel_refuses_mixed_inputs_and_odd_widths():
     blocks = _random_blocks(Q.Q8_0, 16, 96, seed=0)
     rotated = native.QuantizedInput(torch.zeros(1, 128, dtype=torch.uint8), torch.ones(1, 1), 128)
@@ -85,24 +99,29 @@ def test_a_model_read_in_place_is_close_to_the_exact_one(hf, tmp_path, qtype):
     path = tmp_path / "tiny.gguf"
     write_gguf(hf, path, "gemma3", tensor_type=qtype)
     exact, fast = wren.load(path), wren.load(path, int8=True, in_place=True)
+    levels = wren.load(path, int8=True)
     kinds = {n: type(fast.get_submodule(n)) for n, m in exact.named_modules() if isinstance(m, nn.Linear)}
     assert set(kinds.values()) == {BlocksLinear}
     stored = GGUFFile(path).raw("blk.0.ffn_down.weight")
     assert torch.equal(fast.layers[0].mlp.down_proj.blocks.reshape(-1), torch.from_numpy(stored.copy()))
     assert any("in place" in note for note in fast.notes)
-    ids = torch.randint(8, 384, (1, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(8, 384, (1, PREFILL_ROWS + 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        # prefill: the dequantized rows in float32, as the exact model has them
-        assert _relative(fast(ids), exact(ids)) < 1e-5
+        # prefill: the int8 levels `wren run` holds, made for the call, bit for bit
+        assert torch.equal(fast(ids), levels(ids))
+        with reference_path():  # the exact weights, dequantized from the blocks
+            assert _relative(fast(ids), exact(ids)) < 1e-5
+        short = ids[:, :PREFILL_ROWS - 1]  # a short prompt: the kernels that read the blocks, every row
+        assert _relative(fast(short), exact(short)) < 0.02
         # decode: the kernels, a row at a time, through the decode plan and through the modules
-        steps = {}
+        steps, n = {}, ids.shape[1]
         for name, plan in (("exact", None), ("plan", True), ("modules", False)):
             model = exact if name == "exact" else fast
             decode_plan.ENABLED = bool(plan)
             try:
                 cache = KVCache(model.specs, 1, 64, model.config.sliding_window)
                 model(ids[:, :-4], cache=cache)
-                steps[name] = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(20, 24)], dim=1)
+                steps[name] = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(n - 4, n)], dim=1)
                 if plan:
                     assert cache._decode_plan[1] is not None
             finally:
@@ -130,14 +149,15 @@ def _teacher_forced(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.slow
 def test_default_model_decodes_in_place_close_to_its_exact_weights(default_model):
-    """Real weights (Q5_0, Q4_K, Q6_K, Q8_0 layers): 96 tokens of prose decoded a token at a time through the
-    kernels keep the exact model's perplexity within 2% and its top-1 token (measured: +0.3%, 0.98)."""
+    """Real weights (Q5_0, Q4_K, Q6_K, Q8_0 layers): 235 tokens of prose decoded a token at a time through the
+    kernels, after a prefill of 65 on the levels, keep the exact model's perplexity within 2% and its top-1
+    token (measured: +1.0%, 0.975; the int8 levels of `wren run` on the same tokens: +0.6%, 0.966)."""
     from real_text import stdlib_prose
 
     fast = wren.load(int8=True, in_place=True)
     kinds = {fast.get_submodule(n).ggml_type for n, m in fast.named_modules() if isinstance(m, BlocksLinear)}
     assert kinds == {int(Q.Q5_0), int(Q.Q4_K), int(Q.Q6_K), int(Q.Q8_0)}
-    ids = default_model.tokenizer.encode(stdlib_prose())[:160]
+    ids = default_model.tokenizer.encode(stdlib_prose())[:300]
     tokens = torch.tensor([[default_model.tokenizer.bos_id] + ids])
     with torch.no_grad():
         want = default_model(tokens)[0, 64:-1]
@@ -149,7 +169,7 @@ def test_default_model_decodes_in_place_close_to_its_exact_weights(default_model
 
     print(f"perplexity exact {ppl(want):.4f} in place {ppl(got):.4f}")
     assert abs(ppl(got) / ppl(want) - 1) < 0.02
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.93
 
 
 @pytest.mark.slow

@@ -121,7 +121,8 @@ VNNI static void rotate_quantize(const float *x, int M, int K, int group, const 
             if (signs) {
                 fwht(buf, group);
                 for (int i = 0; i < group; i += 16)
-                    _mm512_storeu_ps(buf + i, _mm512_mul_ps(_mm512_loadu_ps(buf + i), _mm512_loadu_ps(signs + group + i)));
+                    _mm512_storeu_ps(buf + i,
+                                     _mm512_mul_ps(_mm512_loadu_ps(buf + i), _mm512_loadu_ps(signs + group + i)));
                 fwht(buf, group);
             }
             __m512 top = _mm512_setzero_ps();
@@ -931,6 +932,63 @@ VNNI static void rotate_rows(float *x, long long N, int D, const float *signs, c
     }
 }
 
+/* rotate_vector(x, group, signs, NULL), bit for bit, its elementwise steps 16 lanes at a time. */
+VNNI static void rotate_group(float *x, int group, const float *signs) {
+    for (int i = 0; i < group; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(signs + i)));
+    fwht(x, group);
+    for (int i = 0; i < group; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(signs + group + i)));
+    fwht(x, group);
+    const __m512 norm = _mm512_set1_ps(1.0f / (float)group);
+    for (int i = 0; i < group; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), norm));
+}
+
+/* bf16 bits of a positive float, rounded to nearest, then up by one step if that fell below it. */
+static uint16_t bf16_at_least(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    uint16_t r = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    return bf16_to_float(r) < v ? r + 1 : r;
+}
+
+/* Rows of a GGUF matrix [N, row bytes] as the int8 levels [N, K] and bf16 row scales [N] that quant/levels.py's
+   to_levels makes of its dequantized rows, bit for bit: rotated per group (signs [2, group]), rounded to 255
+   levels of the row's largest value on a bf16 step rounded up (cpu_kernels.round_to_levels). Prefill of
+   blocks read in place (quant/blocks.py) multiplies these, made anew for each call: a few ms a matrix. */
+BLOCKS static int gguf_to_levels(int type, const uint8_t *data, long long N, int K, int group, const float *signs,
+                                 int8_t *levels, uint16_t *scales, int threads) {
+    const size_t row_bytes = gguf_row_bytes(type, K);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = malloc(sizeof(float) * (size_t)K);
+        if (!row) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long long n = 0; n < N; n++) {
+            if (!row) continue;
+            dequantize_row_of(type, data + (size_t)n * row_bytes, K, row);
+            __m512 top = _mm512_setzero_ps();
+            for (int g = 0; g < K; g += group) rotate_group(row + g, group, signs);
+            for (int i = 0; i < K; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+            const float step = _mm512_reduce_max_ps(top) / 127.0f;
+            const uint16_t bf16 = bf16_at_least(step > 1e-30f ? step : 1e-30f);
+            const __m512 s = _mm512_set1_ps(bf16_to_float(bf16));
+            for (int i = 0; i < K; i += 16) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(row + i), s)); /* nearest even */
+                q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                _mm_storeu_si128((__m128i *)(levels + (size_t)n * K + i), _mm512_cvtepi32_epi8(q));
+            }
+            scales[n] = bf16;
+        }
+        free(row);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The TQ codec's encode of x [N, D] (times `channel`, if any): codes [N, layout bytes], fp16 scales [N]. */
 VNNI static void encode_rows(const float *x, long long N, int D, const float *channel, const float *signs,
                              const codes_layout *L, const float *centroids, const float *midpoints, uint8_t *codes,
@@ -1176,8 +1234,9 @@ static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     matrix w[MAX_MATRICES];
     for (int i = 0; i < (int)a[6]; i++) {
         const long long *m = a + 7 + 6 * i;
-        if (gguf != (m[0] >= GGUF_BASE) || (gguf && (!blocks_supported() || !gguf_row_bytes((int)m[0] - GGUF_BASE, (int)a[3])
-                                                     || a[3] % gguf_block_weights((int)m[0] - GGUF_BASE)))) {
+        const int type = (int)m[0] - GGUF_BASE;
+        if (gguf != (m[0] >= GGUF_BASE) ||
+            (gguf && (!blocks_supported() || !gguf_row_bytes(type, (int)a[3]) || a[3] % gguf_block_weights(type)))) {
             PyErr_SetString(PyExc_ValueError, "GGUF matrices mixed with others, or of a type or width not read here");
             return NULL;
         }
@@ -1488,6 +1547,30 @@ static PyObject *py_supported(PyObject *self, PyObject *unused) { return PyBool_
 
 static PyObject *py_blocks_supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(blocks_supported()); }
 
+static PyObject *py_gguf_to_levels(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[9];
+    if (as_ints(args, n, 9, a) < 0) return NULL; /* type, data, N, K, group, signs, levels, scales, threads */
+    if (!blocks_supported()) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU does not read GGUF blocks (AVX-512 VNNI, VL and F16C)");
+        return NULL;
+    }
+#ifdef WREN_X86
+    if (a[3] <= 0 || !gguf_row_bytes((int)a[0], (int)a[3]) || a[3] % gguf_block_weights((int)a[0]) || a[4] < 16 ||
+        a[4] > MAX_GROUP || (a[4] & (a[4] - 1)) || a[3] % a[4]) {
+        PyErr_SetString(PyExc_ValueError, "a GGUF type not read here, or a width its blocks or the group do not divide");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = gguf_to_levels((int)a[0], (const uint8_t *)(intptr_t)a[1], a[2], (int)a[3], (int)a[4],
+                        (const float *)(intptr_t)a[5], (int8_t *)(intptr_t)a[6], (uint16_t *)(intptr_t)a[7],
+                        a[8] > 0 ? (int)a[8] : 1);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_gguf_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[6];
     if (as_ints(args, n, 6, a) < 0) return NULL; /* type, data, N, K, out, threads */
@@ -1543,6 +1626,8 @@ static PyMethodDef methods[] = {
     {"supported", py_supported, METH_NOARGS, "whether this CPU runs gemm (AVX-512 VNNI)"},
     {"blocks_supported", py_blocks_supported, METH_NOARGS,
      "whether this CPU runs gemm on GGUF blocks in place (AVX-512 VNNI, VL and F16C)"},
+    {"gguf_to_levels", (PyCFunction)(void (*)(void))py_gguf_to_levels, METH_FASTCALL,
+     "gguf_to_levels(type, data, N, K, group, signs, levels, scales, threads): GGUF blocks as rotated int8 levels"},
     {"gguf_dequantize", (PyCFunction)(void (*)(void))py_gguf_dequantize, METH_FASTCALL,
      "gguf_dequantize(type, data, N, K, out, threads): GGUF blocks to float32"},
     {NULL, NULL, 0, NULL},

@@ -141,13 +141,26 @@ def dequantize_blocks(blocks: Tensor, ggml_type: int, width: int) -> Tensor:
     return out
 
 
+def blocks_to_levels(blocks: Tensor, ggml_type: int, width: int, group: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(int8 levels [rows, width], bf16 row scales [rows]) of a GGUF matrix's blocks: bit for bit
+    `quant.levels.to_levels` of the dequantized rows, in one pass."""
+    rows = blocks.shape[0]
+    levels = torch.empty(rows, width, dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.bfloat16)
+    _native.gguf_to_levels(ggml_type, blocks.contiguous().data_ptr(), rows, width, group, _signs(group, seed).data_ptr(),
+                           levels.data_ptr(), scales.data_ptr(), torch.get_num_threads())
+    return levels, scales
+
+
 class BlocksWeight(Weight):
     """A GGUF matrix read in place (_native.c, formats GGUF_BASE + ggml type; `_gguf_blocks.h`): its blocks
     [out, row bytes] as stored in the file, 4.5-8.5 bits a weight, nothing converted at load."""
 
     def __init__(self, blocks: Tensor, ggml_type: int, width: int):
-        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous() or ggml_type not in IN_PLACE_TYPES:
-            raise ValueError(f"blocks {tuple(blocks.shape)} {blocks.dtype} of ggml type {ggml_type} are not read in place")
+        if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous()
+                or ggml_type not in IN_PLACE_TYPES):
+            raise ValueError(f"blocks {tuple(blocks.shape)} {blocks.dtype} of ggml type {ggml_type} "
+                             "are not read in place")
         self.blocks, self.ggml_type = blocks, ggml_type
         self.out, self.width, self.group = blocks.shape[0], width, BLOCK_INPUT
 

@@ -3,9 +3,11 @@
 Int8 levels (`levels.py`) read 8 bits a weight, so a Q4_K_M model held as levels takes ~1.8x its file in
 memory, and as much again in the level cache on disk. `BlocksLinear` keeps the GGUF's blocks as stored
 (mapped from the file: 4.5-6.5 bits a weight for Q4_K/Q5_0/Q6_K) and the compiled kernels multiply them
-there for a few input rows (decode; `_gguf_blocks.h`), with the input quantized to int8 per block of 32,
-as llama.cpp's kernels do. Prefill (PREFILL_ROWS rows or more) dequantizes a slice of rows at a time and
-takes PyTorch's float32 matmul, which for many rows is the faster of the two.
+there for a few input rows (decode, short prompts; `_gguf_blocks.h`), with the input quantized to int8 per
+block of 32, as llama.cpp's kernels do. Prefill (PREFILL_ROWS rows or more) makes each matrix's int8 levels for the call,
+bit for bit those `wren run` holds (`levels.to_levels`, in one compiled pass: a few ms a matrix), and takes
+their prefill tiles, which are faster than anything that reads the blocks for many rows. Where the kernels
+do not run, and on the reference path, the blocks are dequantized to float32, exactly.
 
 The module is a TurboQuant module to the rest of wren (`linears`, the decode plan), with an unrotated input
 (`input_rotated` False). It runs on the CPU only.
@@ -25,8 +27,11 @@ from ..weights.gguf_quants import dequantize
 from . import linear as linear_mod
 from .linear import TQLinear, group_config
 
-PREFILL_ROWS = 8  # input rows from which the float32 matmul on dequantized rows is faster (bench/decode.py)
-CHUNK_WEIGHTS = 1 << 22  # weights dequantized at a time for that matmul
+# Input rows from which prefill multiplies int8 levels made for the call: making them costs what ~35 more rows
+# cost the kernels that read the blocks (a Gemma-3-1B-shaped MLP matrix: 6 ms, against 0.19 ms a row).
+PREFILL_ROWS = 40
+LEVELS_GROUP = 128  # their rotation's group: levels.GROUP, as a GGUF's int8 levels have it
+CHUNK_WEIGHTS = 1 << 22  # weights dequantized at a time for the exact path's float32 matmul
 
 
 def as_tensor(raw: np.ndarray, rows: int) -> torch.Tensor:
@@ -77,11 +82,32 @@ class BlocksLinear(TQLinear):
             raise RuntimeError("GGUF blocks run on the CPU; load the model with its exact weights for CUDA")
         if self.takes_native(x):
             y = self.native_weight().matmul(self.native_input(x))
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        flat = x.reshape(-1, self.in_features).float()
-        step = max(1, CHUNK_WEIGHTS // self.in_features)
-        parts = [F.linear(flat, self._dequantized(start, start + step)) for start in range(0, self.out_features, step)]
-        return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        elif self._prefills_on_levels(x):
+            y = self._levels_weight().matmul(self._levels_input(x))
+        else:  # the exact weights (the reference path, and CPUs without the kernels)
+            flat = x.reshape(-1, self.in_features).float()
+            step = max(1, CHUNK_WEIGHTS // self.in_features)
+            parts = [F.linear(flat, self._dequantized(start, start + step))
+                     for start in range(0, self.out_features, step)]
+            y = torch.cat(parts, dim=-1)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _prefills_on_levels(self, x: torch.Tensor) -> bool:
+        """Prefill (PREFILL_ROWS rows or more) on the int8 levels of `levels.py`, made from the blocks for this
+        call: the kernels' prefill tiles read a quarter of float32's bytes and run ~1.5x its speed; making
+        the levels costs a few ms a matrix (the default model: ~30 ms a forward)."""
+        return (linear_mod._fast_paths and not (x.requires_grad and torch.is_grad_enabled())
+                and self.in_features % LEVELS_GROUP == 0 and native.blocks_readable())
+
+    def _levels_weight(self) -> native.Weight:
+        levels, scales = native.blocks_to_levels(self.blocks, self.ggml_type, self.in_features, LEVELS_GROUP, 0)
+        return native.Weight(levels, scales, LEVELS_GROUP)
+
+    def _levels_input(self, x: torch.Tensor) -> native.QuantizedInput:
+        """x rotated and quantized as the levels read it: once for q/k/v (and gate/up)."""
+        return linear_mod._once_per_input("native", x, ("levels", LEVELS_GROUP, linear_mod._version(x)),
+                                          lambda: native.quantize_input(x.reshape(-1, self.in_features),
+                                                                        group_config(8, LEVELS_GROUP, 0), None))
 
     def _dequantized(self, start: int, stop: int) -> torch.Tensor:
         part = self.blocks[start:stop]

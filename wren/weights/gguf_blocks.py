@@ -23,7 +23,8 @@ def choose(model, infos: dict) -> dict:
     chosen = {}
     for name, module in model.named_modules():
         info = infos.get(f"{name}.weight")
-        if info is not None and isinstance(module, nn.Linear) and len(info.shape) == 2 and info.ggml_type in native.IN_PLACE_TYPES:
+        if (info is not None and isinstance(module, nn.Linear) and len(info.shape) == 2
+                and info.ggml_type in native.IN_PLACE_TYPES):
             chosen[name] = info
     return chosen
 
@@ -34,7 +35,8 @@ def install(model, chosen: dict) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         rows, width = info.shape
-        setattr(parent, child, BlocksLinear(rows, width, info.ggml_type, tensor_nbytes(info.ggml_type, info.shape) // rows))
+        row_bytes = tensor_nbytes(info.ggml_type, info.shape) // rows
+        setattr(parent, child, BlocksLinear(rows, width, info.ggml_type, row_bytes))
 
 
 def tensors(gf, chosen: dict) -> dict:
