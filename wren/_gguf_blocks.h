@@ -116,25 +116,34 @@ BLOCKS static inline __m512 scaled(__m512 f, __m512i acc, __m512 scales, const f
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(scales, _mm512_loadu_ps(lanes)), f);
 }
 
+/* The kernels below take up to ROWS_AT_ONCE input rows at a time: each 64 weights are unpacked, and their
+   scales made, once for all of them (prefill of a short prompt, a server step of several sequences). */
+#define ROWS_AT_ONCE 4
+
 /* Q8_0, Q4_0 and Q5_0, whose offset is a fixed multiple of ws: two blocks of 32 a step, their q made in one
-   512-bit register; an odd last block is the generic loop's (row_blocks32). */
-BLOCKS static inline __attribute__((always_inline)) float row_fixed_offset(int type, const uint8_t *row, int K,
-                                                                          size_t ahead, const block_in *in,
+   512-bit register, times `count` input rows into out[r]; an odd last block is row_blocks32's. */
+BLOCKS static inline __attribute__((always_inline)) void rows_fixed_offset(int type, const uint8_t *row, int K,
+                                                                          size_t ahead, int count,
+                                                                          const block_in *in, float *out,
                                                                           int *done) {
     int weights, bytes;
     gguf_block_size(type, &weights, &bytes);
     const __m512i zero = _mm512_setzero_si512(), mask = _mm512_set1_epi8(0x0F);
     const __m512i bias = _mm512_set1_epi8((char)(type == T_Q8_0 ? 0x80 : type == T_Q5_0 ? 16 : 8));
-    __m512 f = _mm512_setzero_ps();
+    __m512 f[ROWS_AT_ONCE];
+    for (int r = 0; r < count; r++) f[r] = _mm512_setzero_ps();
     int b = 0;
     for (; b + 2 <= K / 32; b += 2) {
         const uint8_t *p0 = row + (size_t)b * bytes, *p1 = p0 + bytes;
         _mm_prefetch((const char *)(p0 + ahead), _MM_HINT_T0);
-        __m512i acc;
+        const __m512 scales = pair_scales(p0, p1);
         if (type == T_Q8_0) { /* <xi + 128, q> - <128, q> */
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
                                                  _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
-            acc = _mm512_sub_epi32(dpbusd(zero, _mm512_loadu_si512(in->xu + 32 * b), q), dpbusd(zero, bias, q));
+            const __m512i q128 = dpbusd(zero, bias, q);
+            for (int r = 0; r < count; r++)
+                f[r] = scaled(f[r], _mm512_sub_epi32(dpbusd(zero, _mm512_loadu_si512(in[r].xu + 32 * b), q), q128),
+                              scales, in[r].lanes + 8 * b);
         } else { /* <q, xi> - <8 or 16, xi> */
             const int at = type == T_Q5_0 ? 6 : 2;
             const __m128i qs0 = _mm_loadu_si128((const __m128i *)(p0 + at));
@@ -149,16 +158,19 @@ BLOCKS static inline __attribute__((always_inline)) float row_fixed_offset(int t
                 const __mmask64 high = (uint64_t)h0 | (uint64_t)h1 << 32;
                 q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(high, _mm512_set1_epi8(0x10)));
             }
-            const __m512i x = _mm512_loadu_si512(in->x + 32 * b);
-            acc = _mm512_sub_epi32(dpbusd(zero, q, x), dpbusd(zero, bias, x));
+            for (int r = 0; r < count; r++) {
+                const __m512i x = _mm512_loadu_si512(in[r].x + 32 * b);
+                f[r] = scaled(f[r], _mm512_sub_epi32(dpbusd(zero, q, x), dpbusd(zero, bias, x)), scales,
+                              in[r].lanes + 8 * b);
+            }
         }
-        f = scaled(f, acc, pair_scales(p0, p1), in->lanes + 8 * b);
     }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]);
     *done = b;
-    return _mm512_reduce_add_ps(f);
 }
 
-/* Blocks [first, K / 32) of a row of a 32-weight format, one at a time: ws * <q, xi> * xs + wo * sum(x). */
+/* Blocks [first, K / 32) of a row of a 32-weight format times one input row, a block at a time:
+   ws * <q, xi> * xs + wo * sum(x). */
 BLOCKS static inline __attribute__((always_inline)) float row_blocks32(int type, const uint8_t *row, int K, int first,
                                                                       const block_in *in) {
     int weights, bytes;
@@ -205,12 +217,13 @@ BLOCKS static inline __attribute__((always_inline)) void k45_run(const uint8_t *
     }
 }
 
-/* One row of Q4_K or Q5_K times one input row, a super-block of 256 at a time: its 8 scales d * sc as a
+/* A row of Q4_K or Q5_K times `count` input rows, a super-block of 256 at a time: its 8 scales d * sc as a
    vector, each run's two permuted to their lanes; its mins' offset, dmin * mn . sums32, as a vector too. */
-BLOCKS static inline __attribute__((always_inline)) float row_q45_k(int type, const uint8_t *row, int K, size_t ahead,
-                                                                   const block_in *in) {
+BLOCKS static inline __attribute__((always_inline)) void rows_q45_k(int type, const uint8_t *row, int K, size_t ahead,
+                                                                   int count, const block_in *in, float *out) {
     const int five = type == T_Q5_K, bytes = five ? 176 : 144;
-    __m512 f = _mm512_setzero_ps(), offset = _mm512_setzero_ps();
+    __m512 f[ROWS_AT_ONCE], offset[ROWS_AT_ONCE];
+    for (int r = 0; r < count; r++) f[r] = offset[r] = _mm512_setzero_ps();
     for (int sb = 0; sb < K / 256; sb++) {
         const uint8_t *p = row + (size_t)sb * bytes;
         for (int at = 0; at < bytes; at += 64) _mm_prefetch((const char *)(p + ahead + at), _MM_HINT_T0);
@@ -218,18 +231,22 @@ BLOCKS static inline __attribute__((always_inline)) float row_q45_k(int type, co
         k_scales(p + 4, sc, mn);
         const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half(p)), bytes_as_floats(sc));
         const __m512 mins = _mm512_mul_ps(_mm512_set1_ps(half(p + 2)), bytes_as_floats(mn));
-        offset = _mm512_mask3_fmadd_ps(mins, _mm512_maskz_loadu_ps(0xFF, in->sums32 + 8 * sb), offset, 0xFF);
+        for (int r = 0; r < count; r++)
+            offset[r] = _mm512_mask3_fmadd_ps(mins, _mm512_maskz_loadu_ps(0xFF, in[r].sums32 + 8 * sb), offset[r], 0xFF);
         for (int c = 0; c < 4; c++) {
             __m256i lo, hi;
             k45_run(p, five, c, &lo, &hi);
             const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            const __m512i acc = dpbusd(_mm512_setzero_si512(), q, _mm512_loadu_si512(in->x + 256 * sb + 64 * c));
             const int u = 2 * c, v = 2 * c + 1; /* the run's two sub-blocks: lanes 0-7, 8-15 */
-            const __m512i runs = _mm512_set_epi32(v, v, v, v, v, v, v, v, u, u, u, u, u, u, u, u);
-            f = scaled(f, acc, _mm512_permutexvar_ps(runs, scales), in->lanes + 64 * sb + 16 * c);
+            const __m512 run_scales = _mm512_permutexvar_ps(
+                _mm512_set_epi32(v, v, v, v, v, v, v, v, u, u, u, u, u, u, u, u), scales);
+            for (int r = 0; r < count; r++) {
+                const __m512i acc = dpbusd(_mm512_setzero_si512(), q, _mm512_loadu_si512(in[r].x + 256 * sb + 64 * c));
+                f[r] = scaled(f[r], acc, run_scales, in[r].lanes + 64 * sb + 16 * c);
+            }
         }
     }
-    return _mm512_reduce_add_ps(f) - _mm512_reduce_add_ps(offset);
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) - _mm512_reduce_add_ps(offset[r]);
 }
 
 /* q of a Q6_K super-block's half h (128 weights) in four runs of 32: 64 bytes of low nibbles (bytes 0-31:
@@ -246,55 +263,76 @@ BLOCKS static inline __attribute__((always_inline)) void q6_half(const uint8_t *
         q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three), 4));
 }
 
-/* One row of Q6_K times one input row: per super-block its 16 scales d * sc as a vector, four of them
+/* A row of Q6_K times `count` input rows: per super-block its 16 scales d * sc as a vector, four of them
    permuted to each chunk's lanes, and the offset -32 * scales . sums16. */
-BLOCKS static float row_q6_k(const uint8_t *row, int K, size_t ahead, const block_in *in) {
-    __m512 f = _mm512_setzero_ps(), offset = _mm512_setzero_ps();
+BLOCKS static inline __attribute__((always_inline)) void rows_q6_k(const uint8_t *row, int K, size_t ahead, int count,
+                                                                  const block_in *in, float *out) {
+    __m512 f[ROWS_AT_ONCE], offset[ROWS_AT_ONCE];
+    for (int r = 0; r < count; r++) f[r] = offset[r] = _mm512_setzero_ps();
     for (int sb = 0; sb < K / 256; sb++) {
         const uint8_t *p = row + (size_t)sb * 210;
         for (int at = 0; at < 210; at += 64) _mm_prefetch((const char *)(p + ahead + at), _MM_HINT_T0);
         const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192)));
         const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 208)), _mm512_cvtepi32_ps(sc));
-        offset = _mm512_fmadd_ps(scales, _mm512_loadu_ps(in->sums16 + 16 * sb), offset);
+        for (int r = 0; r < count; r++)
+            offset[r] = _mm512_fmadd_ps(scales, _mm512_loadu_ps(in[r].sums16 + 16 * sb), offset[r]);
         for (int h = 0; h < 2; h++) {
             __m256i q[4];
             q6_half(p, h, q);
             for (int c = 0; c < 2; c++) {
-                const int r = 8 * h + 4 * c; /* the chunk's first run of 16 in the super-block */
+                const int r0 = 8 * h + 4 * c, r1 = r0 + 1, r2 = r0 + 2, r3 = r0 + 3; /* the chunk's runs of 16 */
                 const __m512i q64 = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * c]), q[2 * c + 1], 1);
-                const __m512i x = _mm512_loadu_si512(in->x + 256 * sb + 64 * (2 * h + c));
-                const __m512i acc = dpbusd(_mm512_setzero_si512(), q64, x);
-                const int r1 = r + 1, r2 = r + 2, r3 = r + 3;
-                const __m512i runs = _mm512_set_epi32(r3, r3, r3, r3, r2, r2, r2, r2, r1, r1, r1, r1, r, r, r, r);
-                f = scaled(f, acc, _mm512_permutexvar_ps(runs, scales), in->lanes + 64 * sb + 16 * (2 * h + c));
+                const __m512 run_scales = _mm512_permutexvar_ps(
+                    _mm512_set_epi32(r3, r3, r3, r3, r2, r2, r2, r2, r1, r1, r1, r1, r0, r0, r0, r0), scales);
+                const int at = 256 * sb + 64 * (2 * h + c);
+                for (int r = 0; r < count; r++) {
+                    const __m512i acc = dpbusd(_mm512_setzero_si512(), q64, _mm512_loadu_si512(in[r].x + at));
+                    f[r] = scaled(f[r], acc, run_scales, in[r].lanes + at / 4);
+                }
             }
         }
     }
-    return _mm512_reduce_add_ps(f) - 32.0f * _mm512_reduce_add_ps(offset);
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) - 32.0f * _mm512_reduce_add_ps(offset[r]);
 }
 
-BLOCKS static inline __attribute__((always_inline)) float row_32(int type, const uint8_t *row, int K, size_t ahead,
-                                                                const block_in *in) {
-    int done = 0;
-    float total = 0.0f;
-    if (type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0) total = row_fixed_offset(type, row, K, ahead, in, &done);
-    return total + row_blocks32(type, row, K, done, in);
-}
-
-/* ahead: bytes from a row to the one this thread reads 16 rows on (the next block), whose bytes each step asks
-   for as it reads its own: the hardware's prefetch alone left decode at half the memory's speed (measured,
-   as for the codes' kernel: PREFETCH_BLOCKS). */
-BLOCKS static float gguf_row(int type, const uint8_t *row, int K, size_t ahead, const block_in *in) {
-    switch (type) { /* each its own copy, the type a constant */
-    case T_Q6_K: return row_q6_k(row, K, ahead, in);
-    case T_Q4_K: return row_q45_k(T_Q4_K, row, K, ahead, in);
-    case T_Q5_K: return row_q45_k(T_Q5_K, row, K, ahead, in);
-    case T_Q8_0: return row_32(T_Q8_0, row, K, ahead, in);
-    case T_Q4_0: return row_32(T_Q4_0, row, K, ahead, in);
-    case T_Q4_1: return row_32(T_Q4_1, row, K, ahead, in);
-    case T_Q5_0: return row_32(T_Q5_0, row, K, ahead, in);
-    default: return row_32(T_Q5_1, row, K, ahead, in);
+BLOCKS static inline __attribute__((always_inline)) void rows_of(int type, const uint8_t *row, int K, size_t ahead,
+                                                                int count, const block_in *in, float *out) {
+    if (type == T_Q6_K) {
+        rows_q6_k(row, K, ahead, count, in, out);
+    } else if (type == T_Q4_K || type == T_Q5_K) {
+        rows_q45_k(type, row, K, ahead, count, in, out);
+    } else {
+        int done = 0;
+        for (int r = 0; r < count; r++) out[r] = 0.0f;
+        if (type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0)
+            rows_fixed_offset(type, row, K, ahead, count, in, out, &done);
+        for (int r = 0; r < count; r++) out[r] += row_blocks32(type, row, K, done, in + r);
     }
+}
+
+/* One row of a GGUF matrix times `count` (1 to ROWS_AT_ONCE) input rows into out[r]. ahead: bytes from the row
+   to the one this thread reads 16 rows on (the next block), whose bytes each step asks for as it reads its
+   own: the hardware's prefetch alone left decode at half the memory's speed (measured, as for the codes'
+   kernel: PREFETCH_BLOCKS). Each type, and one input row or four, its own copy. */
+BLOCKS static void gguf_rows(int type, const uint8_t *row, int K, size_t ahead, int count, const block_in *in,
+                             float *out) {
+#define GGUF_TYPE_CASE(T) \
+    case T: \
+        if (count == 1) rows_of(T, row, K, ahead, 1, in, out); \
+        else if (count == ROWS_AT_ONCE) rows_of(T, row, K, ahead, ROWS_AT_ONCE, in, out); \
+        else rows_of(T, row, K, ahead, count, in, out); \
+        break;
+    switch (type) {
+        GGUF_TYPE_CASE(T_Q6_K)
+        GGUF_TYPE_CASE(T_Q4_K)
+        GGUF_TYPE_CASE(T_Q5_K)
+        GGUF_TYPE_CASE(T_Q8_0)
+        GGUF_TYPE_CASE(T_Q4_0)
+        GGUF_TYPE_CASE(T_Q4_1)
+        GGUF_TYPE_CASE(T_Q5_0)
+        GGUF_TYPE_CASE(T_Q5_1)
+    }
+#undef GGUF_TYPE_CASE
 }
 
 /* The input rows as block_in: x [M, K], xq [M, K], floats [M, BLOCK_INPUT_FLOATS(K)]. */
@@ -303,16 +341,22 @@ static inline block_in input_row(const int8_t *x, const uint8_t *xq, const float
     return (block_in){x + (size_t)m * K, xq + (size_t)m * K, lanes, lanes + K / 4, lanes + K / 4 + K / 16};
 }
 
-/* Rows [n0, n0 + 16) of a GGUF matrix (or its last, shorter block) for every input row. */
+/* Rows [n0, n0 + 16) of a GGUF matrix (or its last, shorter block) for every input row, ROWS_AT_ONCE input
+   rows at a time. */
 BLOCKS static void gguf_block(const int8_t *x, const uint8_t *xq, const float *floats, int M, int K, const matrix *w,
                               int b) {
     const int type = w->format - GGUF_BASE, n0 = b * 16, n1 = w->N - n0 < 16 ? w->N : n0 + 16;
     const size_t row_bytes = gguf_row_bytes(type, K);
-    for (int m = 0; m < M; m++) {
-        const block_in in = input_row(x, xq, floats, K, m);
-        for (int n = n0; n < n1; n++)
-            w->y[(size_t)m * w->N + n] = gguf_row(type, (const uint8_t *)w->data + (size_t)n * row_bytes, K,
-                                                  m ? 0 : 16 * row_bytes, &in);
+    for (int m0 = 0; m0 < M; m0 += ROWS_AT_ONCE) {
+        const int count = M - m0 < ROWS_AT_ONCE ? M - m0 : ROWS_AT_ONCE;
+        block_in in[ROWS_AT_ONCE];
+        for (int r = 0; r < count; r++) in[r] = input_row(x, xq, floats, K, m0 + r);
+        for (int n = n0; n < n1; n++) {
+            float out[ROWS_AT_ONCE];
+            gguf_rows(type, (const uint8_t *)w->data + (size_t)n * row_bytes, K, m0 ? 0 : 16 * row_bytes, count, in,
+                      out);
+            for (int r = 0; r < count; r++) w->y[(size_t)(m0 + r) * w->N + n] = out[r];
+        }
     }
 }
 

@@ -1557,7 +1557,7 @@ static PyObject *py_gguf_to_levels(PyObject *self, PyObject *const *args, Py_ssi
 #ifdef WREN_X86
     if (a[3] <= 0 || !gguf_row_bytes((int)a[0], (int)a[3]) || a[3] % gguf_block_weights((int)a[0]) || a[4] < 16 ||
         a[4] > MAX_GROUP || (a[4] & (a[4] - 1)) || a[3] % a[4]) {
-        PyErr_SetString(PyExc_ValueError, "a GGUF type not read here, or a width its blocks or the group do not divide");
+        PyErr_SetString(PyExc_ValueError, "a GGUF type not read here, or a width its blocks or group do not divide");
         return NULL;
     }
     int rc;

@@ -38,8 +38,9 @@ KV_HELP = ("KV cache type: f32, f16, bf16, q8, tq4, tq3.5, tq3, tq2.5, tq2, or K
            "(default: the model's PARAMETER kv_cache, else $WREN_KV_CACHE, else dense in the model's dtype)")
 EXACT_HELP = ("run a GGUF's quantized weights dequantized to float32, exactly, instead of as int8 levels "
               "(slower; the levels are within ~1%% of them)")
-LOW_MEMORY_HELP = ("read a GGUF's linear layers in their own block formats, as stored, instead of as int8 levels: "
-                   "the file's footprint in memory and no level cache on disk, at about llama.cpp's speed")
+LOW_MEMORY_HELP = ("read a GGUF's linear layers in their own block formats, where the file holds them, instead "
+                   "of as int8 levels: their file's footprint in memory, nothing converted or cached for them, "
+                   "decoding as fast, long prompts ~0.8x as fast")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -147,8 +147,8 @@ def blocks_to_levels(blocks: Tensor, ggml_type: int, width: int, group: int, see
     rows = blocks.shape[0]
     levels = torch.empty(rows, width, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.bfloat16)
-    _native.gguf_to_levels(ggml_type, blocks.contiguous().data_ptr(), rows, width, group, _signs(group, seed).data_ptr(),
-                           levels.data_ptr(), scales.data_ptr(), torch.get_num_threads())
+    _native.gguf_to_levels(ggml_type, blocks.contiguous().data_ptr(), rows, width, group,
+                           _signs(group, seed).data_ptr(), levels.data_ptr(), scales.data_ptr(), torch.get_num_threads())
     return levels, scales
 
 
