@@ -385,6 +385,21 @@ def test_api_key_and_cors(store):
 
 
 @pytest.mark.slow
+def test_low_memory_server_reads_the_gguf_blocks(store):
+    """`wren serve --low-memory` loads a GGUF as `wren.load(..., in_place=True)` does: one sequence at a time it
+    gives that model's very greedy tokens (the same kernels, the decode plan on the slot's row)."""
+    srv = Server(store.root, "--parallel", "1", "--low-memory")
+    try:
+        o = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        r = o.completions.create(model="gemma3:270m", prompt="The sky is blue because", max_tokens=10, temperature=0)
+    finally:
+        srv.stop()
+    model = wren.load(int8=True, in_place=True)
+    assert r.choices[0].text == wren.generate(model, "The sky is blue because", raw=True, temperature=0,
+                                              num_predict=10)
+
+
+@pytest.mark.slow
 def test_default_model_over_openai_and_json(store, default_model):
     # With its exact weights the server's batched decode gives wren.generate's very tokens (with int8 levels,
     # the default below, the batched and single-sequence kernels round differently: near-ties may flip).

@@ -16,7 +16,8 @@
       of levels per group (group_sums, once per weight) is taken back off, 16 rows at a time.
    Weights of up to 6 bits skip the levels on a CPU with AVX-512 VBMI: gemm reads their packed codes as
    stored (format CODES, below), a quarter to three quarters of the bytes; the levels serve the 8-bit
-   embedding / LM head and older CPUs.
+   embedding / LM head and older CPUs. A GGUF's own block formats (Q4_0 ... Q6_K) are read in place too
+   (formats GGUF_BASE + ggml type, _gguf_blocks.h), on an unrotated input quantized per block of 32.
    Then attend_one (one query over a dense cache), rms_norm (with RoPE or a residual), gelu_mul, and
    decode_layer, which strings them together for one Gemma 3 layer (wren/decode_plan.py).
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import native
 from ..quant.blocks import BlocksLinear, as_tensor
+from . import gguf_levels
 from .gguf_quants import tensor_nbytes
 
 
@@ -32,11 +33,9 @@ def choose(model, infos: dict) -> dict:
 def install(model, chosen: dict) -> None:
     """Swap the chosen modules (on the meta device) for empty block modules that load by name."""
     for name, info in chosen.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         rows, width = info.shape
         row_bytes = tensor_nbytes(info.ggml_type, info.shape) // rows
-        setattr(parent, child, BlocksLinear(rows, width, info.ggml_type, row_bytes))
+        gguf_levels.swap_in(model, name, lambda _: BlocksLinear(rows, width, info.ggml_type, row_bytes))
 
 
 def tensors(gf, chosen: dict) -> dict:

@@ -44,13 +44,18 @@ def choose(model, infos: dict) -> dict:
     return chosen
 
 
+def swap_in(model, name: str, make) -> None:
+    """Replace the module `name` of a model (on the meta device) with make(the module)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, make(getattr(parent, child)))
+
+
 def install(model, chosen: dict) -> None:
     """Swap the chosen modules (on the meta device) for empty level modules that load by name."""
     for name, info in chosen.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        cls = LevelsEmbedding if isinstance(getattr(parent, child), nn.Embedding) else LevelsLinear
-        setattr(parent, child, cls(*info.shape, seed=SEED))
+        kind = LevelsEmbedding if isinstance(model.get_submodule(name), nn.Embedding) else LevelsLinear
+        swap_in(model, name, lambda _: kind(*info.shape, seed=SEED))
 
 
 def attach_rows(model, gf, chosen: dict) -> None:
