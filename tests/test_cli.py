@@ -81,6 +81,11 @@ def _assert_clean_error(r, *words):
         assert w in r.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "bench", "serve"])
+def test_exact_weights_and_low_memory_contradict(command):
+    _assert_clean_error(wren(command, "--exact-weights", "--low-memory"), "--exact-weights", "--low-memory")
+
+
 def test_missing_path(tmp_path):
     _assert_clean_error(wren("run", str(tmp_path / "nope.gguf"), "hi"), "no model at")
 

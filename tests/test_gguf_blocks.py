@@ -11,7 +11,7 @@ from torch import nn
 
 import wren
 from gguf_writer import write_gguf
-from tiny_models import gemma3_hf
+from tiny_models import gemma3_hf, gemma4_hf
 from wren import decode_plan, native
 from wren.cache import KVCache
 from wren.quant.blocks import PREFILL_ROWS, BlocksLinear
@@ -129,6 +129,27 @@ def test_a_model_read_in_place_is_close_to_the_exact_one(hf, tmp_path, qtype):
     assert _relative(steps["plan"], steps["exact"]) < 0.02  # the input's int8 rounding: measured ~0.5%
     assert _relative(steps["modules"], steps["plan"]) < 0.02
     assert (steps["plan"].argmax(-1) == steps["exact"].argmax(-1)).float().mean() >= 0.75
+
+
+@needs_kernels
+def test_gemma4_with_per_layer_embeddings_in_place(tmp_path):
+    """Gemma 4 (E2B's shape: PLE, KV sharing, double-wide MLPs): every linear layer reads its blocks, the
+    32-wide per-layer projection too (one block a row), and the decode plan takes them all."""
+    hf = gemma4_hf("e2b", head_dim=32, hidden_size=128, intermediate_size=256, hidden_size_per_layer_input=32)
+    path = tmp_path / "e2b.gguf"
+    write_gguf(hf, path, "gemma4", tensor_type=Q.Q8_0)
+    exact, fast = wren.load(path), wren.load(path, int8=True, in_place=True)
+    assert isinstance(fast.layers[0].per_layer_projection, BlocksLinear)
+    assert not any(isinstance(m, nn.Linear) for m in fast.layers.modules())
+    ids = torch.randint(8, 384, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = exact(ids)[0, -4:]
+        cache = KVCache(fast.specs, 1, 32, fast.config.sliding_window)
+        fast(ids[:, :-4], cache=cache)
+        got = torch.cat([fast(ids[:, i:i + 1], cache=cache)[0] for i in range(16, 20)])
+        assert cache._decode_plan[1] is not None
+    assert _relative(got, want) < 0.02
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
 
 
 def test_without_in_place_the_layers_stay_levels(hf, tmp_path):

@@ -43,6 +43,14 @@ LOW_MEMORY_HELP = ("read a GGUF's linear layers in their own block formats, wher
                    "decoding as fast, long prompts ~0.8x as fast")
 
 
+def weight_flags(args) -> tuple[bool, bool]:
+    """(int8, in_place) for wren.load from --exact-weights and --low-memory, which contradict each other."""
+    exact, low = bool(getattr(args, "exact_weights", False)), bool(getattr(args, "low_memory", False))
+    if exact and low:
+        raise WrenError("--exact-weights and --low-memory ask for two different ways to hold the weights; give one")
+    return not exact, low
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wren", description="Run Gemma models on this machine.")
     parser.add_argument("--version", action="version", version=_version())
@@ -144,7 +152,8 @@ def cmd_run(args) -> int:
             prompt = f"{prompt}\n\n{piped}" if prompt else piped
     opts = Options.from_dict(_options(args))
     t0 = time.perf_counter()
-    model = wren.load(source, int8=not args.exact_weights, in_place=args.low_memory)
+    int8, in_place = weight_flags(args)
+    model = wren.load(source, int8=int8, in_place=in_place)
     load_seconds = time.perf_counter() - t0
     if getattr(model, "defaults", None):  # a stored model's PARAMETERs; flags given here win
         opts = Options.from_dict({**model.defaults, **_options(args)})
@@ -359,7 +368,8 @@ def cmd_bench(args) -> int:
 
     torch.set_num_threads(args.threads or default_threads())
     t0 = time.perf_counter()
-    model = wren.load(args.model, int8=not args.exact_weights, in_place=args.low_memory)
+    int8, in_place = weight_flags(args)
+    model = wren.load(args.model, int8=int8, in_place=in_place)
     load_s = time.perf_counter() - t0
     r = {"model": args.model or "the default model", "load_s": load_s,
          **bench(model, args.prompt, args.gen, args.repeat, kv_cache=args.kv_cache)}

@@ -198,7 +198,10 @@ def create_app(settings: Settings | None = None, store=None) -> Starlette:
 
 
 def settings_from_args(args) -> Settings:
+    from ..cli import weight_flags
+
     env = os.environ
+    int8, in_place = weight_flags(args)
     host, port = parse_host(getattr(args, "host", None) or env.get("WREN_HOST"))
     if getattr(args, "port", None):
         port = args.port
@@ -213,8 +216,7 @@ def settings_from_args(args) -> Settings:
                     parallel=getattr(args, "parallel", None) or int(env.get("WREN_NUM_PARALLEL", 4)),
                     max_loaded=getattr(args, "max_loaded_models", None) or int(env.get("WREN_MAX_LOADED_MODELS", 3)),
                     keep_alive=parse_keep_alive(getattr(args, "keep_alive", None) or env.get("WREN_KEEP_ALIVE")),
-                    kv_cache=kv, exact_weights=bool(getattr(args, "exact_weights", False)),
-                    low_memory=bool(getattr(args, "low_memory", False)))
+                    kv_cache=kv, exact_weights=not int8, low_memory=in_place)
 
 
 def serve(args) -> int:

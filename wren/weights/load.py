@@ -77,8 +77,8 @@ def load(source=None, *, dtype: torch.dtype = torch.float32, device: str | torch
     `.tokenizer`, `.chat_template`, `.source`, `.tensor_types` and `.notes`. With `int8`, a GGUF loaded on
     the CPU runs its quantized weights as int8 levels (`gguf_levels.py`: ~0.8% from the exact weights,
     several times faster); without, they are dequantized to `dtype`, exactly. `in_place` (with `int8`) reads the
-    linear layers' blocks as the file stores them instead (`gguf_blocks.py`): the GGUF's own footprint,
-    ~llama.cpp's speed."""
+    linear layers' blocks as the file stores them instead (`gguf_blocks.py`): their file's footprint, decoding
+    as fast, long prompts ~0.8x as fast."""
     from ..store.hook import attach, lookup  # a model name such as gemma3:270m, and the default model
 
     stored = lookup(source)
