@@ -3,6 +3,7 @@ OpenAI server (`python -m llama_cpp.server`), same GGUF, same prompts, same thre
 
     python bench/serve.py                                  # 1, 4 and 16 concurrent clients, 64 tokens each
     python bench/serve.py --clients 1,8 --tokens 32 --requests 2 --json
+    python bench/serve.py --servers wren,wren-low-memory,llama.cpp   # and `wren serve --low-memory`
 
 Each server runs as its own process on a free loopback port and is warmed up first. Every client streams
 raw completions (POST /v1/completions, temperature 0, a different prompt per client) back to back;
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--parallel", type=int, default=16, help="wren's --parallel (sequences batched together)")
     ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--servers", default="wren,llama.cpp")
+    ap.add_argument("--servers", default="wren,llama.cpp", help="of wren, wren-low-memory (--low-memory), llama.cpp")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -140,12 +141,13 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = open(work / f"{server}.log", "w")
-        if server == "wren":
+        if server in ("wren", "wren-low-memory"):
             from wren.store import ModelStore
 
             store = ModelStore(work / "models")
             name = store.pull(str(gguf), name="bench")
             cmd = [sys.executable, "-m", "wren", "serve", "--port", str(port), "--parallel", str(args.parallel)]
+            cmd += ["--low-memory"] if server == "wren-low-memory" else []
             proc = start(cmd, url, {**env, "WREN_MODELS": str(work / "models")}, log)
             model = name
         elif server == "llama.cpp":

@@ -43,6 +43,13 @@ LOW_MEMORY_HELP = ("read a GGUF's linear layers in their own block formats, wher
                    "decoding as fast, long prompts ~0.8x as fast")
 
 
+def warn_unmet(model) -> None:
+    """Say on stderr when --low-memory could not be honoured (notes that start with the flag)."""
+    for note in getattr(model, "notes", ()):
+        if note.startswith("--low-memory:"):
+            print(f"warning: {note}", file=sys.stderr)
+
+
 def weight_flags(args) -> tuple[bool, bool]:
     """(int8, in_place) for wren.load from --exact-weights and --low-memory, which contradict each other."""
     exact, low = bool(getattr(args, "exact_weights", False)), bool(getattr(args, "low_memory", False))
@@ -154,6 +161,7 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     int8, in_place = weight_flags(args)
     model = wren.load(source, int8=int8, in_place=in_place)
+    warn_unmet(model)
     load_seconds = time.perf_counter() - t0
     if getattr(model, "defaults", None):  # a stored model's PARAMETERs; flags given here win
         opts = Options.from_dict({**model.defaults, **_options(args)})
@@ -370,6 +378,7 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     int8, in_place = weight_flags(args)
     model = wren.load(args.model, int8=int8, in_place=in_place)
+    warn_unmet(model)
     load_s = time.perf_counter() - t0
     r = {"model": args.model or "the default model", "load_s": load_s,
          **bench(model, args.prompt, args.gen, args.repeat, kv_cache=args.kv_cache)}

@@ -20,7 +20,7 @@ from ..config import config_from_dict, validate_config
 from ..errors import ModelFormatError, ModelNotFoundError, WrenError
 from ..models import ARCHITECTURES
 from ..quant import folder as quant_folder
-from .. import tokenizer_cache
+from .. import native, tokenizer_cache
 from ..tokenizer import Tokenizer
 from . import gguf_blocks, gguf_levels
 from .gguf import GGUFFile, config_dict, tokenizer_metadata, wren_name
@@ -266,6 +266,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, int8: bool = False, in_place: boo
     gguf_levels.attach_rows(model, gf, chosen)
     if blocks:
         model.notes.append(f"{len(blocks)} quantized GGUF layers run in place, in their block formats")
+    elif in_place and not native.blocks_readable():
+        model.notes.append("--low-memory: the compiled kernels that read GGUF blocks do not run here (they need "
+                           "AVX-512 VNNI, VL and F16C, and WREN_NATIVE unset); the layers run as int8 levels")
     if chosen:
         model.notes.append(f"{len(chosen)} quantized GGUF weights run as int8 levels (exact ones: --exact-weights)")
     model.storage_bits = {wren_name(i.name): i.nbytes * 8 / max(1, math.prod(i.shape)) for i in gf.tensors.values()}
