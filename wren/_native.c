@@ -863,11 +863,17 @@ VNNI static void store_kv(void *buffer, int dtype, const float *v, int n) {
 /* x [D] (divided by `divisor` first, if any) -> its TurboQuant rotation in place: two rounds of signs and the
    normalised Walsh-Hadamard transform (turboquant.rotate, one block of D, a power of two); or back. */
 VNNI static void rotate_vector(float *x, int D, const float *signs, const float *divisor) {
-    for (int i = 0; i < D; i++) x[i] = (divisor ? x[i] / divisor[i] : x[i]) * signs[i];
+    for (int i = 0; i < D; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        if (divisor) v = _mm512_div_ps(v, _mm512_loadu_ps(divisor + i));
+        _mm512_storeu_ps(x + i, _mm512_mul_ps(v, _mm512_loadu_ps(signs + i)));
+    }
     fwht(x, D);
-    for (int i = 0; i < D; i++) x[i] *= signs[D + i];
+    for (int i = 0; i < D; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(signs + D + i)));
     fwht(x, D);
-    for (int i = 0; i < D; i++) x[i] *= 1.0f / (float)D; /* two normalised transforms: (1/sqrt(D))^2 */
+    const __m512 norm = _mm512_set1_ps(1.0f / (float)D); /* two normalised transforms: (1/sqrt(D))^2 */
+    for (int i = 0; i < D; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), norm));
 }
 
 VNNI static void unrotate_vector(float *x, int D, const float *signs) {
@@ -933,18 +939,6 @@ VNNI static void rotate_rows(float *x, long long N, int D, const float *signs, c
     }
 }
 
-/* rotate_vector(x, group, signs, NULL), bit for bit, its elementwise steps 16 lanes at a time. */
-VNNI static void rotate_group(float *x, int group, const float *signs) {
-    for (int i = 0; i < group; i += 16)
-        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(signs + i)));
-    fwht(x, group);
-    for (int i = 0; i < group; i += 16)
-        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(signs + group + i)));
-    fwht(x, group);
-    const __m512 norm = _mm512_set1_ps(1.0f / (float)group);
-    for (int i = 0; i < group; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), norm));
-}
-
 /* bf16 bits of a positive float, rounded to nearest, then up by one step if that fell below it. */
 static uint16_t bf16_at_least(float v) {
     uint32_t bits;
@@ -973,7 +967,7 @@ BLOCKS static int gguf_to_levels(int type, const uint8_t *data, long long N, int
             if (!row) continue;
             dequantize_row_of(type, data + (size_t)n * row_bytes, K, row);
             __m512 top = _mm512_setzero_ps();
-            for (int g = 0; g < K; g += group) rotate_group(row + g, group, signs);
+            for (int g = 0; g < K; g += group) rotate_vector(row + g, group, signs, NULL);
             for (int i = 0; i < K; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
             const float step = _mm512_reduce_max_ps(top) / 127.0f;
             const uint16_t bf16 = bf16_at_least(step > 1e-30f ? step : 1e-30f);

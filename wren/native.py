@@ -119,7 +119,12 @@ class Weight:
 
 def blocks_readable() -> bool:
     """Whether `BlocksWeight`s run here: the built module on a CPU with AVX-512 VNNI, VL and F16C."""
-    return available() and _native.blocks_supported()
+    return available() and _cpu_reads_blocks()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_reads_blocks() -> bool:  # asked once: every decode step's layers ask blocks_readable
+    return _native.blocks_supported()
 
 
 def quantize_blocks(x: Tensor) -> QuantizedInput:
