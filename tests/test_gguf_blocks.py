@@ -23,8 +23,8 @@ from wren.weights.gguf_quants import dequantize
 Q = gguf.GGMLQuantizationType
 needs_kernels = pytest.mark.skipif(not native.blocks_readable(),
                                    reason="the compiled kernels for GGUF blocks need AVX-512 VNNI, VL and F16C")
-HALVES = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2],
-          Q.Q6_K: [208]}  # the byte offsets of each block's fp16 scales (and mins)
+HALVES = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q2_K: [80, 82], Q.Q3_K: [108],
+          Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}  # the byte offsets of each block's fp16 scales (and mins)
 
 
 def _random_blocks(qtype, rows: int, width: int, seed: int) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_the_kernel_refuses_mixed_inputs_and_odd_widths():
     with pytest.raises(ValueError):
         native.BlocksWeight(blocks, int(Q.Q8_0), 96).matmul(rotated)
     with pytest.raises(ValueError):
-        native.BlocksWeight(blocks, int(Q.Q2_K), 96)
+        native.BlocksWeight(blocks, int(Q.IQ4_XS), 96)
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +214,28 @@ def test_run_and_bench_take_low_memory():
         assert read < levels["weight_bytes_per_token"] - 20_000_000
     else:
         assert read == levels["weight_bytes_per_token"]
+
+
+def test_perplexity_measures_the_weights_as_they_run(hf, tmp_path, capsys):
+    """`wren perplexity --int8 / --low-memory` score the weights `wren run` (--low-memory) multiplies. Windows
+    of 64 tokens prefill on the int8 levels either way (made for the call from the blocks, bit for bit the
+    same), so the two agree exactly; both stay close to the exact weights."""
+    import json
+    import math
+
+    from real_text import stdlib_prose
+    from wren import cli
+
+    path, text = tmp_path / "tiny.gguf", tmp_path / "text.txt"
+    write_gguf(hf, path, "gemma3", tensor_type=Q.Q4_0)
+    text.write_text(stdlib_prose()[:4000])
+    results = {}
+    for flags in ([], ["--int8"], ["--low-memory"]):
+        assert cli.main(["perplexity", str(path), "--file", str(text), "--ctx", "64", "--chunks", "3", "--json",
+                         *flags]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        results[result["weights"]] = result["perplexity"]
+    assert set(results) == {"exact", "int8", "low-memory"}
+    assert results["low-memory"] == results["int8"]
+    log_ppl = {k: math.log(v) for k, v in results.items()}  # a random model: a huge perplexity
+    assert abs(log_ppl["int8"] - log_ppl["exact"]) <= 1e-3 * log_ppl["exact"]  # measured 1.2e-4

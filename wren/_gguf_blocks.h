@@ -2,7 +2,7 @@
 
    llama.cpp's block formats hold each run of 32 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or 256 (Q4_K, Q5_K, Q6_K)
    weights as small unsigned integers q with a float scale, and an offset, per block or sub-block:
-     w = ws * q + wo      (ws, wo per 32 weights; Q6_K's per 16)
+     w = ws * q + wo      (ws, wo per 32 weights; Q2_K's, Q3_K's and Q6_K's per 16)
    so a row times an input x is  sum_blocks ws * <q, x> + wo * sum(x).  The input is quantized per block of
    32, unrotated (rotate_quantize without signs): x = xs * xi with xi int8. Each row is read once, as stored
    (4.5-8.5 bits a weight), its q unpacked to bytes in registers 64 at a time, and VNNI multiplies those
@@ -10,19 +10,21 @@
    its block's ws (a vector of the blocks' scales, permuted to their lanes) times its xs (`lanes`, made once
    per input row). Offsets that are a fixed multiple of ws (Q4_0's -8 ws, Q5_0's -16 ws) are one more VNNI
    product, of that multiple with the input; Q8_0's signed q takes the unsigned input xi + 128 and drops
-   128 * sum(q) the same way; the others' (K-quant mins, Q6_K's -32 ws) take the input's sums per sub-block
-   as a vector per super-block.
+   128 * sum(q) the same way; the others' (K-quant mins, Q3_K's -4 ws, Q6_K's -32 ws) take the input's sums
+   per sub-block as a vector per super-block.
 
    The layouts are ggml's (ggml-common.h), as wren/weights/gguf_quants.py decodes them. */
 
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13,
+       T_Q6_K = 14 };
 
 #define BLOCKS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 
 /* (weights, bytes) of one block of a ggml type gemm reads in place; 0 weights for any other type. */
 static void gguf_block_size(int type, int *weights, int *bytes) {
     static const short sizes[][3] = {{T_Q4_0, 32, 18}, {T_Q4_1, 32, 20}, {T_Q5_0, 32, 22}, {T_Q5_1, 32, 24},
-                                     {T_Q8_0, 32, 34}, {T_Q4_K, 256, 144}, {T_Q5_K, 256, 176}, {T_Q6_K, 256, 210}};
+                                     {T_Q8_0, 32, 34}, {T_Q2_K, 256, 84},  {T_Q3_K, 256, 110}, {T_Q4_K, 256, 144},
+                                     {T_Q5_K, 256, 176}, {T_Q6_K, 256, 210}};
     *weights = *bytes = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
         if (sizes[i][0] == type) *weights = sizes[i][1], *bytes = sizes[i][2];
@@ -249,36 +251,80 @@ BLOCKS static inline __attribute__((always_inline)) void rows_q45_k(int type, co
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) - _mm512_reduce_add_ps(offset[r]);
 }
 
-/* q of a Q6_K super-block's half h (128 weights) in four runs of 32: 64 bytes of low nibbles (bytes 0-31:
-   weights 0-31 low, 64-95 high; bytes 32-63: 32-63 low, 96-127 high) and 32 bytes of 2-bit high parts (bits
-   2k-2k+1 of byte j: weight 32k + j); w = d * sc[w / 16] * (q - 32). */
-BLOCKS static inline __attribute__((always_inline)) void q6_half(const uint8_t *p, int h, __m256i q[4]) {
-    const __m256i mask = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
-    const uint8_t *ql = p + 64 * h;
-    const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
-    const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-    q[0] = _mm256_and_si256(l0, mask), q[1] = _mm256_and_si256(l1, mask);
-    q[2] = _mm256_and_si256(_mm256_srli_epi16(l0, 4), mask), q[3] = _mm256_and_si256(_mm256_srli_epi16(l1, 4), mask);
-    for (int k = 0; k < 4; k++)
-        q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three), 4));
+/* Q3_K: its 16 six-bit scales of 12 bytes (low nibbles: bytes 0-7, then their high nibbles; high 2 bits: bits
+   2(k / 4) of byte 8 + k % 4), as signed values sc - 32. */
+static inline void q3_scales(const uint8_t *s, int8_t *sc) {
+    for (int k = 0; k < 16; k++)
+        sc[k] = (int8_t)(((k < 8 ? s[k] & 15 : s[k - 8] >> 4) | ((s[8 + k % 4] >> (2 * (k / 4))) & 3) << 4) - 32);
 }
 
-/* A row of Q6_K times `count` input rows: per super-block its 16 scales d * sc as a vector, four of them
-   permuted to each chunk's lanes, and the offset -32 * scales . sums16. */
-BLOCKS static inline __attribute__((always_inline)) void rows_q6_k(const uint8_t *row, int K, size_t ahead, int count,
-                                                                  const block_in *in, float *out) {
+/* The K-quants of 16 sub-blocks of 16 (Q2_K, Q3_K, Q6_K): w = scale * q - min for each sub-block. Their
+   scales and mins as two vectors (Q3_K's min 4 scale and Q6_K's 32 scale, as their q are q + 4, q + 32). */
+BLOCKS static inline __attribute__((always_inline)) void k16_scales(int type, const uint8_t *p, __m512 *scales,
+                                                                   __m512 *mins) {
+    if (type == T_Q6_K) {
+        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192)));
+        *scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 208)), _mm512_cvtepi32_ps(sc));
+        *mins = _mm512_mul_ps(_mm512_set1_ps(32.0f), *scales);
+    } else if (type == T_Q3_K) {
+        int8_t sc[16];
+        q3_scales(p + 96, sc);
+        *scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 108)),
+                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))));
+        *mins = _mm512_mul_ps(_mm512_set1_ps(4.0f), *scales);
+    } else { /* Q2_K: a byte a sub-block, the scale its low nibble, the min its high one */
+        const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)), mask = _mm512_set1_epi32(15);
+        *scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 80)), _mm512_cvtepi32_ps(_mm512_and_si512(s, mask)));
+        *mins = _mm512_mul_ps(_mm512_set1_ps(half(p + 82)), _mm512_cvtepi32_ps(_mm512_srli_epi32(s, 4)));
+    }
+}
+
+/* q of a 16-sub-block K-quant super-block's half h (128 weights) in four runs of 32 (run k: weights
+   128h + 32k ...).
+   Q6_K: 64 bytes of low nibbles (bytes 0-31: runs 0 low, 2 high; bytes 32-63: runs 1 low, 3 high) and
+   32 bytes of 2-bit high parts (bits 2k-2k+1 of byte j: run k's weight j).
+   Q2_K / Q3_K: 32 bytes of 2-bit q (bits 2k-2k+1 of byte j: run k's weight j); Q3_K's bit 2 of run k's
+   weight j is bit 4h + k of hmask[j]. */
+BLOCKS static inline __attribute__((always_inline)) void k16_half(int type, const uint8_t *p, int h, __m256i q[4]) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    if (type == T_Q6_K) {
+        const uint8_t *ql = p + 64 * h;
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        q[0] = _mm256_and_si256(l0, mask), q[1] = _mm256_and_si256(l1, mask);
+        q[2] = _mm256_and_si256(_mm256_srli_epi16(l0, 4), mask);
+        q[3] = _mm256_and_si256(_mm256_srli_epi16(l1, 4), mask);
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three), 4));
+        return;
+    }
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + (type == T_Q3_K ? 32 : 16) + 32 * h));
+    for (int k = 0; k < 4; k++) q[k] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), three);
+    if (type == T_Q3_K) {
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)p);
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * h + k), one), 2));
+    }
+}
+
+/* A row of Q2_K, Q3_K or Q6_K times `count` input rows: per super-block its 16 scales as a vector, four of
+   them permuted to each chunk's lanes, and the offset mins . sums16. */
+BLOCKS static inline __attribute__((always_inline)) void rows_k16(int type, const uint8_t *row, int K, size_t ahead,
+                                                                 int count, const block_in *in, float *out) {
+    int weights, bytes;
+    gguf_block_size(type, &weights, &bytes);
     __m512 f[ROWS_AT_ONCE], offset[ROWS_AT_ONCE];
     for (int r = 0; r < count; r++) f[r] = offset[r] = _mm512_setzero_ps();
     for (int sb = 0; sb < K / 256; sb++) {
-        const uint8_t *p = row + (size_t)sb * 210;
-        for (int at = 0; at < 210; at += 64) _mm_prefetch((const char *)(p + ahead + at), _MM_HINT_T0);
-        const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192)));
-        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 208)), _mm512_cvtepi32_ps(sc));
+        const uint8_t *p = row + (size_t)sb * bytes;
+        for (int at = 0; at < bytes; at += 64) _mm_prefetch((const char *)(p + ahead + at), _MM_HINT_T0);
+        __m512 scales, mins;
+        k16_scales(type, p, &scales, &mins);
         for (int r = 0; r < count; r++)
-            offset[r] = _mm512_fmadd_ps(scales, _mm512_loadu_ps(in[r].sums16 + 16 * sb), offset[r]);
+            offset[r] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(in[r].sums16 + 16 * sb), offset[r]);
         for (int h = 0; h < 2; h++) {
             __m256i q[4];
-            q6_half(p, h, q);
+            k16_half(type, p, h, q);
             for (int c = 0; c < 2; c++) {
                 const int r0 = 8 * h + 4 * c, r1 = r0 + 1, r2 = r0 + 2, r3 = r0 + 3; /* the chunk's runs of 16 */
                 const __m512i q64 = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * c]), q[2 * c + 1], 1);
@@ -292,13 +338,13 @@ BLOCKS static inline __attribute__((always_inline)) void rows_q6_k(const uint8_t
             }
         }
     }
-    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) - 32.0f * _mm512_reduce_add_ps(offset[r]);
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) - _mm512_reduce_add_ps(offset[r]);
 }
 
 BLOCKS static inline __attribute__((always_inline)) void rows_of(int type, const uint8_t *row, int K, size_t ahead,
                                                                 int count, const block_in *in, float *out) {
-    if (type == T_Q6_K) {
-        rows_q6_k(row, K, ahead, count, in, out);
+    if (type == T_Q6_K || type == T_Q3_K || type == T_Q2_K) {
+        rows_k16(type, row, K, ahead, count, in, out);
     } else if (type == T_Q4_K || type == T_Q5_K) {
         rows_q45_k(type, row, K, ahead, count, in, out);
     } else {
@@ -331,6 +377,8 @@ BLOCKS static void gguf_rows(int type, const uint8_t *row, int K, size_t ahead, 
         GGUF_TYPE_CASE(T_Q4_1)
         GGUF_TYPE_CASE(T_Q5_0)
         GGUF_TYPE_CASE(T_Q5_1)
+        GGUF_TYPE_CASE(T_Q3_K)
+        GGUF_TYPE_CASE(T_Q2_K)
     }
 #undef GGUF_TYPE_CASE
 }
@@ -391,19 +439,22 @@ BLOCKS static inline __attribute__((always_inline)) void dequantize_row(int type
                 put32(out + 64 * c + 32, hi, d * sc[2 * c + 1], -dmin * mn[2 * c + 1]);
             }
         }
-    } else if (type == T_Q6_K) {
+    } else if (type == T_Q6_K || type == T_Q3_K || type == T_Q2_K) {
+        int weights, bytes;
+        gguf_block_size(type, &weights, &bytes);
         for (int sb = 0; sb < K / 256; sb++, out += 256) {
-            const uint8_t *p = row + (size_t)sb * 210;
-            const int8_t *sc = (const int8_t *)(p + 192);
-            const float d = half(p + 208);
+            const uint8_t *p = row + (size_t)sb * bytes;
+            __m512 scale_vector, min_vector;
+            float scales[16], mins[16];
+            k16_scales(type, p, &scale_vector, &min_vector);
+            _mm512_storeu_ps(scales, scale_vector), _mm512_storeu_ps(mins, min_vector);
             for (int h = 0; h < 2; h++) {
                 __m256i q[4];
-                q6_half(p, h, q);
+                k16_half(type, p, h, q);
                 for (int k = 0; k < 4; k++) {
                     const int r = 8 * h + 2 * k; /* the run of 32's first run of 16 */
-                    const float a = d * sc[r], b = d * sc[r + 1];
-                    put16(out + 128 * h + 32 * k, _mm256_castsi256_si128(q[k]), a, -32.0f * a);
-                    put16(out + 128 * h + 32 * k + 16, _mm256_extracti128_si256(q[k], 1), b, -32.0f * b);
+                    put16(out + 128 * h + 32 * k, _mm256_castsi256_si128(q[k]), scales[r], -mins[r]);
+                    put16(out + 128 * h + 32 * k + 16, _mm256_extracti128_si256(q[k], 1), scales[r + 1], -mins[r + 1]);
                 }
             }
         }

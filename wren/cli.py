@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--chunks", type=int, default=None, help="evaluate only the first N windows")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--kv-cache", default=None, metavar="TYPE", help=KV_HELP)
+    ppl.add_argument("--int8", action="store_true",
+                     help="measure a GGUF's weights as the int8 levels `wren run` holds (default: exact, float32)")
+    ppl.add_argument("--low-memory", action="store_true",
+                     help="measure a GGUF's linear layers read in their block formats, as `wren run --low-memory`")
     store_commands.add_parsers(sub)
     finetune_commands.add_parsers(sub)
     serve = sub.add_parser("serve", help="Ollama- and OpenAI-compatible HTTP API (default 127.0.0.1:11435)")
@@ -328,14 +332,16 @@ def cmd_perplexity(args) -> int:
         text = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise WrenError(f"cannot read {args.file} as UTF-8 text: {exc}") from None
-    model = wren.load(args.model)
+    model = wren.load(args.model, int8=args.int8 or args.low_memory, in_place=args.low_memory)
+    warn_unmet(model)
     ids = model.tokenizer.encode(text)
     with _progress(args.json, "perplexity") as update:
         result = perplexity(model, ids, ctx=args.ctx, chunks=args.chunks, kv_cache=args.kv_cache,
                             progress=lambda i, n, p: update(i, n, f"ppl {p:.3f}"))
     if args.json:
+        weights = "low-memory" if args.low_memory else "int8" if args.int8 else "exact"
         out = result.as_dict() | {"bits_per_weight": folder.linear_bits_per_weight(model),
-                                  "file_bytes": folder.file_bytes(model.source)}
+                                  "file_bytes": folder.file_bytes(model.source), "weights": weights}
         print(json.dumps(out))
     else:
         print(f"Final estimate: PPL = {result.perplexity:.4f} +/- {result.error:.5f} "

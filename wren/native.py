@@ -92,7 +92,7 @@ def group_sums(levels: Tensor, group: int) -> Tensor:
 
 LEVELS, CODES = 0, 1  # the formats `matmul_many` reads (_native.c `matrix`), and a GGUF's blocks:
 GGUF_BASE, BLOCK_INPUT = 16, 32  # format GGUF_BASE + ggml type, its input quantized per 32, unrotated
-IN_PLACE_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K (_gguf_blocks.h)
+IN_PLACE_TYPES = frozenset({2, 3, 6, 7, 8, 10, 11, 12, 13, 14})  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K-Q6_K (_gguf_blocks.h)
 READ_CODES = True  # tests turn it off to run the levels format where the codes one would run
 
 
