@@ -191,13 +191,16 @@ BLOCKS static inline __attribute__((always_inline)) float row_blocks32(int type,
     return total;
 }
 
-/* Q4_K / Q5_K: 8 six-bit scales and mins of a super-block's 12 bytes. */
+/* Q4_K / Q5_K: 8 six-bit scales and mins of a super-block's 12 bytes: scales 0-3 (mins 0-3) the low 6 bits
+   of bytes 0-3 (4-7); scales 4-7 bytes 8-11's low nibbles and bytes 0-3's top 2 bits, mins 4-7 their high
+   nibbles and bytes 4-7's top 2 bits. Four bytes a word: a byte at a time was half a decode step's work. */
 static inline void k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
+    uint32_t a, b, c;
+    memcpy(&a, s, 4), memcpy(&b, s + 4, 4), memcpy(&c, s + 8, 4);
+    const uint32_t six = 0x3F3F3F3F, nibble = 0x0F0F0F0F, top = 0x30303030;
+    const uint32_t words[4] = {a & six, (c & nibble) | ((a >> 2) & top),  /* scales */
+                               b & six, ((c >> 4) & nibble) | ((b >> 2) & top)}; /* mins */
+    memcpy(sc, words, 8), memcpy(mn, words + 2, 8);
 }
 
 /* 8 bytes as 8 floats in the low half of a vector. */
@@ -251,11 +254,19 @@ BLOCKS static inline __attribute__((always_inline)) void rows_q45_k(int type, co
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) - _mm512_reduce_add_ps(offset[r]);
 }
 
-/* Q3_K: its 16 six-bit scales of 12 bytes (low nibbles: bytes 0-7, then their high nibbles; high 2 bits: bits
-   2(k / 4) of byte 8 + k % 4), as signed values sc - 32. */
-static inline void q3_scales(const uint8_t *s, int8_t *sc) {
-    for (int k = 0; k < 16; k++)
-        sc[k] = (int8_t)(((k < 8 ? s[k] & 15 : s[k - 8] >> 4) | ((s[8 + k % 4] >> (2 * (k / 4))) & 3) << 4) - 32);
+/* Q3_K: its 16 six-bit scales of 12 bytes (scale k's low nibble: byte k's low one for k < 8, byte k - 8's
+   high one after; its high 2 bits: bits 2(k / 4) of byte 8 + k % 4), as signed bytes sc - 32. */
+BLOCKS static inline __m128i q3_scales(const uint8_t *s) {
+    uint64_t nibbles;
+    uint32_t t;
+    memcpy(&nibbles, s, 8), memcpy(&t, s + 8, 4);
+    const uint64_t nibble = 0x0F0F0F0F0F0F0F0Full;
+    const uint32_t two = 0x03030303;
+    const uint64_t high0 = (uint64_t)((t >> 2) & two) << 32 | (t & two);
+    const uint64_t high1 = (uint64_t)((t >> 6) & two) << 32 | ((t >> 4) & two);
+    const __m128i sc = _mm_set_epi64x((long long)(((nibbles >> 4) & nibble) | high1 << 4),
+                                      (long long)((nibbles & nibble) | high0 << 4));
+    return _mm_sub_epi8(sc, _mm_set1_epi8(32));
 }
 
 /* The K-quants of 16 sub-blocks of 16 (Q2_K, Q3_K, Q6_K): w = scale * q - min for each sub-block. Their
@@ -267,10 +278,8 @@ BLOCKS static inline __attribute__((always_inline)) void k16_scales(int type, co
         *scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 208)), _mm512_cvtepi32_ps(sc));
         *mins = _mm512_mul_ps(_mm512_set1_ps(32.0f), *scales);
     } else if (type == T_Q3_K) {
-        int8_t sc[16];
-        q3_scales(p + 96, sc);
-        *scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 108)),
-                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))));
+        const __m512i sc = _mm512_cvtepi8_epi32(q3_scales(p + 96));
+        *scales = _mm512_mul_ps(_mm512_set1_ps(half(p + 108)), _mm512_cvtepi32_ps(sc));
         *mins = _mm512_mul_ps(_mm512_set1_ps(4.0f), *scales);
     } else { /* Q2_K: a byte a sub-block, the scale its low nibble, the min its high one */
         const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)), mask = _mm512_set1_epi32(15);
@@ -286,7 +295,7 @@ BLOCKS static inline __attribute__((always_inline)) void k16_scales(int type, co
    Q2_K / Q3_K: 32 bytes of 2-bit q (bits 2k-2k+1 of byte j: run k's weight j); Q3_K's bit 2 of run k's
    weight j is bit 4h + k of hmask[j]. */
 BLOCKS static inline __attribute__((always_inline)) void k16_half(int type, const uint8_t *p, int h, __m256i q[4]) {
-    const __m256i mask = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    const __m256i mask = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
     if (type == T_Q6_K) {
         const uint8_t *ql = p + 64 * h;
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
@@ -300,10 +309,11 @@ BLOCKS static inline __attribute__((always_inline)) void k16_half(int type, cons
     }
     const __m256i v = _mm256_loadu_si256((const __m256i *)(p + (type == T_Q3_K ? 32 : 16) + 32 * h));
     for (int k = 0; k < 4; k++) q[k] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), three);
-    if (type == T_Q3_K) {
-        const __m256i hm = _mm256_loadu_si256((const __m256i *)p);
+    if (type == T_Q3_K) { /* + 4 where the weight's hmask bit is set */
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)p), four = _mm256_set1_epi8(4);
         for (int k = 0; k < 4; k++)
-            q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * h + k), one), 2));
+            q[k] = _mm256_mask_add_epi8(q[k], _mm256_test_epi8_mask(hm, _mm256_set1_epi8((char)(1 << (4 * h + k)))),
+                                        q[k], four);
     }
 }
 
