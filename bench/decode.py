@@ -193,6 +193,14 @@ def summarize(row: dict, repeats: list[dict], lengths: list[int]) -> dict:
     return out
 
 
+def peer_of(weights: str, peers: dict) -> str | None:
+    """The llama.cpp type a wren row is compared with: its PAIRS type, or else the only llama.cpp row (a source
+    of another type, e.g. --llama Q3_K_M beside --wren gguf of a Q3_K_M file)."""
+    if PAIRS.get(weights) in peers:
+        return PAIRS[weights]
+    return next(iter(peers)) if len(peers) == 1 else None
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -210,13 +218,14 @@ def tables(results: list[dict], lengths: list[int]) -> str:
             continue
         for n in lengths:
             p = r["prompts"][n]
-            peer = peers.get(PAIRS.get(r["weights"], ""))
+            peer_type = peer_of(r["weights"], peers)
+            peer = peers.get(peer_type)
             ratio = (f"{p['decode_tok_s']['median'] / peer['prompts'][n]['decode_tok_s']['median']:.2f}x / "
                      f"{p['prefill_tok_s']['median'] / peer['prompts'][n]['prefill_tok_s']['median']:.2f}x"
                      if peer and r["engine"] == "wren" else "")
             speed.append([name, f"{r['bits']:.2f}", str(n), mm(p["prefill_tok_s"], ".1f"),
                           mm(p["decode_tok_s"], ".1f"), mm(p["ttft_s"], ".3f"),
-                          f"{ratio} vs {PAIRS[r['weights']]}" if ratio else ""])
+                          f"{ratio} vs {peer_type}" if ratio else ""])
     memory = [[f"{r['engine']} {r['weights']}" + (f" / kv {r['kv']}" if r["engine"] == "wren" else ""),
                mm(r["load_s"], ".2f"), mm(r["rss_mb"], ".0f")] for r in results if "error" not in r]
     return ("## Speed: median (min) over repeats\n\n"
