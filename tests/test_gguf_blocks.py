@@ -41,7 +41,9 @@ def test_the_kernel_reads_every_type_it_claims():
     assert {int(t) for t in HALVES} == native.IN_PLACE_TYPES
 
 
-SHAPES = [(1, 37, 512), (3, 16, 768), (7, 5, 256), (1, 9, 96)]  # input rows, output rows, width
+# input rows, output rows, width: one row; a few rows (each row's blocks read for 4 at a time); 12 or more
+# (unpacked once per 16 rows into tiles: 8 input rows at a time, then one at a time); a width of 32s only
+SHAPES = [(1, 37, 512), (3, 16, 768), (7, 5, 256), (13, 37, 512), (24, 16, 768), (1, 9, 96), (13, 9, 96)]
 
 
 @needs_kernels
@@ -105,15 +107,17 @@ def test_a_model_read_in_place_is_close_to_the_exact_one(hf, tmp_path, qtype):
     stored = GGUFFile(path).raw("blk.0.ffn_down.weight")
     assert torch.equal(fast.layers[0].mlp.down_proj.blocks.reshape(-1), torch.from_numpy(stored.copy()))
     assert any("in place" in note for note in fast.notes)
-    ids = torch.randint(8, 384, (1, PREFILL_ROWS + 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(8, 384, (1, PREFILL_ROWS), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        # prefill: the int8 levels `wren run` holds, made for the call, bit for bit
+        # a long prefill: the int8 levels `wren run` holds, made for the call, bit for bit
         assert torch.equal(fast(ids), levels(ids))
         with reference_path():  # the exact weights, dequantized from the blocks
             assert _relative(fast(ids), exact(ids)) < 1e-5
-        short = ids[:, :PREFILL_ROWS - 1]  # a short prompt: the kernels that read the blocks, every row
-        assert _relative(fast(short), exact(short)) < 0.02
+        # shorter prompts: the kernels that read the blocks, every row (in tiles; a few rows at a time)
+        for short in (ids[:, :PREFILL_ROWS - 1], ids[:, :20], ids[:, :5]):
+            assert _relative(fast(short), exact(short)) < 0.02
         # decode: the kernels, a row at a time, through the decode plan and through the modules
+        ids = ids[:, :40]
         steps, n = {}, ids.shape[1]
         for name, plan in (("exact", None), ("plan", True), ("modules", False)):
             model = exact if name == "exact" else fast
@@ -171,8 +175,9 @@ def _teacher_forced(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
 @pytest.mark.slow
 def test_default_model_decodes_in_place_close_to_its_exact_weights(default_model):
     """Real weights (Q5_0, Q4_K, Q6_K, Q8_0 layers): 235 tokens of prose decoded a token at a time through the
-    kernels, after a prefill of 65 on the levels, keep the exact model's perplexity within 2% and its top-1
-    token (measured: +1.0%, 0.975; the int8 levels of `wren run` on the same tokens: +0.6%, 0.966)."""
+    kernels, after a prefill of 65 through them too (in tiles), keep the exact model's perplexity within 2% and
+    its top-1 token (measured: +0.6%; +1.0%, 0.975 with that prefill on the levels; the int8 levels of
+    `wren run` on the same tokens: +0.6%, 0.966)."""
     from real_text import stdlib_prose
 
     fast = wren.load(int8=True, in_place=True)
@@ -217,9 +222,8 @@ def test_run_and_bench_take_low_memory():
 
 
 def test_perplexity_measures_the_weights_as_they_run(hf, tmp_path, capsys):
-    """`wren perplexity --int8 / --low-memory` score the weights `wren run` (--low-memory) multiplies. Windows
-    of 64 tokens prefill on the int8 levels either way (made for the call from the blocks, bit for bit the
-    same), so the two agree exactly; both stay close to the exact weights."""
+    """`wren perplexity --int8 / --low-memory` score the weights `wren run` (--low-memory) multiplies: windows
+    of 64 tokens on the int8 levels, or on the kernels that read the blocks; both close to the exact weights."""
     import json
     import math
 
@@ -236,6 +240,7 @@ def test_perplexity_measures_the_weights_as_they_run(hf, tmp_path, capsys):
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         results[result["weights"]] = result["perplexity"]
     assert set(results) == {"exact", "int8", "low-memory"}
-    assert results["low-memory"] == results["int8"]
     log_ppl = {k: math.log(v) for k, v in results.items()}  # a random model: a huge perplexity
     assert abs(log_ppl["int8"] - log_ppl["exact"]) <= 1e-3 * log_ppl["exact"]  # measured 1.2e-4
+    assert abs(log_ppl["low-memory"] - log_ppl["exact"]) <= 1e-3 * log_ppl["exact"]
+    assert log_ppl["low-memory"] != log_ppl["int8"]  # two ways to multiply, not one

@@ -418,6 +418,88 @@ BLOCKS static void gguf_block(const int8_t *x, const uint8_t *xq, const float *f
     }
 }
 
+/* --- Several input rows: a block of 16 rows unpacked once into the levels' tiles ------------------------
+   gguf_block reads each row's blocks for every ROWS_AT_ONCE input rows and scales every 64 products per input
+   row: ~6 instructions a 64 weights a row. From GGUF_TILE_ROWS input rows, a block of 16 rows is unpacked once
+   into tile_rows' layout instead (q as bytes, each 4 weights of the 16 rows a 64-byte vector): one VNNI per
+   16 rows x 4 weights per input row, each group's scales (ws of the 16 rows) applied once per group. The
+   offsets, wo * the input's sum over the group, are added after: a vector of 16 rows per group and input row. */
+
+#define GGUF_TILE_ROWS 12
+
+/* The group of a type's tiles: its (sub-)block of one scale and offset. */
+static int gguf_tile_group(int type) { return type == T_Q6_K || type == T_Q3_K || type == T_Q2_K ? 16 : 32; }
+
+/* q (bytes) of weights [64c, 64c + 64) of a row, and the ws and wo of each group they span (2 or 4). */
+BLOCKS static inline __attribute__((always_inline)) __m512i gguf_chunk(int type, const uint8_t *row, int c, float *ws,
+                                                                      float *wo) {
+    int weights, bytes;
+    gguf_block_size(type, &weights, &bytes);
+    if (weights == 32) {
+        const uint8_t *p = row + (size_t)2 * c * bytes;
+        const __m256i q0 = block32(type, p, ws, wo), q1 = block32(type, p + bytes, ws + 1, wo + 1);
+        return _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+    }
+    const uint8_t *p = row + (size_t)(c / 4) * bytes;
+    const int run = c % 4; /* the chunk's place in its super-block */
+    if (type == T_Q4_K || type == T_Q5_K) {
+        uint8_t sc[8], mn[8];
+        k_scales(p + 4, sc, mn);
+        const float d = half(p), dmin = half(p + 2);
+        __m256i lo, hi;
+        k45_run(p, type == T_Q5_K, run, &lo, &hi);
+        for (int i = 0; i < 2; i++) ws[i] = d * sc[2 * run + i], wo[i] = -dmin * mn[2 * run + i];
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    __m512 scale_vector, min_vector;
+    float scales[16], mins[16];
+    k16_scales(type, p, &scale_vector, &min_vector);
+    _mm512_storeu_ps(scales, scale_vector), _mm512_storeu_ps(mins, min_vector);
+    __m256i q[4];
+    k16_half(type, p, run / 2, q);
+    for (int i = 0; i < 4; i++) ws[i] = scales[4 * run + i], wo[i] = -mins[4 * run + i];
+    return _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * (run % 2)]), q[2 * (run % 2) + 1], 1);
+}
+
+/* Floats of gguf_tiles' scratch after its 16 K + 64 bytes of tiles: the 16 rows' ws and wo of every group. */
+#define GGUF_TILE_FLOATS(K) (2 * 16 * ((K) / 16))
+
+/* Rows [n0, n0 + 16) of a GGUF matrix (or its last, shorter block), K a multiple of 64, for every input row.
+   xs: the input's scale of each of its groups [M, K / group]; zero: M * K / 16 zeros (tile_rows' corr). */
+BLOCKS static void gguf_tiles(const int8_t *x, const uint8_t *xq, const float *floats, const float *xs,
+                              const int32_t *zero, int M, int K, const matrix *w, int b, uint8_t *scratch) {
+    const int type = w->format - GGUF_BASE, group = gguf_tile_group(type), groups = K / group, per_chunk = 64 / group;
+    const int N = w->N, n0 = b * 16, rows = N - n0 < 16 ? N - n0 : 16;
+    const size_t row_bytes = gguf_row_bytes(type, K);
+    uint8_t *tiles = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *block_scales = (float *)(tiles + (size_t)16 * K), *offsets = block_scales + (size_t)16 * groups;
+    for (int c = 0; c < K / 64; c++) {
+        __m512i v[16];
+        for (int r = 0; r < 16; r++) {
+            float ws[4] = {0}, wo[4] = {0};
+            v[r] = r < rows ? gguf_chunk(type, (const uint8_t *)w->data + (size_t)(n0 + r) * row_bytes, c, ws, wo)
+                            : _mm512_setzero_si512(); /* rows past N: zero weights */
+            for (int i = 0; i < per_chunk; i++) {
+                block_scales[(size_t)(c * per_chunk + i) * 16 + r] = ws[i];
+                offsets[(size_t)(c * per_chunk + i) * 16 + r] = wo[i];
+            }
+        }
+        transpose16(v);
+        for (int j = 0; j < 16; j++) _mm512_store_si512(tiles + (size_t)64 * c * 16 + 64 * j, v[j]);
+    }
+    tile_rows(tiles, block_scales, groups, group, x, xs, zero, M, K, 1.0f, w->y + n0, N, rows);
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    for (int m = 0; m < M; m++) {
+        const block_in in = input_row(x, xq, floats, K, m);
+        const float *sums = group == 16 ? in.sums16 : in.sums32;
+        __m512 total = _mm512_setzero_ps();
+        for (int g = 0; g < groups; g++)
+            total = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + (size_t)g * 16), _mm512_set1_ps(sums[g]), total);
+        float *out = w->y + (size_t)m * N + n0;
+        _mm512_mask_storeu_ps(out, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, out), total));
+    }
+}
+
 /* --- Dequantizing (prefill: PyTorch's float32 matmul on a slice of rows, wren/quant/blocks.py) ---------- */
 
 /* out[0..15] = ws * q + wo for 16 weights' q (bytes), one rounding each (as the dequantized weight). */

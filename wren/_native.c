@@ -237,8 +237,6 @@ VNNI static void levels_block(const uint8_t *xq, const float *xs, int M, int K, 
     }
 }
 
-#include "_gguf_blocks.h"
-
 /* --- The same product straight from the packed codes (format CODES) ------------------------------------
    A row's weight is centroid[code] * group scale in the rotated space; the centroids of each run of bits
    (turboquant._runs: a fractional rate gives the first coordinates of a group one bit more) are put on one
@@ -517,6 +515,8 @@ VNNI static void levels_tiles(const int8_t *x, const float *xs, const int32_t *c
     tile_rows(tiles, block_scales, groups, group, x, xs, corr, M, K, 1.0f, w->y + n0, N, rows);
 }
 
+#include "_gguf_blocks.h" /* after the tiles (tile_rows), which its kernels for several input rows take */
+
 /* The input as CODES matrices read it: signed bytes x [M, K] (xq - 128) and corr [M, K / group] = -128 * each
    group's sum of them. */
 VNNI static void signed_input(const uint8_t *xq, int M, int K, int group, int8_t *x, int32_t *corr) {
@@ -554,14 +554,37 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
         for (int m = 0; m < M; m++)
             block_input(xq + (size_t)m * K, xs + (size_t)m * (K / BLOCK_INPUT), K, x + (size_t)m * K,
                         floats + (size_t)m * BLOCK_INPUT_FLOATS(K));
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int b = 0; b < first[count]; b++) {
-            int i = 0;
-            while (b >= first[i + 1]) i++;
-            gguf_block(x, xq, floats, M, K, &w[i], b - first[i]);
+        /* several input rows: tiles, their scales per group of 16 (xs16) or 32 (xs), no correction (zero) */
+        const int tiles = M >= GGUF_TILE_ROWS && K % 64 == 0;
+        float *xs16 = tiles ? malloc(sizeof(float) * (size_t)M * (K / 16)) : NULL;
+        int32_t *zero = tiles ? calloc((size_t)M * (K / 16), sizeof(int32_t)) : NULL;
+        if (tiles && (!xs16 || !zero)) {
+            free(floats), free(xs16), free(zero);
+            return -1;
         }
-        free(floats);
-        return 0;
+        for (long long g = 0; tiles && g < (long long)M * (K / 16); g++) xs16[g] = xs[g / 2];
+        int failed = 0;
+#pragma omp parallel num_threads(threads)
+        {
+            uint8_t *scratch = tiles ? malloc((size_t)16 * K + 64 + sizeof(float) * GGUF_TILE_FLOATS(K)) : NULL;
+            if (tiles && !scratch) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int b = 0; b < first[count]; b++) {
+                int i = 0;
+                while (b >= first[i + 1]) i++;
+                if (!tiles)
+                    gguf_block(x, xq, floats, M, K, &w[i], b - first[i]);
+                else if (scratch)
+                    gguf_tiles(x, xq, floats, gguf_tile_group(w[i].format - GGUF_BASE) == 16 ? xs16 : xs, zero, M, K,
+                               &w[i], b - first[i], scratch);
+            }
+            free(scratch);
+        }
+        free(floats), free(xs16), free(zero);
+        return failed ? -1 : 0;
     }
     const int tile_levels = levels && M >= LEVEL_TILE_ROWS;
     int32_t *corr = NULL; /* and the signed input after it */

@@ -3,10 +3,11 @@
 Int8 levels (`levels.py`) read 8 bits a weight, so a Q4_K_M model held as levels takes 1.5-1.8x its file in
 memory, and as much again in the level cache on disk. `BlocksLinear` keeps the GGUF's blocks as stored
 (mapped from the file: 4.5-6.5 bits a weight for Q4_K/Q5_0/Q6_K), and the compiled kernels multiply them
-there for up to PREFILL_ROWS input rows (decode, server batches, short prompts; `_gguf_blocks.h`), with the
-input quantized to int8 per block of 32, as llama.cpp's kernels do. Longer prefills make each matrix's int8
-levels for the call, bit for bit those `wren run` holds (`levels.to_levels`, in one compiled pass: a few ms a
-matrix), and take their prefill tiles, faster than anything that reads the blocks for many rows. Where the
+there for up to PREFILL_ROWS input rows (decode, server batches, prompts of up to a few hundred tokens;
+`_gguf_blocks.h`), with the input quantized to int8 per block of 32, as llama.cpp's kernels do. Longer
+prefills make each matrix's int8 levels for the call, bit for bit those `wren run` holds (`levels.to_levels`,
+in one compiled pass: a few ms a matrix), and take their prefill tiles: at 512 rows that beats reading the
+blocks by ~1.3x, conversion included. Where the
 kernels do not run, and on the reference path, the blocks are dequantized to float32, exactly.
 
 The module is a TurboQuant module to the rest of wren (`linears`, the decode plan), with an unrotated input
@@ -27,9 +28,11 @@ from ..weights.gguf_quants import dequantize
 from . import linear as linear_mod
 from .linear import TQLinear, group_config
 
-# Input rows from which prefill multiplies int8 levels made for the call: making them costs what ~50 more rows
-# cost the kernels that read the blocks (a Gemma-3-1B-shaped MLP matrix: 6 ms, against 0.12 ms a row).
-PREFILL_ROWS = 48
+# Input rows from which prefill multiplies int8 levels made for the call. Below, the kernels read the blocks
+# (from 12 rows on, unpacked once per 16 rows into the levels' tiles: _gguf_blocks.h, gguf_tiles). Making the
+# levels (~0.7 ns a weight) pays from ~300 rows: an E2B-wide Q3_K_M model prefilled 172 / 190 / 188 tokens/s
+# at 96 / 192 / 512 tokens without them, 108 / 156 / 247 with them from 48 rows (bench/decode.py).
+PREFILL_ROWS = 256
 LEVELS_GROUP = 128  # their rotation's group: levels.GROUP, as a GGUF's int8 levels have it
 CHUNK_WEIGHTS = 1 << 22  # weights dequantized at a time for the exact path's float32 matmul
 
