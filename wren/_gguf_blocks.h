@@ -119,7 +119,8 @@ BLOCKS static inline __m512 scaled(__m512 f, __m512i acc, __m512 scales, const f
 }
 
 /* The kernels below take up to ROWS_AT_ONCE input rows at a time: each 64 weights are unpacked, and their
-   scales made, once for all of them (prefill of a short prompt, a server step of several sequences). */
+   scales made, once for all of them (a server step of a few sequences; from GGUF_TILE_ROWS input rows on,
+   gguf_tiles unpacks a block of 16 rows once for all of them instead). */
 #define ROWS_AT_ONCE 4
 
 /* Q8_0, Q4_0 and Q5_0, whose offset is a fixed multiple of ws: two blocks of 32 a step, their q made in one

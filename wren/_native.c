@@ -547,57 +547,41 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
         levels |= w[i].format == LEVELS;
         blocks |= w[i].format >= GGUF_BASE;
     }
-    if (blocks) { /* GGUF matrices (all of them: they share an unrotated input) */
-        float *floats = malloc(sizeof(float) * (size_t)M * BLOCK_INPUT_FLOATS(K) + (size_t)M * K);
-        if (!floats) return -1;
-        int8_t *x = (int8_t *)(floats + (size_t)M * BLOCK_INPUT_FLOATS(K));
-        for (int m = 0; m < M; m++)
-            block_input(xq + (size_t)m * K, xs + (size_t)m * (K / BLOCK_INPUT), K, x + (size_t)m * K,
-                        floats + (size_t)m * BLOCK_INPUT_FLOATS(K));
-        /* several input rows: tiles, their scales per group of 16 (xs16) or 32 (xs), no correction (zero) */
-        const int tiles = M >= GGUF_TILE_ROWS && K % 64 == 0;
-        float *xs16 = tiles ? malloc(sizeof(float) * (size_t)M * (K / 16)) : NULL;
-        int32_t *zero = tiles ? calloc((size_t)M * (K / 16), sizeof(int32_t)) : NULL;
-        if (tiles && (!xs16 || !zero)) {
+    /* GGUF matrices (all of them, if any: they share an unrotated input) read it as block_in rows (floats, and
+       their signed bytes after them); from GGUF_TILE_ROWS rows, in tiles with its scales per group of 16 (xs16)
+       or 32 (xs) and no correction (zero). The others read the signed input and its correction (corr). */
+    const int gguf_tiles_on = blocks && M >= GGUF_TILE_ROWS && K % 64 == 0;
+    const int tile_levels = levels && M >= LEVEL_TILE_ROWS;
+    const int unpack = (codes && M > DIRECT_ROWS) || tile_levels || gguf_tiles_on;
+    float *floats = NULL, *xs16 = NULL;
+    int32_t *corr = NULL, *zero = NULL;
+    const int8_t *x;
+    if (blocks) {
+        floats = malloc(sizeof(float) * (size_t)M * BLOCK_INPUT_FLOATS(K) + (size_t)M * K);
+        xs16 = gguf_tiles_on ? malloc(sizeof(float) * (size_t)M * (K / 16)) : NULL;
+        zero = gguf_tiles_on ? calloc((size_t)M * (K / 16), sizeof(int32_t)) : NULL;
+        if (!floats || (gguf_tiles_on && (!xs16 || !zero))) {
             free(floats), free(xs16), free(zero);
             return -1;
         }
-        for (long long g = 0; tiles && g < (long long)M * (K / 16); g++) xs16[g] = xs[g / 2];
-        int failed = 0;
-#pragma omp parallel num_threads(threads)
-        {
-            uint8_t *scratch = tiles ? malloc((size_t)16 * K + 64 + sizeof(float) * GGUF_TILE_FLOATS(K)) : NULL;
-            if (tiles && !scratch) {
-#pragma omp atomic write
-                failed = 1;
-            }
-#pragma omp for schedule(static)
-            for (int b = 0; b < first[count]; b++) {
-                int i = 0;
-                while (b >= first[i + 1]) i++;
-                if (!tiles)
-                    gguf_block(x, xq, floats, M, K, &w[i], b - first[i]);
-                else if (scratch)
-                    gguf_tiles(x, xq, floats, gguf_tile_group(w[i].format - GGUF_BASE) == 16 ? xs16 : xs, zero, M, K,
-                               &w[i], b - first[i], scratch);
-            }
-            free(scratch);
-        }
-        free(floats), free(xs16), free(zero);
-        return failed ? -1 : 0;
+        int8_t *signed_x = (int8_t *)(floats + (size_t)M * BLOCK_INPUT_FLOATS(K));
+        for (int m = 0; m < M; m++)
+            block_input(xq + (size_t)m * K, xs + (size_t)m * (K / BLOCK_INPUT), K, signed_x + (size_t)m * K,
+                        floats + (size_t)m * BLOCK_INPUT_FLOATS(K));
+        for (long long g = 0; gguf_tiles_on && g < (long long)M * (K / 16); g++) xs16[g] = xs[g / 2];
+        x = signed_x;
+    } else {
+        if ((codes || tile_levels) && !(corr = malloc(sizeof(int32_t) * (size_t)M * (K / group) + (size_t)M * K)))
+            return -1;
+        if (corr) signed_input(xq, M, K, group, (int8_t *)(corr + (size_t)M * (K / group)), corr);
+        x = (const int8_t *)(corr + (size_t)M * (K / group));
     }
-    const int tile_levels = levels && M >= LEVEL_TILE_ROWS;
-    int32_t *corr = NULL; /* and the signed input after it */
-    if (codes || tile_levels) {
-        if (!(corr = malloc(sizeof(int32_t) * (size_t)M * (K / group) + (size_t)M * K))) return -1;
-        signed_input(xq, M, K, group, (int8_t *)(corr + (size_t)M * (K / group)), corr);
-    }
-    const int8_t *x = (const int8_t *)(corr + (size_t)M * (K / group));
-    const int unpack = (codes && M > DIRECT_ROWS) || tile_levels;
+    const size_t scratch_floats = blocks ? GGUF_TILE_FLOATS(K) : 16 * (K / group);
+    const size_t scratch_bytes = (size_t)16 * K + 64 + sizeof(float) * scratch_floats;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        uint8_t *scratch = unpack ? malloc((size_t)16 * K + 64 + sizeof(float) * 16 * (K / group)) : NULL;
+        uint8_t *scratch = unpack ? malloc(scratch_bytes) : NULL;
         if (unpack && !scratch) {
 #pragma omp atomic write
             failed = 1;
@@ -606,16 +590,22 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
         for (int b = 0; b < first[count]; b++) {
             int i = 0;
             while (b >= first[i + 1]) i++;
-            if (w[i].format == LEVELS && !tile_levels)
-                levels_block(xq, xs, M, K, group, &w[i], b - first[i]);
-            else if (w[i].format == LEVELS && scratch)
-                levels_tiles(x, xs, corr, M, K, group, &w[i], b - first[i], scratch);
-            else if (w[i].format == CODES && (!unpack || scratch))
-                codes_block(x, xs, corr, M, K, group, &w[i], b - first[i], scratch);
+            const matrix *wi = &w[i];
+            if (wi->format >= GGUF_BASE && !gguf_tiles_on)
+                gguf_block(x, xq, floats, M, K, wi, b - first[i]);
+            else if (wi->format >= GGUF_BASE && scratch)
+                gguf_tiles(x, xq, floats, gguf_tile_group(wi->format - GGUF_BASE) == 16 ? xs16 : xs, zero, M, K, wi,
+                           b - first[i], scratch);
+            else if (wi->format == LEVELS && !tile_levels)
+                levels_block(xq, xs, M, K, group, wi, b - first[i]);
+            else if (wi->format == LEVELS && scratch)
+                levels_tiles(x, xs, corr, M, K, group, wi, b - first[i], scratch);
+            else if (wi->format == CODES && (!unpack || scratch))
+                codes_block(x, xs, corr, M, K, group, wi, b - first[i], scratch);
         }
         free(scratch);
     }
-    free(corr);
+    free(floats), free(xs16), free(zero), free(corr);
     return failed ? -1 : 0;
 }
 

@@ -40,7 +40,7 @@ EXACT_HELP = ("run a GGUF's quantized weights dequantized to float32, exactly, i
               "(slower; the levels are within ~1%% of them)")
 LOW_MEMORY_HELP = ("read a GGUF's linear layers in their own block formats, where the file holds them, instead "
                    "of as int8 levels: their file's footprint in memory, nothing converted or cached for them, "
-                   "decoding as fast, long prompts ~0.8x as fast")
+                   "decoding as fast or faster, prompts ~0.8x as fast")
 
 
 def warn_unmet(model) -> None:
