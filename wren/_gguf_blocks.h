@@ -431,35 +431,39 @@ BLOCKS static void gguf_block(const int8_t *x, const uint8_t *xq, const float *f
 /* The group of a type's tiles: its (sub-)block of one scale and offset. */
 static int gguf_tile_group(int type) { return type == T_Q6_K || type == T_Q3_K || type == T_Q2_K ? 16 : 32; }
 
-/* q (bytes) of weights [64c, 64c + 64) of a row, and the ws and wo of each group they span (2 or 4). */
-BLOCKS static inline __attribute__((always_inline)) __m512i gguf_chunk(int type, const uint8_t *row, int c, float *ws,
-                                                                      float *wo) {
+/* q (bytes) of unit u of a row, and the ws and wo of each of its groups: a unit is a super-block of 256 for the
+   K-quants (8 groups of 32, or 16 of 16), two blocks of 32 for the others (K need not be a multiple of 256). */
+BLOCKS static inline __attribute__((always_inline)) void gguf_unit(int type, const uint8_t *row, int u, uint8_t *q,
+                                                                  float *ws, float *wo) {
     int weights, bytes;
     gguf_block_size(type, &weights, &bytes);
     if (weights == 32) {
-        const uint8_t *p = row + (size_t)2 * c * bytes;
-        const __m256i q0 = block32(type, p, ws, wo), q1 = block32(type, p + bytes, ws + 1, wo + 1);
-        return _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+        const uint8_t *p = row + (size_t)2 * u * bytes;
+        _mm256_storeu_si256((__m256i *)q, block32(type, p, ws, wo));
+        _mm256_storeu_si256((__m256i *)(q + 32), block32(type, p + bytes, ws + 1, wo + 1));
+        return;
     }
-    const uint8_t *p = row + (size_t)(c / 4) * bytes;
-    const int run = c % 4; /* the chunk's place in its super-block */
+    const uint8_t *p = row + (size_t)u * bytes;
     if (type == T_Q4_K || type == T_Q5_K) {
         uint8_t sc[8], mn[8];
         k_scales(p + 4, sc, mn);
         const float d = half(p), dmin = half(p + 2);
-        __m256i lo, hi;
-        k45_run(p, type == T_Q5_K, run, &lo, &hi);
-        for (int i = 0; i < 2; i++) ws[i] = d * sc[2 * run + i], wo[i] = -dmin * mn[2 * run + i];
-        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        for (int c = 0; c < 4; c++) {
+            __m256i lo, hi;
+            k45_run(p, type == T_Q5_K, c, &lo, &hi);
+            _mm256_storeu_si256((__m256i *)(q + 64 * c), lo), _mm256_storeu_si256((__m256i *)(q + 64 * c + 32), hi);
+        }
+        for (int i = 0; i < 8; i++) ws[i] = d * sc[i], wo[i] = -dmin * mn[i];
+        return;
     }
-    __m512 scale_vector, min_vector;
-    float scales[16], mins[16];
-    k16_scales(type, p, &scale_vector, &min_vector);
-    _mm512_storeu_ps(scales, scale_vector), _mm512_storeu_ps(mins, min_vector);
-    __m256i q[4];
-    k16_half(type, p, run / 2, q);
-    for (int i = 0; i < 4; i++) ws[i] = scales[4 * run + i], wo[i] = -mins[4 * run + i];
-    return _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * (run % 2)]), q[2 * (run % 2) + 1], 1);
+    __m512 scales, mins;
+    k16_scales(type, p, &scales, &mins);
+    _mm512_storeu_ps(ws, scales), _mm512_storeu_ps(wo, _mm512_sub_ps(_mm512_setzero_ps(), mins));
+    for (int h = 0; h < 2; h++) {
+        __m256i runs[4];
+        k16_half(type, p, h, runs);
+        for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)(q + 128 * h + 32 * k), runs[k]);
+    }
 }
 
 /* Floats of gguf_tiles' scratch after its 16 K + 64 bytes of tiles: the 16 rows' ws and wo of every group. */
@@ -469,24 +473,30 @@ BLOCKS static inline __attribute__((always_inline)) __m512i gguf_chunk(int type,
    xs: the input's scale of each of its groups [M, K / group]; zero: M * K / 16 zeros (tile_rows' corr). */
 BLOCKS static void gguf_tiles(const int8_t *x, const uint8_t *xq, const float *floats, const float *xs,
                               const int32_t *zero, int M, int K, const matrix *w, int b, uint8_t *scratch) {
-    const int type = w->format - GGUF_BASE, group = gguf_tile_group(type), groups = K / group, per_chunk = 64 / group;
+    const int type = w->format - GGUF_BASE, group = gguf_tile_group(type), groups = K / group;
     const int N = w->N, n0 = b * 16, rows = N - n0 < 16 ? N - n0 : 16;
     const size_t row_bytes = gguf_row_bytes(type, K);
     uint8_t *tiles = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *block_scales = (float *)(tiles + (size_t)16 * K), *offsets = block_scales + (size_t)16 * groups;
-    for (int c = 0; c < K / 64; c++) {
-        __m512i v[16];
+    const int unit = gguf_block_weights(type) == 256 ? 256 : 64, per_unit = unit / group;
+    uint8_t q[16][256] __attribute__((aligned(64)));
+    for (int u = 0; u < K / unit; u++) {
         for (int r = 0; r < 16; r++) {
-            float ws[4] = {0}, wo[4] = {0};
-            v[r] = r < rows ? gguf_chunk(type, (const uint8_t *)w->data + (size_t)(n0 + r) * row_bytes, c, ws, wo)
-                            : _mm512_setzero_si512(); /* rows past N: zero weights */
-            for (int i = 0; i < per_chunk; i++) {
-                block_scales[(size_t)(c * per_chunk + i) * 16 + r] = ws[i];
-                offsets[(size_t)(c * per_chunk + i) * 16 + r] = wo[i];
+            float ws[16] = {0}, wo[16] = {0};
+            if (r < rows) gguf_unit(type, (const uint8_t *)w->data + (size_t)(n0 + r) * row_bytes, u, q[r], ws, wo);
+            else memset(q[r], 0, sizeof(q[r])); /* rows past N: zero weights */
+            for (int i = 0; i < per_unit; i++) {
+                block_scales[(size_t)(u * per_unit + i) * 16 + r] = ws[i];
+                offsets[(size_t)(u * per_unit + i) * 16 + r] = wo[i];
             }
         }
-        transpose16(v);
-        for (int j = 0; j < 16; j++) _mm512_store_si512(tiles + (size_t)64 * c * 16 + 64 * j, v[j]);
+        for (int c = 0; c < unit / 64; c++) {
+            __m512i v[16];
+            for (int r = 0; r < 16; r++) v[r] = _mm512_load_si512(q[r] + 64 * c);
+            transpose16(v);
+            uint8_t *t = tiles + (size_t)(u * unit + 64 * c) * 16;
+            for (int j = 0; j < 16; j++) _mm512_store_si512(t + 64 * j, v[j]);
+        }
     }
     tile_rows(tiles, block_scales, groups, group, x, xs, zero, M, K, 1.0f, w->y + n0, N, rows);
     const __mmask16 valid = (__mmask16)((1u << rows) - 1);
