@@ -46,7 +46,7 @@ def tiny_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_gguf(hf_model, path, arch: str, tensor_type=gguf.GGMLQuantizationType.F32) -> None:
+def write_gguf(hf_model, path, arch: str, tensor_type=gguf.GGMLQuantizationType.F32, tied: bool = False) -> None:
     cfg = hf_model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -81,7 +81,7 @@ def write_gguf(hf_model, path, arch: str, tensor_type=gguf.GGMLQuantizationType.
     w.add_add_space_prefix(False)
     for name, t in hf_model.state_dict().items():
         gname = _gguf_name(name)
-        if gname is None:
+        if gname is None or (tied and gname == "output.weight"):  # tied: the head is token_embd, as in real files
             continue
         data = t.detach().float().numpy()
         if arch == "gemma3" and name.endswith("norm.weight"):

@@ -12,9 +12,10 @@ from torch import nn
 import wren
 from gguf_writer import write_gguf
 from tiny_models import gemma3_hf, gemma4_hf
-from wren import decode_plan, native
+from wren import decode_plan, native, speed
 from wren.cache import KVCache
-from wren.quant.blocks import PREFILL_ROWS, BlocksLinear
+from wren.quant.blocks import PREFILL_ROWS, BlocksEmbedding, BlocksLinear
+from wren.quant.levels import LevelsEmbedding
 from wren.quant.levels import LevelsLinear, to_levels
 from wren.quant.linear import reference_path
 from wren.weights.gguf import GGUFFile
@@ -154,6 +155,28 @@ def test_gemma4_with_per_layer_embeddings_in_place(tmp_path):
         assert cache._decode_plan[1] is not None
     assert _relative(got, want) < 0.02
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+@needs_kernels
+def test_a_tied_head_under_8_bits_is_read_in_place_too(hf, tmp_path):
+    """A Q4_0 embedding (4.5 bits) is the LM head's blocks, read in place, and its lookups the file's rows; a
+    Q8_0 one (8.5 bits) stays int8 levels, smaller."""
+    path, q8 = tmp_path / "q4.gguf", tmp_path / "q8.gguf"
+    write_gguf(hf, path, "gemma3", tensor_type=Q.Q4_0, tied=True)
+    write_gguf(hf, q8, "gemma3", tensor_type=Q.Q8_0, tied=True)
+    exact, fast = wren.load(path), wren.load(path, int8=True, in_place=True)
+    assert fast.lm_head is None and isinstance(fast.embed_tokens, BlocksEmbedding)
+    assert isinstance(wren.load(q8, int8=True, in_place=True).embed_tokens, LevelsEmbedding)
+    ids = torch.randint(8, 384, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fast.embed_tokens(ids), exact.embed_tokens(ids))  # lookups: exact rows
+        want = exact(ids)[0, -4:]
+        cache = KVCache(fast.specs, 1, 32, fast.config.sliding_window)
+        fast(ids[:, :-4], cache=cache)
+        got = torch.cat([fast(ids[:, i:i + 1], cache=cache)[0] for i in range(20, 24)])
+        full = fast(ids)  # every position's logits: the head for many rows at once
+    assert _relative(got, want) < 0.02 and _relative(full, exact(ids)) < 0.02
+    assert speed.weight_bytes_per_token(fast) < speed.weight_bytes_per_token(wren.load(path, int8=True))
 
 
 def test_without_in_place_the_layers_stay_levels(hf, tmp_path):

@@ -128,3 +128,18 @@ class BlocksLinear(TQLinear):
 
     def int8_levels(self):
         raise RuntimeError("GGUF blocks have no int8 levels; they run through native.BlocksWeight")
+
+
+class BlocksEmbedding(BlocksLinear):
+    """A tied embedding held as a GGUF tensor's blocks: the LM head's matmul reads them in place, and lookups
+    read the GGUF's own rows, exactly (`source_rows`, a RowTable the loader attaches)."""
+
+    def __init__(self, out_features: int, in_features: int, ggml_type: int, row_bytes: int):
+        super().__init__(out_features, in_features, ggml_type, row_bytes)
+        self.source_rows = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.source_rows is None:
+            raise RuntimeError("a GGUF embedding read in place looks its rows up in the file: none was attached")
+        return self.source_rows.lookup(ids, ids.device, torch.float32)
+

@@ -59,7 +59,7 @@ def install(model, chosen: dict) -> None:
 
 
 def attach_rows(model, gf, chosen: dict) -> None:
-    """After loading: the level embedding looks its rows up in the GGUF's own bytes (exact)."""
+    """After loading: a tied embedding held as levels or blocks looks its rows up in the GGUF's own bytes (exact)."""
     info = chosen.get("embed_tokens")
     if info is not None:
         model.embed_tokens.source_rows = RowTable(*info.shape, raw=gf.raw(info.name), ggml_type=info.ggml_type)

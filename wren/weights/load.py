@@ -263,7 +263,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, int8: bool = False, in_place: boo
             tensors.update(gguf_levels.tensors(path, gf, chosen))
 
     model = _build(cfg, tensors, dtype, table, swap=swap if int8 else None)
-    gguf_levels.attach_rows(model, gf, chosen)
+    gguf_levels.attach_rows(model, gf, {**chosen, **blocks})  # a tied embedding's lookups: the GGUF's rows
     if blocks:
         model.notes.append(f"{len(blocks)} quantized GGUF layers run in place, in their block formats")
     elif in_place and not native.blocks_readable():
