@@ -424,23 +424,35 @@ BLOCKS static void gguf_block(const int8_t *x, const uint8_t *xq, const float *f
    row: ~6 instructions a 64 weights a row. From GGUF_TILE_ROWS input rows, a block of 16 rows is unpacked once
    into tile_rows' layout instead (q as bytes, each 4 weights of the 16 rows a 64-byte vector): one VNNI per
    16 rows x 4 weights per input row, each group's scales (ws of the 16 rows) applied once per group. The
-   offsets, wo * the input's sum over the group, are added after: a vector of 16 rows per group and input row. */
+   offsets, wo * the input's sum over each 16 weights, are added after: a vector of 16 rows per 16 weights and
+   input row. A group is a block of 32 (the input's own), or Q6_K's sub-block of 16: Q2_K's and Q3_K's small
+   integer sub-scales are multiplied into their q (sc * q <= 45; (q - 4) * sc + 124 in [0, 252]), so that
+   their super-block's d is the scale of each of its groups of 32, which halves the scaling per weight. */
 
 #define GGUF_TILE_ROWS 12
 
-/* The group of a type's tiles: its (sub-)block of one scale and offset. */
-static int gguf_tile_group(int type) { return type == T_Q6_K || type == T_Q3_K || type == T_Q2_K ? 16 : 32; }
+/* The group of a type's tiles: the weights that share one scale. */
+static int gguf_tile_group(int type) { return type == T_Q6_K ? 16 : 32; }
 
-/* q (bytes) of unit u of a row, and the ws and wo of each of its groups: a unit is a super-block of 256 for the
-   K-quants (8 groups of 32, or 16 of 16), two blocks of 32 for the others (K need not be a multiple of 256). */
+/* 32 q bytes times sub-scales a (the first 16) and b (the last 16), each less `less` first, plus `plus`. */
+BLOCKS static inline __m256i times_sub_scales(__m256i q, int a, int b, int less, int plus) {
+    const __m512i scales = _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1);
+    const __m512i wide = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16((short)less));
+    return _mm512_cvtepi16_epi8(_mm512_add_epi16(_mm512_mullo_epi16(wide, scales), _mm512_set1_epi16((short)plus)));
+}
+
+/* q (bytes) of unit u of a row, the ws of each of its groups and the wo of each 16 of its weights: a unit is a
+   super-block of 256 for the K-quants, two blocks of 32 for the others (K need not be a multiple of 256). */
 BLOCKS static inline __attribute__((always_inline)) void gguf_unit(int type, const uint8_t *row, int u, uint8_t *q,
-                                                                  float *ws, float *wo) {
+                                                                  float *ws, float *wo16) {
     int weights, bytes;
     gguf_block_size(type, &weights, &bytes);
     if (weights == 32) {
         const uint8_t *p = row + (size_t)2 * u * bytes;
+        float wo[2];
         _mm256_storeu_si256((__m256i *)q, block32(type, p, ws, wo));
         _mm256_storeu_si256((__m256i *)(q + 32), block32(type, p + bytes, ws + 1, wo + 1));
+        for (int i = 0; i < 4; i++) wo16[i] = wo[i / 2];
         return;
     }
     const uint8_t *p = row + (size_t)u * bytes;
@@ -453,20 +465,36 @@ BLOCKS static inline __attribute__((always_inline)) void gguf_unit(int type, con
             k45_run(p, type == T_Q5_K, c, &lo, &hi);
             _mm256_storeu_si256((__m256i *)(q + 64 * c), lo), _mm256_storeu_si256((__m256i *)(q + 64 * c + 32), hi);
         }
-        for (int i = 0; i < 8; i++) ws[i] = d * sc[i], wo[i] = -dmin * mn[i];
+        for (int i = 0; i < 8; i++) ws[i] = d * sc[i], wo16[2 * i] = wo16[2 * i + 1] = -dmin * mn[i];
         return;
     }
-    __m512 scales, mins;
-    k16_scales(type, p, &scales, &mins);
-    _mm512_storeu_ps(ws, scales), _mm512_storeu_ps(wo, _mm512_sub_ps(_mm512_setzero_ps(), mins));
+    int8_t sub[16]; /* Q2_K's and Q3_K's integer sub-scales, multiplied into q */
+    if (type == T_Q6_K) {
+        __m512 scales, mins;
+        k16_scales(type, p, &scales, &mins);
+        _mm512_storeu_ps(ws, scales), _mm512_storeu_ps(wo16, _mm512_sub_ps(_mm512_setzero_ps(), mins));
+    } else if (type == T_Q3_K) { /* w = d * sc * (q - 4) = d * (q' - 124) */
+        _mm_storeu_si128((__m128i *)sub, q3_scales(p + 96));
+        const float d = half(p + 108);
+        for (int i = 0; i < 16; i++) wo16[i] = -124.0f * d, ws[i / 2] = d;
+    } else { /* Q2_K: w = d * (sc * q) - dmin * m */
+        const float d = half(p + 80), dmin = half(p + 82);
+        for (int i = 0; i < 16; i++) sub[i] = (int8_t)(p[i] & 15), wo16[i] = -dmin * (float)(p[i] >> 4), ws[i / 2] = d;
+    }
     for (int h = 0; h < 2; h++) {
         __m256i runs[4];
         k16_half(type, p, h, runs);
-        for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)(q + 128 * h + 32 * k), runs[k]);
+        for (int k = 0; k < 4; k++) {
+            const int r = 8 * h + 2 * k; /* the run of 32's first sub-block */
+            if (type == T_Q3_K) runs[k] = times_sub_scales(runs[k], sub[r], sub[r + 1], 4, 124);
+            if (type == T_Q2_K) runs[k] = times_sub_scales(runs[k], sub[r], sub[r + 1], 0, 0);
+            _mm256_storeu_si256((__m256i *)(q + 128 * h + 32 * k), runs[k]);
+        }
     }
 }
 
-/* Floats of gguf_tiles' scratch after its 16 K + 64 bytes of tiles: the 16 rows' ws and wo of every group. */
+/* Floats of gguf_tiles' scratch after its 16 K + 64 bytes of tiles: the 16 rows' ws of every group (K / 16 at
+   most) and their wo of every 16 weights. */
 #define GGUF_TILE_FLOATS(K) (2 * 16 * ((K) / 16))
 
 /* Rows [n0, n0 + 16) of a GGUF matrix (or its last, shorter block), K a multiple of 64, for every input row.
@@ -482,13 +510,11 @@ BLOCKS static void gguf_tiles(const int8_t *x, const uint8_t *xq, const float *f
     uint8_t q[16][256] __attribute__((aligned(64)));
     for (int u = 0; u < K / unit; u++) {
         for (int r = 0; r < 16; r++) {
-            float ws[16] = {0}, wo[16] = {0};
-            if (r < rows) gguf_unit(type, (const uint8_t *)w->data + (size_t)(n0 + r) * row_bytes, u, q[r], ws, wo);
+            float ws[16] = {0}, wo16[16] = {0};
+            if (r < rows) gguf_unit(type, (const uint8_t *)w->data + (size_t)(n0 + r) * row_bytes, u, q[r], ws, wo16);
             else memset(q[r], 0, sizeof(q[r])); /* rows past N: zero weights */
-            for (int i = 0; i < per_unit; i++) {
-                block_scales[(size_t)(u * per_unit + i) * 16 + r] = ws[i];
-                offsets[(size_t)(u * per_unit + i) * 16 + r] = wo[i];
-            }
+            for (int i = 0; i < per_unit; i++) block_scales[(size_t)(u * per_unit + i) * 16 + r] = ws[i];
+            for (int i = 0; i < unit / 16; i++) offsets[(size_t)(u * unit / 16 + i) * 16 + r] = wo16[i];
         }
         for (int c = 0; c < unit / 64; c++) {
             __m512i v[16];
@@ -501,11 +527,10 @@ BLOCKS static void gguf_tiles(const int8_t *x, const uint8_t *xq, const float *f
     tile_rows(tiles, block_scales, groups, group, x, xs, zero, M, K, 1.0f, w->y + n0, N, rows);
     const __mmask16 valid = (__mmask16)((1u << rows) - 1);
     for (int m = 0; m < M; m++) {
-        const block_in in = input_row(x, xq, floats, K, m);
-        const float *sums = group == 16 ? in.sums16 : in.sums32;
+        const float *sums16 = input_row(x, xq, floats, K, m).sums16;
         __m512 total = _mm512_setzero_ps();
-        for (int g = 0; g < groups; g++)
-            total = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + (size_t)g * 16), _mm512_set1_ps(sums[g]), total);
+        for (int g = 0; g < K / 16; g++)
+            total = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + (size_t)g * 16), _mm512_set1_ps(sums16[g]), total);
         float *out = w->y + (size_t)m * N + n0;
         _mm512_mask_storeu_ps(out, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, out), total));
     }
