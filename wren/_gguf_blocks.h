@@ -423,9 +423,11 @@ BLOCKS static void gguf_block(const int8_t *x, const uint8_t *xq, const float *f
    gguf_block reads each row's blocks for every ROWS_AT_ONCE input rows and scales every 64 products per input
    row: ~6 instructions a 64 weights a row. From GGUF_TILE_ROWS input rows, a block of 16 rows is unpacked once
    into tile_rows' layout instead (q as bytes, each 4 weights of the 16 rows a 64-byte vector): one VNNI per
-   16 rows x 4 weights per input row, each group's scales (ws of the 16 rows) applied once per group. The
-   offsets, wo * the input's sum over each 16 weights, are added after: a vector of 16 rows per 16 weights and
-   input row. A group is a block of 32 (the input's own), or Q6_K's sub-block of 16: Q2_K's and Q3_K's small
+   16 rows x 4 weights per input row, each group's scales (ws of the 16 rows) applied once per group. A fixed
+   offset (wo = -bias * ws: Q8_0, Q4_0, Q5_0, Q3_K, Q6_K) is the accumulator's start, -bias times the group's
+   integer input sum (`corr`); a float one (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K: mins) is added after, wo times the
+   input's sum, a vector of 16 rows per block and input row. A group is a block of 32 (the input's own), or
+   Q6_K's sub-block of 16: Q2_K's and Q3_K's small
    integer sub-scales are multiplied into their q (sc * q <= 45; (q - 4) * sc + 124 in [0, 252]), so that
    their super-block's d is the scale of each of its groups of 32, which halves the scaling per weight. */
 
@@ -433,6 +435,18 @@ BLOCKS static void gguf_block(const int8_t *x, const uint8_t *xq, const float *f
 
 /* The group of a type's tiles: the weights that share one scale. */
 static int gguf_tile_group(int type) { return type == T_Q6_K ? 16 : 32; }
+
+/* The bias of a type's q in tiles whose offset is a fixed multiple of its scale (w = ws * (q - bias)), or 0. */
+static int gguf_tile_bias(int type) {
+    switch (type) {
+    case T_Q8_0: return 128;
+    case T_Q4_0: return 8;
+    case T_Q5_0: return 16;
+    case T_Q3_K: return 124; /* (q - 4) * sc + 124: gguf_unit */
+    case T_Q6_K: return 32;
+    default: return 0;
+    }
+}
 
 /* 32 q bytes times sub-scales a (the first 16) and b (the last 16), each less `less` first, plus `plus`. */
 BLOCKS static inline __m256i times_sub_scales(__m256i q, int a, int b, int less, int plus) {
@@ -498,9 +512,10 @@ BLOCKS static inline __attribute__((always_inline)) void gguf_unit(int type, con
 #define GGUF_TILE_FLOATS(K) (2 * 16 * ((K) / 16))
 
 /* Rows [n0, n0 + 16) of a GGUF matrix (or its last, shorter block), K a multiple of 64, for every input row.
-   xs: the input's scale of each of its groups [M, K / group]; zero: M * K / 16 zeros (tile_rows' corr). */
+   xs: the input's scale of each of its groups [M, K / group]; corr: -bias times each group's sum of x (zeros
+   for a type of float offsets). */
 BLOCKS static void gguf_tiles(const int8_t *x, const uint8_t *xq, const float *floats, const float *xs,
-                              const int32_t *zero, int M, int K, const matrix *w, int b, uint8_t *scratch) {
+                              const int32_t *corr, int M, int K, const matrix *w, int b, uint8_t *scratch) {
     const int type = w->format - GGUF_BASE, group = gguf_tile_group(type), groups = K / group;
     const int N = w->N, n0 = b * 16, rows = N - n0 < 16 ? N - n0 : 16;
     const size_t row_bytes = gguf_row_bytes(type, K);
@@ -524,13 +539,18 @@ BLOCKS static void gguf_tiles(const int8_t *x, const uint8_t *xq, const float *f
             for (int j = 0; j < 16; j++) _mm512_store_si512(t + 64 * j, v[j]);
         }
     }
-    tile_rows(tiles, block_scales, groups, group, x, xs, zero, M, K, 1.0f, w->y + n0, N, rows);
+    tile_rows(tiles, block_scales, groups, group, x, xs, corr, M, K, 1.0f, w->y + n0, N, rows);
+    if (gguf_tile_bias(type)) return;
     const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    const int step = type == T_Q2_K ? 1 : 2, blocks = K / 16 / step; /* the float offsets: per 16 (Q2_K) or 32 */
     for (int m = 0; m < M; m++) {
-        const float *sums16 = input_row(x, xq, floats, K, m).sums16;
-        __m512 total = _mm512_setzero_ps();
-        for (int g = 0; g < K / 16; g++)
-            total = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + (size_t)g * 16), _mm512_set1_ps(sums16[g]), total);
+        const block_in in = input_row(x, xq, floats, K, m);
+        const float *sums = step == 1 ? in.sums16 : in.sums32;
+        __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int j = 0; j < blocks; j++) /* four sums: one would wait on each fma before the next */
+            part[j & 3] = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + (size_t)j * step * 16), _mm512_set1_ps(sums[j]),
+                                          part[j & 3]);
+        const __m512 total = _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]));
         float *out = w->y + (size_t)m * N + n0;
         _mm512_mask_storeu_ps(out, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, out), total));
     }

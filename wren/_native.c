@@ -549,27 +549,41 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
     }
     /* GGUF matrices (all of them, if any: they share an unrotated input) read it as block_in rows (floats, and
        their signed bytes after them); from GGUF_TILE_ROWS rows, in tiles with its scales per group of 16 (xs16)
-       or 32 (xs) and no correction (zero). The others read the signed input and its correction (corr). */
+       or 32 (xs) and, for each matrix, -bias times the group sums of x (gguf_corr[i]). The others read the
+       signed input and its correction (corr). */
     const int gguf_tiles_on = blocks && M >= GGUF_TILE_ROWS && K % 64 == 0;
     const int tile_levels = levels && M >= LEVEL_TILE_ROWS;
     const int unpack = (codes && M > DIRECT_ROWS) || tile_levels || gguf_tiles_on;
     float *floats = NULL, *xs16 = NULL;
-    int32_t *corr = NULL, *zero = NULL;
+    int32_t *corr = NULL, *gguf_corr = NULL;
     const int8_t *x;
     if (blocks) {
+        const size_t per_matrix = (size_t)M * (K / 16);
         floats = malloc(sizeof(float) * (size_t)M * BLOCK_INPUT_FLOATS(K) + (size_t)M * K);
-        xs16 = gguf_tiles_on ? malloc(sizeof(float) * (size_t)M * (K / 16)) : NULL;
-        zero = gguf_tiles_on ? calloc((size_t)M * (K / 16), sizeof(int32_t)) : NULL;
-        if (!floats || (gguf_tiles_on && (!xs16 || !zero))) {
-            free(floats), free(xs16), free(zero);
+        xs16 = gguf_tiles_on ? malloc(sizeof(float) * per_matrix) : NULL;
+        gguf_corr = gguf_tiles_on ? malloc(sizeof(int32_t) * per_matrix * (count + 1)) : NULL;
+        if (!floats || (gguf_tiles_on && (!xs16 || !gguf_corr))) {
+            free(floats), free(xs16), free(gguf_corr);
             return -1;
         }
         int8_t *signed_x = (int8_t *)(floats + (size_t)M * BLOCK_INPUT_FLOATS(K));
         for (int m = 0; m < M; m++)
             block_input(xq + (size_t)m * K, xs + (size_t)m * (K / BLOCK_INPUT), K, signed_x + (size_t)m * K,
                         floats + (size_t)m * BLOCK_INPUT_FLOATS(K));
-        for (long long g = 0; gguf_tiles_on && g < (long long)M * (K / 16); g++) xs16[g] = xs[g / 2];
         x = signed_x;
+        if (gguf_tiles_on) {
+            int32_t *sums16 = gguf_corr + per_matrix * count; /* each 16's sum of x, after the matrices' corr */
+            for (size_t g = 0; g < per_matrix; g++) {
+                const __m128i sad = _mm_sad_epu8(_mm_loadu_si128((const __m128i *)(xq + 16 * g)), _mm_setzero_si128());
+                xs16[g] = xs[g / 2];
+                sums16[g] = _mm_extract_epi16(sad, 0) + _mm_extract_epi16(sad, 4) - 16 * 128; /* xq = x + 128 */
+            }
+            for (int i = 0; i < count; i++) {
+                const int type = w[i].format - GGUF_BASE, per = gguf_tile_group(type) / 16, bias = gguf_tile_bias(type);
+                for (size_t g = 0; g < per_matrix / per; g++)
+                    gguf_corr[per_matrix * i + g] = -bias * (per == 1 ? sums16[g] : sums16[2 * g] + sums16[2 * g + 1]);
+            }
+        }
     } else {
         if ((codes || tile_levels) && !(corr = malloc(sizeof(int32_t) * (size_t)M * (K / group) + (size_t)M * K)))
             return -1;
@@ -594,8 +608,8 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
             if (wi->format >= GGUF_BASE && !gguf_tiles_on)
                 gguf_block(x, xq, floats, M, K, wi, b - first[i]);
             else if (wi->format >= GGUF_BASE && scratch)
-                gguf_tiles(x, xq, floats, gguf_tile_group(wi->format - GGUF_BASE) == 16 ? xs16 : xs, zero, M, K, wi,
-                           b - first[i], scratch);
+                gguf_tiles(x, xq, floats, gguf_tile_group(wi->format - GGUF_BASE) == 16 ? xs16 : xs,
+                           gguf_corr + (size_t)M * (K / 16) * i, M, K, wi, b - first[i], scratch);
             else if (wi->format == LEVELS && !tile_levels)
                 levels_block(xq, xs, M, K, group, wi, b - first[i]);
             else if (wi->format == LEVELS && scratch)
@@ -605,7 +619,7 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
         }
         free(scratch);
     }
-    free(floats), free(xs16), free(zero), free(corr);
+    free(floats), free(xs16), free(gguf_corr), free(corr);
     return failed ? -1 : 0;
 }
 
