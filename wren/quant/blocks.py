@@ -6,9 +6,8 @@ memory, and as much again in the level cache on disk. `BlocksLinear` keeps the G
 there for up to PREFILL_ROWS input rows (decode, server batches, prompts of up to a few hundred tokens;
 `_gguf_blocks.h`), with the input quantized to int8 per block of 32, as llama.cpp's kernels do. Longer
 prefills make each matrix's int8 levels for the call, bit for bit those `wren run` holds (`levels.to_levels`,
-in one compiled pass: a few ms a matrix), and take their prefill tiles: at 512 rows that beats reading the
-blocks by ~1.3x, conversion included. Where the
-kernels do not run, and on the reference path, the blocks are dequantized to float32, exactly.
+in one compiled pass: a few ms a matrix), and take their prefill tiles. Where the kernels do not run, and on
+the reference path, the blocks are dequantized to float32, exactly.
 
 The module is a TurboQuant module to the rest of wren (`linears`, the decode plan), with an unrotated input
 (`input_rotated` False). It runs on the CPU only.
@@ -30,8 +29,9 @@ from .linear import TQLinear, group_config
 
 # Input rows from which prefill multiplies int8 levels made for the call. Below, the kernels read the blocks
 # (from 12 rows on, unpacked once per 16 rows into the levels' tiles: _gguf_blocks.h, gguf_tiles). Making the
-# levels (~0.7 ns a weight) pays from ~300 rows: an E2B-wide Q3_K_M model prefilled 172 / 190 / 188 tokens/s
-# at 96 / 192 / 512 tokens without them, 108 / 156 / 247 with them from 48 rows (bench/decode.py).
+# levels (~0.7 ns a weight) paid from ~300 rows against the first tiles: an E2B-wide Q3_K_M model prefilled
+# 172 / 190 / 188 tokens/s at 96 / 192 / 512 tokens without them, 108 / 156 / 247 with them from 48 rows
+# (bench/decode.py). Against the tiles as they are now, 512 rows ran at 210.5 without, 206.6 with: even.
 PREFILL_ROWS = 256
 LEVELS_GROUP = 128  # their rotation's group: levels.GROUP, as a GGUF's int8 levels have it
 CHUNK_WEIGHTS = 1 << 22  # weights dequantized at a time for the exact path's float32 matmul
@@ -142,4 +142,3 @@ class BlocksEmbedding(BlocksLinear):
         if self.source_rows is None:
             raise RuntimeError("a GGUF embedding read in place looks its rows up in the file: none was attached")
         return self.source_rows.lookup(ids, ids.device, torch.float32)
-

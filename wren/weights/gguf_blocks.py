@@ -3,10 +3,10 @@
 `wren run`, `wren serve` and `wren bench` load a GGUF this way on the CPU: each nn.Linear whose GGUF type is
 one of native.IN_PLACE_TYPES becomes a `BlocksLinear` over the file's own bytes (mapped, not copied, not
 converted). A tied embedding (the LM head) is read in place too where its type takes fewer than 8 bits a
-weight (Q6_K, as llama.cpp's K-quant mixes store it for models 256-wide or wider): a `BlocksEmbedding`, no
-level copy of the largest matrix of the model in memory or on disk. A Q8_0 one (as narrower models have it:
-8.5 bits) stays int8 levels (`gguf_levels.py`), smaller and the fastest kernel the CPU has; so do the layers
-of any other block type, and every layer where the kernels do not run.
+weight (a Q6_K or Q4_0 token_embd): a `BlocksEmbedding`, no level copy of the largest matrix of the model in
+memory or on disk. A Q8_0 one (8.5 bits; llama.cpp's quantizer writes Gemma's tied head so) stays int8 levels
+(`gguf_levels.py`), smaller and the fastest kernel the CPU has; so do the layers of any other block type, and
+every layer where the kernels do not run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .gguf_quants import tensor_nbytes
 
 
 def choose(model, infos: dict) -> dict:
-    """module name -> GGUF tensor info of the linear layers to read in place."""
+    """module name -> GGUF tensor info of the linear layers to read in place, and of a tied embedding stored
+    in under 8 bits a weight."""
     if not native.blocks_readable():
         return {}
     tied = getattr(model, "lm_head", 0) is None
