@@ -16,7 +16,7 @@ import wren
 from gguf_writer import write_gguf
 from real_text import stdlib_prose
 from tiny_models import gemma3_hf, gemma4_hf
-from wren import decode_plan
+from wren import decode_plan, native
 from wren.quant import level_cache
 from wren.quant.levels import LevelsEmbedding, LevelsLinear
 from wren.quant.linear import reference_path
@@ -97,6 +97,22 @@ def test_converted_rows_are_within_two_percent_of_the_dequantized_weight(tiny_q8
     error = (fast.dense() - exact).norm(dim=1) / exact.norm(dim=1)
     assert float(error.max()) < 0.02
     assert float(error.mean()) < 0.012
+
+
+@pytest.mark.skipif(not native.blocks_readable(), reason="the compiled conversion needs AVX-512 VNNI, VL and F16C")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_0])
+def test_compiled_conversion_is_bit_for_bit_pytorchs(hf, tmp_path, monkeypatch, qtype):
+    """Where the block kernels run, a load converts each tensor in one compiled pass: the same levels and
+    scales as dequantizing and rotating in PyTorch (every block type: test_gguf_blocks.py)."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(hf, path, "gemma3", tensor_type=qtype)
+    gf = GGUFFile(path)
+    infos = [gf.tensors[name] for name in ("blk.0.ffn_down.weight", "blk.1.attn_q.weight")]
+    compiled = [gguf_levels.convert(gf, info) for info in infos]
+    monkeypatch.setattr(native, "blocks_readable", lambda: False)
+    for info, (levels, scales) in zip(infos, compiled):
+        want_levels, want_scales = gguf_levels.convert(gf, info)
+        assert torch.equal(levels, want_levels) and torch.equal(scales, want_scales)
 
 
 def test_decode_plan_runs_the_levels_as_the_modules_do(tiny_q8):
