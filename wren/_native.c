@@ -350,6 +350,48 @@ VBMI static inline __attribute__((always_inline)) void direct_rows(int count, in
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) * L->step;
 }
 
+/* Whether a layout's codes are 4-bit nibbles throughout, in whole 64-byte pairs of chunks (TQ4's layers): code 2i
+   in the low half of byte i of a pair, 2i + 1 in the high half, so that two ANDs and a shift unpack 128 of them
+   where unpack_chunk takes two byte permutes and a multishift per 64. */
+static inline int nibble_layout(const codes_layout *L) {
+    return L->uniform && L->bits[0] == 4 && L->chunks % 2 == 0;
+}
+
+/* direct_rows for a nibble_layout: x_split holds each 128 inputs' even coordinates, then their odd ones
+   (split_input), so that the low and the high nibbles each multiply a whole vector. A pair is its own 64
+   bytes: no read past the codes, so no tail. */
+VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int count, const uint8_t *w,
+                                                                           size_t row_bytes, const codes_layout *L,
+                                                                           const uint16_t *scales, int groups,
+                                                                           const int8_t *x_split, const float *xs,
+                                                                           const int32_t *corr, float *out) {
+    __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i table = _mm512_loadu_si512(L->table[L->table_of[0]]), low = _mm512_set1_epi8(0x0F);
+    const int pairs = L->chunks / 2;
+    for (int g = 0; g < groups; g++) {
+        const __m512i start = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[g]));
+        __m512i a[4] = {start, start, start, start}, b[4]; /* b: the odd coordinates, a second chain */
+        for (int r = 0; r < 4; r++) b[r] = _mm512_setzero_si512();
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
+        for (int r = 0; r < count; r++)
+            _mm_prefetch((const char *)(wg + (r + 16 * PREFETCH_BLOCKS) * row_bytes), _MM_HINT_T0);
+        for (int p = 0; p < pairs; p++) {
+            const __m512i even = _mm512_loadu_si512(xg + 128 * p), odd = _mm512_loadu_si512(xg + 128 * p + 64);
+            for (int r = 0; r < count; r++) {
+                const __m512i raw = _mm512_loadu_si512(wg + r * row_bytes + 64 * p);
+                a[r] = dpbusd(a[r], _mm512_permutexvar_epi8(_mm512_and_si512(raw, low), table), even);
+                b[r] = dpbusd(b[r], _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table),
+                              odd);
+            }
+        }
+        for (int r = 0; r < count; r++)
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[r], b[r])),
+                                   _mm512_set1_ps(_cvtsh_ss(scales[(size_t)r * groups + g]) * xs[g]), f[r]);
+    }
+    for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) * L->step;
+}
+
 /* v[i] (16 dwords of row i) -> v[j] (dword j of rows 0..15): a 16 x 16 transpose of 32-bit elements. */
 VNNI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
     __m512i t[16];
@@ -440,9 +482,10 @@ VNNI static void tile_rows(const uint8_t *tiles, const float *block_scales, int 
 #define DIRECT_ROWS 2 /* input rows up to which each reads the codes itself; more share one unpacked block */
 
 /* Rows [n0, n0 + 16) of a CODES matrix (or its last, shorter block) for every input row. scratch: 16 * K + 64
-   bytes and 16 * groups floats, for wide inputs. */
-VBMI static void codes_block(const int8_t *x, const float *xs, const int32_t *corr, int M, int K, int group,
-                             const matrix *w, int b, uint8_t *scratch) {
+   bytes and 16 * groups floats, for wide inputs. x_split: x as split_input makes it (decode of 4-bit codes), or
+   NULL. */
+VBMI static void codes_block(const int8_t *x, const int8_t *x_split, const float *xs, const int32_t *corr, int M,
+                             int K, int group, const matrix *w, int b, uint8_t *scratch) {
     const codes_layout *L = w->extra;
     const int groups = K / group, N = w->N, n0 = b * 16, rows = N - n0 < 16 ? N - n0 : 16;
     const int tail = n0 + 16 >= N; /* the matrix's last block: read no byte past its codes */
@@ -450,6 +493,7 @@ VBMI static void codes_block(const int8_t *x, const float *xs, const int32_t *co
     const uint8_t *codes = (const uint8_t *)w->data + (size_t)n0 * row_bytes;
     const uint16_t *scales = w->scale + (size_t)n0 * groups;
     if (M <= DIRECT_ROWS) {
+        const int nibbles = x_split && nibble_layout(L);
         for (int m = 0; m < M; m++)
             for (int r = 0; r < rows; r += 4) {
                 const int count = rows - r < 4 ? rows - r : 4;
@@ -457,7 +501,13 @@ VBMI static void codes_block(const int8_t *x, const float *xs, const int32_t *co
                 const uint16_t *sr = scales + (size_t)r * groups;
                 const int8_t *xm = x + (size_t)m * K;
                 float *out = w->y + (size_t)m * N + n0 + r;
-                if (count == 4 && !tail)
+                if (nibbles && count == 4) /* the count a constant: the rows' loops unrolled */
+                    direct_rows_nibbles(4, wr, row_bytes, L, sr, groups, x_split + (size_t)m * K,
+                                        xs + (size_t)m * groups, corr + (size_t)m * groups, out);
+                else if (nibbles)
+                    direct_rows_nibbles(count, wr, row_bytes, L, sr, groups, x_split + (size_t)m * K,
+                                        xs + (size_t)m * groups, corr + (size_t)m * groups, out);
+                else if (count == 4 && !tail)
                     direct_rows(4, 0, wr, row_bytes, L, sr, groups, xm, xs + (size_t)m * groups,
                                 corr + (size_t)m * groups, out);
                 else
@@ -534,16 +584,30 @@ VNNI static void signed_input(const uint8_t *xq, int M, int K, int group, int8_t
         }
 }
 
+/* x [M, K] (K a multiple of 128) as direct_rows_nibbles reads it: each 128 coordinates' even ones, then their
+   odd ones. */
+VBMI static void split_input(const int8_t *x, int M, int K, int8_t *x_split) {
+    uint8_t even[64], odd[64];
+    for (int i = 0; i < 64; i++) even[i] = (uint8_t)(2 * i), odd[i] = (uint8_t)(2 * i + 1);
+    const __m512i to_even = _mm512_loadu_si512(even), to_odd = _mm512_loadu_si512(odd);
+    for (size_t at = 0; at < (size_t)M * K; at += 128) {
+        const __m512i first = _mm512_loadu_si512(x + at), second = _mm512_loadu_si512(x + at + 64);
+        _mm512_storeu_si512(x_split + at, _mm512_permutex2var_epi8(first, to_even, second));
+        _mm512_storeu_si512(x_split + at + 64, _mm512_permutex2var_epi8(first, to_odd, second));
+    }
+}
+
 /* For each matrix i (up to 8 that share the input, as q/k/v do): y_i [M, N_i] = row_scale[n] * sum_g xs[m, g]
    * (<xq[m, g], level[n, g]> - sums of n's block [g, n % 16]). Rows 16 at a time, so the correction and the
    scales are applied as 16-wide vectors; all matrices' blocks in one parallel loop. group: a multiple of 64. */
 VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int count,
                     int threads) {
     int first[MAX_MATRICES + 1] = {0}; /* the first global block of each matrix */
-    int codes = 0, levels = 0, blocks = 0;
+    int codes = 0, levels = 0, blocks = 0, nibbles = 0;
     for (int i = 0; i < count; i++) {
         first[i + 1] = first[i] + (w[i].N + 15) / 16;
         codes |= w[i].format == CODES;
+        nibbles |= w[i].format == CODES && M <= DIRECT_ROWS && nibble_layout(w[i].extra);
         levels |= w[i].format == LEVELS;
         blocks |= w[i].format >= GGUF_BASE;
     }
@@ -585,10 +649,12 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
             }
         }
     } else {
-        if ((codes || tile_levels) && !(corr = malloc(sizeof(int32_t) * (size_t)M * (K / group) + (size_t)M * K)))
+        const size_t x_bytes = (size_t)M * K * (nibbles ? 2 : 1); /* the signed input, and its split copy */
+        if ((codes || tile_levels) && !(corr = malloc(sizeof(int32_t) * (size_t)M * (K / group) + x_bytes)))
             return -1;
         if (corr) signed_input(xq, M, K, group, (int8_t *)(corr + (size_t)M * (K / group)), corr);
         x = (const int8_t *)(corr + (size_t)M * (K / group));
+        if (nibbles) split_input(x, M, K, (int8_t *)(x + (size_t)M * K));
     }
     const size_t scratch_floats = blocks ? GGUF_TILE_FLOATS(K) : 16 * (K / group);
     const size_t scratch_bytes = (size_t)16 * K + 64 + sizeof(float) * scratch_floats;
@@ -615,7 +681,7 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
             else if (wi->format == LEVELS && scratch)
                 levels_tiles(x, xs, corr, M, K, group, wi, b - first[i], scratch);
             else if (wi->format == CODES && (!unpack || scratch))
-                codes_block(x, xs, corr, M, K, group, wi, b - first[i], scratch);
+                codes_block(x, nibbles ? x + (size_t)M * K : NULL, xs, corr, M, K, group, wi, b - first[i], scratch);
         }
         free(scratch);
     }
