@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wren.errors import BadOptionError
+from wren.quant import codebook_table, turboquant
 from wren.quant.turboquant import (
     TQConfig,
     codebook,
@@ -102,6 +103,17 @@ def test_codebooks_every_width_sorted():
         for bits in range(1, 9 if d == 128 else 5):
             c = codebook(bits, d)
             assert c.shape == (2**bits,) and c.dtype == torch.float32 and bool((c[1:] > c[:-1]).all())
+
+
+@pytest.mark.parametrize("bits,dim", list(codebook_table.STORED))
+def test_stored_codebooks_are_what_the_iteration_computes(bits, dim):
+    """The 6-8-bit codebooks ship precomputed (the 8-bit one took 1.8 s a process); they must stay the
+    iteration's (to its own tolerance of 1e-9 a step), and the codebooks in use must be them."""
+    centroids, distortion = codebook_table.STORED[bits, dim]
+    computed, computed_distortion = turboquant.lloyd_max_computed(bits, dim)
+    assert len(centroids) == 2**bits and centroids == pytest.approx(computed, abs=1e-8)
+    assert distortion == pytest.approx(computed_distortion, rel=1e-6)
+    assert codebook(bits, dim).tolist() == pytest.approx([c / math.sqrt(dim) for c in centroids], rel=1e-6)
 
 
 # --- TQ_mse distortion -----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BadOptionError
+from . import codebook_table
 
 ROTATIONS = ("hadamard", "qr")
 CODEBOOKS = ("beta", "gaussian")
@@ -236,6 +237,13 @@ def unrotate(y: Tensor, seed: int = 0, kind: str = "hadamard", block: int | None
 
 @functools.lru_cache(maxsize=None)
 def _lloyd_max(bits: int, dim: int | None) -> tuple[tuple[float, ...], float]:
+    """Lloyd–Max centroids of z = √d·x (unit variance) and their distortion E(z - q(z))²: stored in
+    codebook_table.py where they take long to compute (6-8 bits), else computed."""
+    stored = codebook_table.STORED.get((bits, dim))
+    return stored if stored is not None else lloyd_max_computed(bits, dim)
+
+
+def lloyd_max_computed(bits: int, dim: int | None) -> tuple[tuple[float, ...], float]:
     """Lloyd–Max centroids of z = √d·x (unit variance) and their distortion E(z - q(z))².
 
     dim None is the Gaussian limit N(0, 1); otherwise z has the density ∝ (1 - z²/d)^((d-3)/2) on
