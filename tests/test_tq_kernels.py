@@ -196,6 +196,27 @@ def test_int8_levels_fit_the_codebook_values():
     assert ((approx - exact).norm() / exact.norm()) ** 2 < 0.0095 * 0.01
 
 
+
+def test_levels_written_in_pieces_are_the_whole_levels(tmp_path):
+    """The level cache writes a weight's levels a piece of rows at a time (level_cache._write): the file
+    must hold exactly what int8_levels builds whole, and a writer that makes the wrong rows must fail."""
+    from wren.quant import level_cache
+    from wren.weights.safetensors import SafetensorsFile
+
+    layer = _layer(8, 128, 640, rows=2500)  # three pieces of 1024 rows, the last one short
+    levels, scales = cpu_kernels.int8_levels(layer.codes, layer.scales, layer.cfg, layer.in_features)
+    whole = decode_rotated(layer.codes, layer.cfg) * layer.scales.float().unsqueeze(-1)
+    want_levels, want_scales = cpu_kernels.round_to_levels(whole.reshape(2500, 640))
+    assert torch.equal(levels, want_levels) and torch.equal(scales, want_scales)
+    pieces = list(cpu_kernels.int8_level_pieces(layer.codes, layer.scales, layer.cfg, layer.in_features))
+    assert [start for start, *_ in pieces] == [0, 1024, 2048]
+    level_cache._write(tmp_path / "c.safetensors", {"w": layer})
+    f = SafetensorsFile(tmp_path / "c.safetensors")
+    assert torch.equal(f.tensor("w.levels"), levels) and torch.equal(f.tensor("w.scales"), scales)
+    items = [("w", torch.int8, (2500, 640), lambda: (lv for _, lv, _ in pieces[:2]))]
+    with open(tmp_path / "short.safetensors", "wb") as out, pytest.raises(ValueError, match="made 2048 rows"):
+        level_cache.write_aligned(out, items)
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
 def test_triton_kernel_in_the_interpreter():
     """The kernel's bit unpacking and codebook lookup, run by Triton's CPU interpreter."""

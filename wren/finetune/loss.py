@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..quant import cpu_kernels
 from ..quant import linear as tq
 from ..quant.linear import TQWeight
 from .lora import from_rotated, rotated_rows
@@ -54,23 +53,8 @@ def _head_swapped(model, grab):
 def lm_head(model) -> nn.Module:
     head = model.embed_tokens if model.lm_head is None else model.lm_head
     if isinstance(head, TQWeight) and head._int8 is None and head.codes.device.type == "cpu" and tq._fast_paths:
-        head._int8 = _int8_levels(head)
+        head.int8_levels()  # built once, before training allocates around it
     return head
-
-
-def _int8_levels(m: TQWeight, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU fast path's int8 copy of a weight (what `int8_levels()` caches), filled into tensors
-    allocated once. For a 262k-row head the default build (a list of pieces, then one concatenation)
-    leaves ~0.3-1.7 GB of fragmented heap resident; this leaves none and is 3x faster."""
-    levels = torch.empty(m.out_features, m.in_features, dtype=torch.int8)
-    scales = torch.empty(m.out_features, dtype=torch.bfloat16)
-    for s in range(0, m.out_features, rows):
-        lv, sc = cpu_kernels.int8_levels(m.codes[s:s + rows], m.scales[s:s + rows], m.cfg, m.in_features, rows)
-        levels[s:s + rows], scales[s:s + rows] = lv, sc
-        if s % (32 * rows) == 0:
-            cpu_kernels.release_free_memory()
-    cpu_kernels.release_free_memory()
-    return levels, scales
 
 
 def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:

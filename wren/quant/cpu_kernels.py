@@ -79,17 +79,28 @@ def unrotate_fast(y: Tensor, cfg: TQConfig) -> Tensor:
     return y
 
 
-def int8_levels(codes: Tensor, scales: Tensor, cfg: TQConfig, in_features: int,
-                rows_per_step: int = 8192) -> tuple[Tensor, Tensor]:
-    """(int8 [out, in], bf16 scale [out]) with level × scale ≈ the rotated weight row (`round_to_levels`)."""
-    levels, row_scales = [], []
-    for start in range(0, codes.shape[0], rows_per_step):
-        c = codes[start:start + rows_per_step]
-        v = (decode_rotated(c, cfg) * scales[start:start + rows_per_step].float().unsqueeze(-1))
-        lv, sc = round_to_levels(v.reshape(c.shape[0], in_features))
-        levels.append(lv)
-        row_scales.append(sc)
-    return torch.cat(levels), torch.cat(row_scales)
+def int8_levels(codes: Tensor, scales: Tensor, cfg: TQConfig, in_features: int) -> tuple[Tensor, Tensor]:
+    """(int8 [out, in], bf16 scale [out]) with level × scale ≈ the rotated weight row (`round_to_levels`),
+    filled into tensors allocated once: for a 262k-row head, pieces and one concatenation held it twice and
+    left up to ~1.7 GB of fragmented heap resident."""
+    levels = torch.empty(codes.shape[0], in_features, dtype=torch.int8, device=codes.device)
+    row_scales = torch.empty(codes.shape[0], dtype=torch.bfloat16, device=codes.device)
+    for start, lv, sc in int8_level_pieces(codes, scales, cfg, in_features):
+        levels[start:start + lv.shape[0]], row_scales[start:start + lv.shape[0]] = lv, sc
+    release_free_memory()
+    return levels, row_scales
+
+
+def int8_level_pieces(codes: Tensor, scales: Tensor, cfg: TQConfig, in_features: int, rows: int = 1024):
+    """Yield (first row, int8 levels, bf16 scales) of `rows` rows at a time (`int8_levels` in pieces, so that
+    a writer never holds the whole). Pieces of 1024 rows keep the float temporaries small: the default model's
+    head takes 0.58 s, against 0.83 in pieces of 8192."""
+    for start in range(0, codes.shape[0], rows):
+        c = codes[start:start + rows]
+        v = decode_rotated(c, cfg) * scales[start:start + rows].float().unsqueeze(-1)
+        yield (start, *round_to_levels(v.reshape(c.shape[0], in_features)))
+        if start % (64 * rows) == 0:
+            release_free_memory()
 
 
 def round_to_levels(v: Tensor) -> tuple[Tensor, Tensor]:

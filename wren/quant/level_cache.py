@@ -27,6 +27,7 @@ import torch
 
 from ..errors import WrenError
 from ..weights.safetensors import SafetensorsFile
+from . import cpu_kernels
 from .cpu_kernels import release_free_memory
 from .linear import TQWeight
 
@@ -105,22 +106,37 @@ def write_file(path: Path, items, need: int) -> None:
 
 
 def _write(path: Path, modules: dict[str, TQWeight]) -> None:
+    """The cache file, each weight's levels made a piece at a time as they are written (its scales follow),
+    so that writing holds neither every weight's levels nor one whole weight's."""
     items = []
     for name, m in modules.items():
-        levels, scales = m.int8_levels()
-        items += [(f"{name}.levels", levels.dtype, tuple(levels.shape), lambda t=levels: t),
-                  (f"{name}.scales", scales.dtype, tuple(scales.shape), lambda t=scales: t)]
+        scales = torch.empty(m.out_features, dtype=torch.bfloat16)
+        items += [(f"{name}.levels", torch.int8, (m.out_features, m.in_features),
+                   lambda m=m, scales=scales: _level_pieces(m, scales)),
+                  (f"{name}.scales", torch.bfloat16, (m.out_features,), lambda scales=scales: scales)]
     need = sum(m.out_features * (m.in_features + 2) for m in modules.values())
     write_file(path, items, need)
-    for m in modules.values():  # the mapped copies replace these
+    for m in modules.values():  # the mapped copies replace any built before
         m._int8 = None
+
+
+def _level_pieces(m: TQWeight, scales: torch.Tensor):
+    """The levels of `m` in pieces of rows (the ones it holds already, if built), filling `scales` as it goes."""
+    if m._int8 is not None:
+        scales.copy_(m._int8[1])
+        yield m._int8[0]
+        return
+    for start, levels, piece_scales in cpu_kernels.int8_level_pieces(m.codes, m.scales, m.cfg, m.in_features):
+        scales[start:start + levels.shape[0]] = piece_scales
+        yield levels
 
 
 def write_aligned(f, items) -> None:
     """A safetensors file whose every tensor starts ALIGN bytes into a page (padding tensors fill the
     gaps): PyTorch's int8 kernel crashes on levels that are only 8-byte aligned, as plain safetensors
     offsets may be. `items` are (name, dtype, shape, make): the header is written first, then each tensor
-    as `make()` returns it, one at a time, so a writer never holds more than one."""
+    as `make()` returns it (a tensor, or an iterable of pieces of its rows), one at a time, so a writer never
+    holds more than one."""
     entries, offset = {}, 0
     layout = []  # (padding before, name, dtype, shape, make)
     for name, dtype, shape, make in items:
@@ -138,10 +154,16 @@ def write_aligned(f, items) -> None:
     f.write(header)
     for pad, name, dtype, shape, make in layout:
         f.write(bytes(pad))
-        t = make()
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: made {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
-        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        made = make()
+        pieces = [made] if isinstance(made, torch.Tensor) else made  # or an iterable of pieces of rows
+        rows = 0
+        for t in pieces:
+            if t.dtype != dtype or t.dim() != len(shape) or tuple(t.shape[1:]) != tuple(shape[1:]):
+                raise ValueError(f"{name}: made {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            rows += t.shape[0]
+        if rows != shape[0]:
+            raise ValueError(f"{name}: made {rows} rows, the header says {tuple(shape)}")
 
 
 def _map(path: Path, modules: dict[str, TQWeight]) -> None:
