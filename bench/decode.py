@@ -12,7 +12,8 @@ each of --llama's types (llama.cpp's own requantization of the same weights, cac
 Each repeat of a row is a fresh child process (so load time and peak RSS are its own): it loads the model,
 warms up on 32 tokens, then for each --prompt-tokens length prefills that prompt into a fresh cache (chunks
 of 512) and decodes --decode-tokens greedy tokens one forward each (wren: wren.speed._one_run, what
-`wren bench` times). Prompt ids are tokenized once, by wren.
+`wren bench` times; --sample: drawn with Ollama's default options by each engine's own sampler). Prompt
+ids are tokenized once, by wren.
 Shown: the median and the min over repeats; load time is the model load inside the child (the files are in
 the page cache after the first repeat). Timings are printed, never asserted: only as quiet as the machine.
 """
@@ -38,6 +39,8 @@ import _llama_requant  # noqa: E402
 CHUNK = 512  # llama.cpp's n_batch: wren prefills in chunks of the same size (generation.PREFILL_CHUNK)
 WREN_BITS = {"tq4": 4, "tq3": 3}  # weights made by `wren quantize --bits N` (its default recipe)
 # the llama.cpp row each wren row is compared with
+# --sample: Ollama's defaults (wren's too), applied by each engine's own sampler
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1}
 PAIRS = {"tq4": "Q4_K_M", "tq3": "Q3_K_M", "gguf": "Q4_K_M", "gguf-blocks": "Q4_K_M"}
 
 
@@ -77,24 +80,27 @@ def wren_weights(source: Path, name: str) -> Path:
 
 
 def child_wren(path: Path, kv: str, ids: list[int], lengths: list[int], decode: int, threads: int,
-               in_place: bool = False) -> dict:
+               in_place: bool = False, sample: bool = False) -> dict:
     import torch
 
     import wren
     from wren.quant import folder
+    from wren.sampling import Options, make_sampler
     from wren.speed import _one_run  # what `wren bench` times: chunked prefill, then one forward a token
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = wren.load(path, int8=True, in_place=in_place)  # as `wren run [--low-memory]` loads it
     load_s = time.perf_counter() - t0
+    sampler = make_sampler(Options(**SAMPLING, seed=0)) if sample else None
     with torch.inference_mode():
-        _one_run(model, ids[:32], 4, kv)  # warm-up
-        runs = {n: _one_run(model, ids[:n], decode, kv) for n in lengths}
+        _one_run(model, ids[:32], 4, kv, sampler)  # warm-up
+        runs = {n: _one_run(model, ids[:n], decode, kv, sampler) for n in lengths}
     return {"load_s": load_s, "bits": folder.linear_bits_per_weight(model), "runs": runs}
 
 
-def child_llama(path: Path, ids: list[int], lengths: list[int], decode: int, threads: int) -> dict:
+def child_llama(path: Path, ids: list[int], lengths: list[int], decode: int, threads: int,
+                sample: bool = False) -> dict:
     import numpy as np
     from llama_cpp import Llama, llama_get_logits_ith
 
@@ -119,8 +125,21 @@ def child_llama(path: Path, ids: list[int], lengths: list[int], decode: int, thr
             token = greedy()
         return t1 - t0, (time.perf_counter() - t1) / steps
 
-    run(ids[:32], 4)  # warm-up
-    runs = {n: run(ids[:n], decode) for n in lengths}
+    def run_sampled(prompt: list[int], steps: int) -> tuple[float, float]:
+        """The same, each token drawn by llama.cpp's sampler chain as `Llama.generate` (its users) runs it."""
+        llm.reset()  # no prefix reuse from the last run
+        t0 = time.perf_counter()
+        for n, _ in enumerate(llm.generate(prompt, top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"], min_p=0.0,
+                                           temp=SAMPLING["temperature"], repeat_penalty=SAMPLING["repeat_penalty"])):
+            if n == 0:
+                t1 = time.perf_counter()
+            if n == steps:
+                break
+        return t1 - t0, (time.perf_counter() - t1) / steps
+
+    timed = run_sampled if sample else run
+    timed(ids[:32], 4)  # warm-up
+    runs = {n: timed(ids[:n], decode) for n in lengths}
     llm.close()
     return {"load_s": load_s, "bits": _llama_requant.stats(path)["linear_bits"], "runs": runs}
 
@@ -132,9 +151,10 @@ def child_main(args) -> None:
     lengths = [int(n) for n in args.prompt_tokens.split(",")]
     engine, path, kv = json.loads(args.child)
     if engine.startswith("wren"):
-        out = child_wren(Path(path), kv, ids, lengths, args.decode_tokens, args.threads, engine == "wren-in-place")
+        out = child_wren(Path(path), kv, ids, lengths, args.decode_tokens, args.threads, engine == "wren-in-place",
+                         args.sample)
     else:
-        out = child_llama(Path(path), ids, lengths, args.decode_tokens, args.threads)
+        out = child_llama(Path(path), ids, lengths, args.decode_tokens, args.threads, args.sample)
     out["rss_mb"] = peak_rss_mb()
     print(json.dumps(out), flush=True)
 
@@ -144,7 +164,7 @@ def run_child(row: dict, args, ids_file: str) -> dict:
     engine = "wren-in-place" if row.get("weights") == "gguf-blocks" else row["engine"]
     cmd = [sys.executable, __file__, "--child", json.dumps([engine, str(row["path"]), row["kv"]]),
            "--ids-file", ids_file, "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens),
-           "--prompt-tokens", args.prompt_tokens]
+           "--prompt-tokens", args.prompt_tokens] + (["--sample"] if args.sample else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -247,6 +267,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", type=Path, default=None, help="the source GGUF (default: wren's default model)")
     ap.add_argument("--file", default=None, help="prompt text (default ../shared/data/prideprejudice.txt)")
+    ap.add_argument("--sample", action="store_true", help="draw each token as Ollama's defaults do (temperature "
+                    "0.8, top_k 40, top_p 0.9, repeat penalty 1.1), by each engine's own sampler; default greedy")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ids-file", help=argparse.SUPPRESS)
@@ -280,16 +302,16 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     machine = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": args.threads, "prompt_tokens": lengths, "decode_tokens": args.decode_tokens,
-               "repeat": args.repeat, "source": str(source), "loadavg_before": load_before,
-               "loadavg_after": load_after}
+               "repeat": args.repeat, "sampling": SAMPLING if args.sample else "greedy", "source": str(source),
+               "loadavg_before": load_before, "loadavg_after": load_after}
     if args.json:
         print(json.dumps({"machine": machine, "results": results}))
         return
     print("command: python bench/decode.py " + " ".join(sys.argv[1:]))
     print(tables(results, lengths))
     print(f"\n{machine['cpus']} CPUs ({machine['cpu']}), torch {machine['torch']}, {args.threads} threads, "
-          f"{args.decode_tokens} decoded tokens, {args.repeat} repeats; source {source.name}; "
-          f"1-minute load average {load_before:.2f} before, {load_after:.2f} after")
+          f"{args.decode_tokens} decoded tokens ({'sampled' if args.sample else 'greedy'}), {args.repeat} repeats; "
+          f"source {source.name}; 1-minute load average {load_before:.2f} before, {load_after:.2f} after")
 
 
 if __name__ == "__main__":

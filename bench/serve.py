@@ -6,9 +6,10 @@ OpenAI server (`python -m llama_cpp.server`), same GGUF, same prompts, same thre
     python bench/serve.py --servers wren,wren-low-memory,llama.cpp   # and `wren serve --low-memory`
 
 Each server runs as its own process on a free loopback port and is warmed up first. Every client streams
-raw completions (POST /v1/completions, temperature 0, a different prompt per client) back to back;
-time to first token is measured from sending the request to the first streamed piece, and the aggregate
-rate is all streamed pieces (one per token on both servers) over the wall time of the round. wren batches
+raw completions (POST /v1/completions, temperature 0, or with --sample Ollama's default sampling; a
+different prompt per client) back to back; time to first token is measured from sending the request to the
+first streamed piece, and the aggregate rate is all streamed pieces (one per token on both servers) over
+the wall time of the round. wren batches
 concurrent requests (--parallel, default 16 here); llama-cpp-python's server runs one at a time, the
 others wait (its interrupt_requests is turned off so a waiting request does not cut the running one off).
 Timings are printed, never asserted: they are only as quiet as the machine is.
@@ -34,6 +35,8 @@ PROMPTS = ["The history of the printing press", "A recipe for bread starts with"
            "Rivers carry sediment toward", "The first computers were built", "Whales are mammals that",
            "A good night's sleep helps", "The moon's phases happen because", "Jazz music began in",
            "Volcanoes form when", "The library was quiet until"]
+
+SAMPLED = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
 
 
 def free_port() -> int:
@@ -62,11 +65,11 @@ def start(cmd: list[str], url: str, env: dict, log) -> subprocess.Popen:
     raise SystemExit(f"{cmd[:3]} did not start; see {log.name}")
 
 
-def one_request(url: str, model: str, prompt: str, tokens: int) -> tuple[float, int, float]:
+def one_request(url: str, model: str, prompt: str, tokens: int, sampling: dict) -> tuple[float, int, float]:
     """(time to first token, tokens streamed, seconds) of one streamed completion."""
     import httpx
 
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "stream": True, **sampling}
     t0 = time.perf_counter()
     first, count = None, 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
@@ -82,13 +85,13 @@ def one_request(url: str, model: str, prompt: str, tokens: int) -> tuple[float, 
     return (first if first is not None else time.perf_counter() - t0), count, time.perf_counter() - t0
 
 
-def round_(url: str, model: str, clients: int, requests: int, tokens: int) -> dict:
+def round_(url: str, model: str, clients: int, requests: int, tokens: int, sampling: dict) -> dict:
     ttfts, counts = [], []
     lock = threading.Lock()
 
     def client(i):
         for j in range(requests):
-            ttft, n, _ = one_request(url, model, PROMPTS[(i + j * clients) % len(PROMPTS)], tokens)
+            ttft, n, _ = one_request(url, model, PROMPTS[(i + j * clients) % len(PROMPTS)], tokens, sampling)
             with lock:
                 ttfts.append(ttft)
                 counts.append(n)
@@ -127,8 +130,11 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=16, help="wren's --parallel (sequences batched together)")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--servers", default="wren,llama.cpp", help="of wren, wren-low-memory (--low-memory), llama.cpp")
+    ap.add_argument("--sample", action="store_true", help="Ollama's default sampling in every request (temperature "
+                    "0.8, top_k 40, top_p 0.9, repeat_penalty 1.1; both servers take these fields); default greedy")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    sampling = SAMPLED if args.sample else {"temperature": 0}
 
     from wren.weights.load import default_model_path
 
@@ -163,9 +169,9 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown server {server!r}")
         try:
-            one_request(url, model, "Warm-up:", 4)
+            one_request(url, model, "Warm-up:", 4, sampling)
             for c in clients:
-                results.append({"server": server, **round_(url, model, c, args.requests, args.tokens)})
+                results.append({"server": server, **round_(url, model, c, args.requests, args.tokens, sampling)})
         finally:
             proc.terminate()
             try:
@@ -177,11 +183,12 @@ def main() -> None:
     if load > args.threads * 0.75 + 0.5:
         notes.append(f"load average {load:.1f} at the end: other processes shared the CPUs")
     if args.json:
-        print(json.dumps({"model": str(gguf), "threads": args.threads, "tokens": args.tokens, "results": results,
-                          "notes": notes}))
+        print(json.dumps({"model": str(gguf), "threads": args.threads, "tokens": args.tokens, "sampling": sampling,
+                          "results": results, "notes": notes}))
         return
     print(f"model {gguf.name}, {args.threads} threads, {args.tokens} tokens per request, "
-          f"{args.requests} request(s) per client, wren --parallel {args.parallel}")
+          f"{args.requests} request(s) per client, wren --parallel {args.parallel}, "
+          f"{'sampled (' + json.dumps(sampling) + ')' if args.sample else 'greedy'}")
     print(f"{'server':<10} {'clients':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9}")
     for r in results:
         print(f"{r['server']:<10} {r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['tokens_per_s']:>8.1f} "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wren.errors import BadOptionError
-from wren.sampling import Options, apply_penalties, filter_logits, make_sampler
+from wren.sampling import Options, apply_penalties, draw, filter_logits, make_sampler, top_k
 
 
 def test_ollama_defaults():
@@ -80,3 +80,48 @@ def test_bad_options_raise(bad):
 def test_options_coerce_strings_and_lists():
     o = Options.from_dict({"temperature": "0.5", "top_k": 10.0, "stop": "END"})
     assert (o.temperature, o.top_k, o.stop) == (0.5, 10, ["END"])
+
+
+@pytest.mark.parametrize("n,k", [(262144, 40), (262147, 40), (262144, 1), (100000, 64), (5000, 40), (300, 40)])
+def test_top_k_of_a_long_vector_is_torch_topk(n, k):
+    """sampling.top_k searches only the blocks whose maxima can hold the k largest: the same values and,
+    where they are distinct, the same ids as torch.topk; ties (few distinct values) keep the values."""
+    g = torch.Generator().manual_seed(n + k)
+    for x in (torch.randn(n, generator=g) * 3, torch.randint(0, 50, (n,), generator=g).float()):
+        values, ids = top_k(x, k)
+        want_values, want_ids = torch.topk(x, k)
+        assert torch.equal(values, want_values)
+        assert torch.equal(x[ids], values) and ids.unique().numel() == k
+        if x.unique().numel() == n:
+            assert torch.equal(ids, want_ids)
+
+
+def test_nucleus_wider_than_the_first_guess_matches_a_full_sort():
+    """top_p over the whole vocabulary (top_k 0) widens its top-k until the mass is reached: the tokens it
+    keeps are the sorted prefix's, also when that takes thousands of tokens."""
+    logits = torch.randn(50000, generator=torch.Generator().manual_seed(3)) * 0.5
+    for top_p in (0.05, 0.5, 0.95):
+        kept = torch.isfinite(filter_logits(logits, Options(top_k=0, top_p=top_p)))
+        probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
+        want = order[: int((probs.cumsum(-1) - probs < top_p).sum())]
+        assert kept.sum() > 64 and sorted(kept.nonzero().flatten().tolist()) == sorted(want.tolist())
+
+
+def test_draws_follow_the_tempered_softmax_of_the_kept_tokens():
+    """With top_k 3 of 200k logits at temperature 0.5, 6000 draws fall on the three kept tokens in the
+    proportions softmax(logit / 0.5) gives them (each within 4 standard deviations), and nowhere else."""
+    logits = torch.full((200000,), -5.0)
+    logits[[17, 123456, 199999]] = torch.tensor([1.0, 1.3, 0.6])
+    sample = make_sampler(Options(seed=11, temperature=0.5, top_k=3, top_p=1.0, repeat_penalty=1.0))
+    draws = torch.tensor([sample(logits, []) for _ in range(6000)])
+    want = torch.softmax(torch.tensor([1.0, 1.3, 0.6]) / 0.5, -1)
+    for token, p in zip((17, 123456, 199999), want.tolist()):
+        count = int((draws == token).sum())
+        assert abs(count - 6000 * p) < 4 * (6000 * p * (1 - p)) ** 0.5, (token, count, p)
+    assert set(draws.tolist()) == {17, 123456, 199999}
+
+
+def test_draw_never_takes_a_masked_token():
+    logits = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0, float("-inf")])
+    generator = torch.Generator().manual_seed(0)
+    assert {draw(logits, 1.0, generator) for _ in range(500)} == {1, 3}

@@ -184,6 +184,18 @@ def test_openai_chat_completions(oai):
     assert {"tiny3:latest", "tiny4:latest"} <= ids
 
 
+def test_openai_takes_llama_cpp_sampling_fields(oai, server):
+    """top_k, min_p and repeat_penalty (llama.cpp's and vLLM's extensions) reach the sampler: top_k 1 draws
+    the greedy tokens at any temperature; a bad value is a 400."""
+    greedy = oai.completions.create(model="tiny3", prompt="Once upon", max_tokens=8, temperature=0,
+                                    extra_body={"repeat_penalty": 1.0})
+    top1 = oai.completions.create(model="tiny3", prompt="Once upon", max_tokens=8, temperature=1.5, seed=5,
+                                  extra_body={"top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0})
+    assert top1.choices[0].text == greedy.choices[0].text
+    bad = httpx.post(server.url + "/v1/completions", json={"model": "tiny3", "prompt": "x", "top_k": -2}, timeout=60)
+    assert bad.status_code == 400 and "top_k" in bad.text
+
+
 def test_json_schema_output_parses_and_validates(client, oai):
     r = client.generate(model="tiny3", prompt="weather as JSON", format=SCHEMA,
                         options={"seed": 1, "num_predict": 300})

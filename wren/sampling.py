@@ -93,20 +93,72 @@ def apply_penalties(logits: torch.Tensor, history: list[int], opts: Options) -> 
 
 def filter_logits(logits: torch.Tensor, opts: Options) -> torch.Tensor:
     """Mask (to -inf) every token that top_k, top_p or min_p rules out. logits: [V]."""
-    logits = logits.float()
+    kept, ids = candidates(logits, opts)
+    if ids is None:
+        return kept
+    return torch.full_like(logits, float("-inf"), dtype=torch.float32).index_put_((ids,), kept)
+
+
+def candidates(logits: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the float logits of the tokens that top_k, top_p and min_p keep, their ids; None: every token, with
+    the ruled-out ones at -inf). The sampler works on these few: sorting and drawing from all 262k logits
+    of a Gemma vocabulary took 14 ms a token, about as long as the decode step that made them."""
+    logits, ids = logits.float(), None
     if opts.top_k and opts.top_k < logits.numel():
-        kth = torch.topk(logits, opts.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = top_k(logits, opts.top_k)  # sorted, largest first
     if opts.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        if ids is None:
+            probs, ids = _most_probable(probs, opts.top_p)
+            logits = logits[ids]
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it stays)
-        drop = probs.cumsum(-1) - probs >= opts.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        keep = probs.cumsum(-1) - probs < opts.top_p
+        logits, ids = logits[keep], ids[keep]
     if opts.min_p > 0:
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < opts.min_p * probs.max(), float("-inf"))
-    return logits
+    return logits, ids
+
+
+def top_k(x: torch.Tensor, k: int, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) of a vector (the same values; among equal values maybe other ids), 6x faster on a
+    CPU for 40 of 262k: the k largest lie in the k blocks of `block` entries with the largest maxima (k
+    blocks hold k values at least the k-th largest maximum), so those blocks are searched alone."""
+    n = x.numel()
+    if x.device.type != "cpu" or n // block < 4 * k:
+        return torch.topk(x, k)
+    whole = n - n % block
+    rows = x[:whole].reshape(-1, block)
+    blocks = torch.topk(rows.amax(1), k).indices
+    values, ids = rows[blocks].reshape(-1), (blocks[:, None] * block + torch.arange(block)).reshape(-1)
+    if whole < n:  # the last, short block always takes part
+        values, ids = torch.cat((values, x[whole:])), torch.cat((ids, torch.arange(whole, n)))
+    values, picked = torch.topk(values, k)
+    return values, ids[picked]
+
+
+def _most_probable(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest probabilities, sorted, and their ids: enough of them to reach `mass` (or all), found
+    by widening top-k rather than sorting the whole vocabulary."""
+    k = 64
+    while True:
+        top, ids = top_k(probs, min(k, probs.numel()))
+        if top.numel() == probs.numel() or float(top.cumsum(-1)[-1]) >= mass:
+            return top, ids
+        k *= 8
+
+
+def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """An index drawn from softmax(logits / temperature): one uniform number against the cumulative sum
+    (torch.multinomial over 262k entries took 5 ms). Entries at -inf are never drawn."""
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+
+
+def greedy(logits: torch.Tensor) -> int:
+    """The index of the largest logit (the first of equals), as torch.argmax, 3x faster on a 262k vector."""
+    return int(torch.max(logits.reshape(-1), 0).indices)
 
 
 def make_sampler(opts: Options):
@@ -116,9 +168,9 @@ def make_sampler(opts: Options):
     def sample(logits: torch.Tensor, history: list[int]) -> int:
         logits = apply_penalties(logits, history, opts)
         if opts.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = filter_logits(logits, opts) / opts.temperature
-        probs = torch.softmax(logits, dim=-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=generator))
+            return greedy(logits)
+        kept, ids = candidates(logits, opts)
+        pick = draw(kept.cpu(), opts.temperature, generator)  # the generator is the CPU's
+        return pick if ids is None else int(ids[pick])
 
     return sample

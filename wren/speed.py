@@ -19,6 +19,7 @@ from torch import nn
 from .errors import BadOptionError
 from .generation import PREFILL_CHUNK
 from .graphs import StaticDecoder, decode_step
+from .sampling import greedy
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 << 20, repeat: int = 5) -> float:
@@ -104,31 +105,47 @@ def _prompt(model, n: int, seed: int) -> list[int]:
     return ([bos] + ids[1:]) if bos is not None else ids
 
 
-def _one_run(model, prompt: list[int], gen: int, kv_cache) -> tuple[float, float]:
-    """(seconds to the first token, seconds per decoded token) for one prompt."""
+def _one_run(model, prompt: list[int], gen: int, kv_cache, sampler=None) -> tuple[float, float]:
+    """(seconds to the first token, seconds per decoded token) for one prompt: greedy, or each token drawn
+    by `sampler` (sampling.make_sampler's closure) given the tokens so far."""
     from .kv import make_kv_cache
 
     device = model.norm.weight.device
+    history = list(prompt)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if sampler is None:
+            return _greedy(logits)
+        history.append(sampler(logits, history))
+        return torch.tensor([[history[-1]]], device=device)
+
     cache = make_kv_cache(model, batch=1, max_len=len(prompt) + gen + 1, spec=kv_cache, device=device)
     x = torch.tensor([prompt], device=device)
     _sync(device)
     t0 = time.perf_counter()
     for s in range(0, x.shape[1], PREFILL_CHUNK):
         logits = model(x[:, s:s + PREFILL_CHUNK], cache, logits_to_keep=1)
-    token = logits[0, -1].argmax()
+    token = pick(logits[0, -1])
     _sync(device)
     ttft = time.perf_counter() - t0
     step = decode_step(model, cache)
     timed = gen
     if isinstance(step, StaticDecoder) and gen > 1:  # its first call captures the CUDA graph: not timed
-        token = step(token.view(1, 1))[0].argmax()
+        token = pick(step(token)[0])
         timed -= 1
         _sync(device)
     t1 = time.perf_counter()
     for _ in range(timed):
-        token = step(token.view(1, 1))[0].argmax()
+        token = pick(step(token)[0])
     _sync(device)
     return ttft, (time.perf_counter() - t1) / max(timed, 1)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The next token [1, 1], as `wren run --temperature 0` picks it; on a GPU without a sync."""
+    if logits.device.type == "cpu":
+        return torch.tensor([[greedy(logits)]])
+    return logits.argmax().view(1, 1)
 
 
 def bench(model, prompt_tokens: int = 512, gen_tokens: int = 64, repeat: int = 3, kv_cache=None,

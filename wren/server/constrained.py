@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from ..errors import BadOptionError
-from ..sampling import Options, apply_penalties, filter_logits
+from ..sampling import Options, apply_penalties, candidates
 
 MAX_WS = 12  # whitespace characters in a row, a newline only first: enough to pretty-print, too few to loop
 MAX_DEPTH = 32
@@ -648,13 +648,15 @@ class Constraint:
         logits = self._prefilter(apply_penalties(logits, history, self.opts).float())
         token = None
         if self.opts.temperature > 0:
-            probs = torch.softmax(filter_logits(logits, self.opts) / self.opts.temperature, dim=-1)
+            kept, ids = candidates(logits, self.opts)
+            probs = torch.softmax(kept / self.opts.temperature, dim=-1)
             for _ in range(self.TRIES):
                 if not probs.sum() > 0:
                     break
                 pick = int(torch.multinomial(probs, 1, generator=self.generator))
-                if self._ok(pick):
-                    token = pick
+                drawn = pick if ids is None else int(ids[pick])
+                if self._ok(drawn):
+                    token = drawn
                     break
                 probs[pick] = 0
         if token is None:  # greedy, or the draws kept missing: the best allowed token in logit order

@@ -37,11 +37,13 @@ def _number(body, key, kind=(int, float)):
 
 
 def _sampling(body: dict) -> dict:
-    """OpenAI's sampling fields -> wren option names."""
+    """OpenAI's sampling fields -> wren option names; also top_k, min_p and repeat_penalty, as llama.cpp's
+    and vLLM's OpenAI servers take them."""
     out = {}
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
-                     ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
-        value = _number(body, src, int if src == "seed" else (int, float))
+                     ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+                     ("top_k", "top_k"), ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty")):
+        value = _number(body, src, int if src in ("seed", "top_k") else (int, float))
         if value is not None:
             out[dst] = value
     limit = field_of(body, "max_completion_tokens", int)
