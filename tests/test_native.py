@@ -38,6 +38,34 @@ def test_decode_attention_matches_attend(dtype, heads, kv_heads, slots, window, 
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("per_row_positions", [False, True], ids=["shared-slots", "server-rows"])
+def test_batched_decode_attention_matches_the_ops(per_row_positions):
+    """One decoded token of each of 3 sequences (cached_attention with batch 3) runs the kernel a row at a
+    time: each row at its own position, over its own valid slots (left padding) or its own slot positions
+    (the server's rows, SlotCache), as the mask and `attend` give."""
+    from wren.models.layers import _attention_by_ops, cached_attention
+
+    b, heads, kv_heads, slots, d = 3, 4, 1, 40, 32
+    q = torch.randn(b, heads, 1, d, generator=_gen(1))
+    keys = torch.randn(b, kv_heads, slots, d, generator=_gen(2)).half()
+    values = torch.randn(b, kv_heads, slots, d, generator=_gen(3)).half()
+    if per_row_positions:  # rows of different lengths, their positions in other slots (rings), as the server's
+        key_pos = torch.full((b, slots), -1)
+        for row, n in enumerate((40, 17, 3)):
+            key_pos[row, torch.randperm(slots, generator=_gen(row))[:n]] = torch.arange(n)
+        pos, valid = torch.tensor([[39], [16], [2]]), None
+    else:  # a batch left-padded to one length: the same positions, the padding invalid
+        key_pos, pos = torch.arange(slots), torch.full((b, 1), slots - 1)
+        valid = torch.ones(b, slots, dtype=torch.bool)
+        valid[1, :12], valid[2, :30] = False, False
+    kv = (keys, values, key_pos, valid)
+    for window in (None, 8):
+        got = cached_attention(q, kv, pos, window, 0.125, None)
+        want = _attention_by_ops(q, (keys.float(), values.float(), key_pos, valid), pos, window, 0.125, None)
+        assert got.shape == want.shape == (b, 1, heads * d)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+
+
 def test_decode_attention_that_sees_nothing_is_zero():
     q = torch.randn(1, 2, 1, 16, generator=_gen(1))
     kv = torch.randn(1, 1, 4, 16, generator=_gen(2))
