@@ -38,17 +38,29 @@ def test_decode_attention_matches_attend(dtype, heads, kv_heads, slots, window, 
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cache", ["f16", "tq4"])
 @pytest.mark.parametrize("per_row_positions", [False, True], ids=["shared-slots", "server-rows"])
-def test_batched_decode_attention_matches_the_ops(per_row_positions):
+def test_batched_decode_attention_matches_the_ops(per_row_positions, cache):
     """One decoded token of each of 3 sequences (cached_attention with batch 3) runs the kernel a row at a
-    time: each row at its own position, over its own valid slots (left padding) or its own slot positions
-    (the server's rows, SlotCache), as the mask and `attend` give."""
-    from wren.models.layers import _attention_by_ops, cached_attention
+    time, over a dense cache or a TurboQuant cache's codes: each row at its own position, over its own valid
+    slots (left padding) or its own slot positions (the server's rows, SlotCache), as the mask and `attend`
+    give."""
+    from wren.kv import codec_for
+    from wren.models.layers import Coded, _attention_by_ops, _row_kernel, cached_attention
 
-    b, heads, kv_heads, slots, d = 3, 4, 1, 40, 32
+    if cache == "tq4" and not native._native.codes_supported():
+        pytest.skip("this CPU has no AVX-512 VBMI (the TurboQuant cache is decoded instead)")
+    b, heads, kv_heads, slots, d = 3, 4, 1, 40, 128
     q = torch.randn(b, heads, 1, d, generator=_gen(1))
-    keys = torch.randn(b, kv_heads, slots, d, generator=_gen(2)).half()
-    values = torch.randn(b, kv_heads, slots, d, generator=_gen(3)).half()
+    keys = torch.randn(b, kv_heads, slots, d, generator=_gen(2))
+    values = torch.randn(b, kv_heads, slots, d, generator=_gen(3))
+    if cache == "tq4":
+        codec = codec_for("tq4", d)
+        keys, values = Coded(codec.encode(keys), codec), Coded(codec.encode(values), codec)
+        reference = keys, values  # decoded by the ops path
+    else:
+        keys, values = keys.half(), values.half()
+        reference = keys.float(), values.float()
     if per_row_positions:  # rows of different lengths, their positions in other slots (rings), as the server's
         key_pos = torch.full((b, slots), -1)
         for row, n in enumerate((40, 17, 3)):
@@ -58,10 +70,10 @@ def test_batched_decode_attention_matches_the_ops(per_row_positions):
         key_pos, pos = torch.arange(slots), torch.full((b, 1), slots - 1)
         valid = torch.ones(b, slots, dtype=torch.bool)
         valid[1, :12], valid[2, :30] = False, False
-    kv = (keys, values, key_pos, valid)
+    assert _row_kernel(q, keys, values) is (native.attend_codes if cache == "tq4" else native.attend_one)
     for window in (None, 8):
-        got = cached_attention(q, kv, pos, window, 0.125, None)
-        want = _attention_by_ops(q, (keys.float(), values.float(), key_pos, valid), pos, window, 0.125, None)
+        got = cached_attention(q, (keys, values, key_pos, valid), pos, window, 0.125, None)
+        want = _attention_by_ops(q, (*reference, key_pos, valid), pos, window, 0.125, None)
         assert got.shape == want.shape == (b, 1, heads * d)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
 

@@ -128,12 +128,18 @@ class CompressedKVCache(KVCache):
 
     def _read(self, codec, parts: tuple, key_scale, one_token: bool):
         """What attention reads: for one new token, TurboQuant codes as they are (Coded) where a decode
-        attention kernel reads them (the CPU's compiled one for one sequence, Triton's on CUDA), so that
+        attention kernel reads them (the CPU's compiled one, a sequence at a time; Triton's on CUDA), so that
         nothing is decoded; else the codec's read."""
-        if one_token and isinstance(codec, TQ) and (
-                (self.batch == 1 and native.reads_cache_codes(codec.cfg)) or triton_ops.reads_codes(parts)):
-            return Coded(parts, codec, key_scale)
-        return codec.read(parts, self.dtype, key_scale)
+        return attention_read(codec, parts, self.dtype, key_scale, one_token)
+
+
+def attention_read(codec, parts: tuple, dtype: torch.dtype, key_scale, one_token: bool, on_cuda: bool = True):
+    """A cache's buffers as attention reads them (see CompressedKVCache._read). `on_cuda` False: codes only
+    for the CPU's kernel (the server's rows: Triton's over their per-row slots has not run on a GPU yet)."""
+    if one_token and isinstance(codec, TQ) and (native.reads_cache_codes(codec.cfg)
+                                                or (on_cuda and triton_ops.reads_codes(parts))):
+        return Coded(parts, codec, key_scale)
+    return codec.read(parts, dtype, key_scale)
 
 
 def joined(old: tuple, new: tuple) -> tuple:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import SlotCache
-from .cache import encode_keys, joined, layer_key_scales
+from .cache import attention_read, encode_keys, joined, layer_key_scales
 from .codecs import codec_for
 from .scales import key_scales
 from .types import model_dtype_name
@@ -47,19 +47,21 @@ class CompressedSlotCache(SlotCache):
                 for buf, part in zip(buffers, new):
                     self._write(buf, slots, part[:, :, first:].transpose(1, 2))
 
+        one = pos.shape[1] == 1  # one new token a row: its codes may be read as they are (attention_read)
         if not self.ring[layer]:
             write(pos)
             self._write(P, pos, pos)
             end = int(pos.max()) + 1
-            keys = kc.read(tuple(self._rows(b, end) for b in K), self.dtype, s)
-            values = vc.read(tuple(self._rows(b, end) for b in V), self.dtype)
+            keys = attention_read(kc, tuple(self._rows(b, end) for b in K), self.dtype, s, one, on_cuda=False)
+            values = attention_read(vc, tuple(self._rows(b, end) for b in V), self.dtype, None, one, on_cuda=False)
             return keys, values, self._rows(P, end), None
         window = P.shape[1]
-        if pos.shape[1] == 1:  # one new token a row: written first, then the ring is what it attends to (KVCache)
+        if one:  # written first, then the ring is what it attends to (KVCache)
             write(pos % window)
             self._write(P, pos % window, pos)
-            return (kc.read(tuple(self._rows(b) for b in K), self.dtype, s),
-                    vc.read(tuple(self._rows(b) for b in V), self.dtype), self._rows(P), None)
+            return (attention_read(kc, tuple(self._rows(b) for b in K), self.dtype, s, True, on_cuda=False),
+                    attention_read(vc, tuple(self._rows(b) for b in V), self.dtype, None, True, on_cuda=False),
+                    self._rows(P), None)
         # Sliding ring: what the rows held plus the chunk itself (read as stored), then keep the newest.
         keys = kc.read(joined(tuple(self._rows(b) for b in K), new_k), self.dtype, s)
         values = vc.read(joined(tuple(self._rows(b) for b in V), new_v), self.dtype)

@@ -219,9 +219,9 @@ def cached_attention(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int 
     keys, values, key_pos, key_valid = kv
     if native.attends(q, keys, values):
         return native.attend_one(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
-    if q.shape[0] > 1 and q.shape[2] == 1 and isinstance(keys, torch.Tensor) and native.attends(q[:1], keys[:1],
-                                                                                                values[:1]):
-        return _attend_rows(q, kv, pos, window, scale, softcap)
+    row_kernel = _row_kernel(q, keys, values)
+    if row_kernel is not None:
+        return _attend_rows(row_kernel, q, kv, pos, window, scale, softcap)
     if native.attends_codes(q, keys, values):
         return native.attend_codes(q, keys, values, key_pos, key_valid, int(pos[0, -1]), window, scale, softcap)
     if triton_ops.attends_codes(q, keys, values):  # CUDA, a TurboQuant cache: read from its codes
@@ -253,19 +253,36 @@ def attend_project(o_proj: nn.Module, q: torch.Tensor, kv: tuple, pos: torch.Ten
     return o_proj(cached_attention(q, kv, pos, window, scale, softcap))
 
 
-def _attend_rows(q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int | None, scale: float,
+def _row(t, b: int):
+    """Row b of cached keys or values: of a tensor, or of a Coded's codes and scales."""
+    return t._replace(parts=tuple(p[b:b + 1] for p in t.parts)) if isinstance(t, Coded) else t[b:b + 1]
+
+
+def _row_kernel(q: torch.Tensor, keys, values):
+    """For one decoded token of each of several sequences: the compiled decode attention that takes a row of
+    them (over a dense cache, or a TurboQuant cache's codes), or None."""
+    if q.shape[0] == 1 or q.shape[2] != 1 or not isinstance(keys, (torch.Tensor, Coded)):
+        return None
+    q0, k0, v0 = q[:1], _row(keys, 0), _row(values, 0)
+    if native.attends(q0, k0, v0):
+        return native.attend_one
+    return native.attend_codes if native.attends_codes(q0, k0, v0) else None
+
+
+def _attend_rows(kernel, q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: int | None, scale: float,
                  softcap: float | None) -> torch.Tensor:
-    """One decoded token of each of B sequences (a batch's step, the server's rows) over a dense cache: the
-    compiled kernel a row at a time, each over its own slots. Through the mask and two bmm's over every slot
-    of the cache (a sliding layer's whole ring) this was ~5 ms of a 4-row step on the default model."""
+    """One decoded token of each of B sequences (a batch's step, the server's rows): the compiled kernel a
+    row at a time, each over its own slots. Through the mask and two bmm's over every slot of the cache (a
+    sliding layer's whole ring) this was ~5 ms of a 4-row step on the default model, and a TurboQuant
+    cache was decoded whole first."""
     keys, values, key_pos, key_valid = kv
     positions = pos[:, -1].tolist()
     rows = []
     for b in range(q.shape[0]):
         row_pos = key_pos[b] if key_pos.dim() == 2 and key_pos.shape[0] > 1 else key_pos.reshape(-1)
         row_valid = None if key_valid is None else key_valid[b:b + 1]
-        rows.append(native.attend_one(q[b:b + 1], keys[b:b + 1], values[b:b + 1], row_pos, row_valid,
-                                      positions[b if len(positions) > 1 else 0], window, scale, softcap))
+        rows.append(kernel(q[b:b + 1], _row(keys, b), _row(values, b), row_pos, row_valid,
+                           positions[b if len(positions) > 1 else 0], window, scale, softcap))
     return torch.cat(rows)
 
 
