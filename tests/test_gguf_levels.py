@@ -151,6 +151,21 @@ def test_level_cache_is_written_once_then_mapped(tiny_q8, monkeypatch, tmp_path)
     assert torch.equal(second.layers[0].mlp.down_proj.levels, first.layers[0].mlp.down_proj.levels)
 
 
+def test_hard_links_share_one_cache(tiny_q8, monkeypatch, tmp_path):
+    """A GGUF pulled into the model store is a hard link of the user's file: loading either one must not
+    write a second copy of its levels or its tokenizer's arrays."""
+    monkeypatch.setenv("WREN_LEVEL_CACHE", str(tmp_path / "levels"))
+    monkeypatch.setenv("WREN_TOKENIZER_CACHE", str(tmp_path / "tokenizers"))
+    link = tmp_path / "store" / "blob"
+    link.parent.mkdir()
+    os.link(tiny_q8, link)
+    wren.load(tiny_q8, int8=True)
+    monkeypatch.setattr(gguf_levels, "convert", _fail)  # the link's load converts nothing
+    wren.load(link, int8=True)
+    assert len(list((tmp_path / "levels").glob("gguf-*.safetensors"))) == 1
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+
+
 def _fail(*args):
     raise AssertionError("converted again")
 

@@ -3,9 +3,10 @@
 Building them for a 262k vocabulary is most of a model's load time: parsing a 33 MB tokenizer.json and
 indexing its ~500k merges (~1.6 s), or deriving the merges from a GGUF's scores (~1.1 s). Kept under
 $WREN_CACHE/tokenizers/ (default ~/.cache/wren/tokenizers/; $WREN_TOKENIZER_CACHE moves them), a later load
-reads 16 MB of arrays instead (~80 ms). The key is the source file's path, size and mtime, so a rewritten
-file gets a new entry; the newest KEEP are kept. Any failure (a read-only home, a full disk, a corrupt cache
-file, a build without the compiled `_bpe`) builds the tokenizer as without the cache.
+reads 16 MB of arrays instead (~80 ms). The key is the source file's identity (weights.file_identity: its
+inode, size and mtime, so hard links share an entry and a rewritten file gets a new one); the newest KEEP
+are kept. Any failure (a read-only home, a full disk, a corrupt cache file, a build without the compiled
+`_bpe`) builds the tokenizer as without the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from . import compact_bpe
 from .compact_bpe import ARRAYS, Added, CompactBPE
 from .tokenizer import Tokenizer
+from .weights import file_identity
 
 FORMAT = 1  # bump when CompactBPE.build changes what it computes
 KEEP = 8
@@ -36,8 +38,7 @@ def cache_root() -> Path:
 
 
 def cache_key(source: Path) -> str:
-    st = source.stat()
-    return hashlib.sha256(f"{FORMAT}:{source.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{FORMAT}:{file_identity(source)}".encode()).hexdigest()[:32]
 
 
 def load(source: Path, build: Callable[[], Tokenizer]) -> Tokenizer:

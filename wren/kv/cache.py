@@ -136,7 +136,8 @@ class CompressedKVCache(KVCache):
 def attention_read(codec, parts: tuple, dtype: torch.dtype, key_scale, one_token: bool, on_cuda: bool = True):
     """A cache's buffers as attention reads them (see CompressedKVCache._read). `on_cuda` False: codes only
     for the CPU's kernel (the server's rows: Triton's over their per-row slots has not run on a GPU yet)."""
-    if one_token and isinstance(codec, TQ) and (native.reads_cache_codes(codec.cfg)
+    on_cpu = parts[0].device.type == "cpu"
+    if one_token and isinstance(codec, TQ) and ((on_cpu and native.reads_cache_codes(codec.cfg))
                                                 or (on_cuda and triton_ops.reads_codes(parts))):
         return Coded(parts, codec, key_scale)
     return codec.read(parts, dtype, key_scale)

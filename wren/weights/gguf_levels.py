@@ -6,11 +6,11 @@ linear layers and the tied LM head whose GGUF type is a block format become `Lev
 
 Converting dequantizes every weight and rotates it, in one compiled pass where the CPU runs the block kernels
 (the default model's first load: 1.4 s, against 2.7 s in PyTorch). The levels are written to the level cache
-(`level_cache.cache_root()`, keyed by the GGUF's path, size and mtime) and mapped by later loads, which then
-never dequantize nor read the GGUF's weights: resident memory holds the levels the kernels read, as clean file
-pages. The tied embedding's lookups still read the GGUF's own rows, exactly (a `RowTable`). A cache that cannot
-be written (a read-only home, a full disk) falls back to converting in memory at every load; a corrupt or
-mismatched one is written again.
+(`level_cache.cache_root()`, keyed by the GGUF's inode, size and mtime: `file_identity`, so its hard links in
+the model store share it) and mapped by later loads, which then never dequantize nor read the GGUF's weights:
+resident memory holds the levels the kernels read, as clean file pages. The tied embedding's lookups still
+read the GGUF's own rows, exactly (a `RowTable`). A cache that cannot be written (a read-only home, a full
+disk) falls back to converting in memory at every load; a corrupt or mismatched one is written again.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .. import native
 from ..quant import level_cache
 from ..quant.blocks import as_tensor
 from ..quant.levels import GROUP, SEED, LevelsEmbedding, LevelsLinear, convertible, rows_per_chunk, to_levels
+from . import file_identity
 from .gguf_quants import QT, dequantize
 from .safetensors import SafetensorsFile
 from .tables import RowTable
@@ -86,9 +87,7 @@ def tensors(path: Path, gf, chosen: dict) -> dict:
 
 
 def _key(path: Path) -> str:
-    st = path.stat()
-    text = f"{FORMAT}:{GROUP}:{SEED}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{FORMAT}:{GROUP}:{SEED}:{file_identity(path)}".encode()).hexdigest()[:32]
 
 
 def convert(gf, info) -> tuple[torch.Tensor, torch.Tensor]:
