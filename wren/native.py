@@ -362,25 +362,37 @@ def attend_codes(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | N
     """`attend_one` over a TurboQuant cache (keys/values: models.layers.Coded), read from the codes: the
     query is rotated into the keys' frame (divided by their channel scales first), the output rotated out of
     the values'; [1, 1, H * D] out."""
+    return attend_codes_rows(q, keys, values, key_pos, key_valid, [position], window, scale, softcap)
+
+
+def attend_codes_rows(q: Tensor, keys, values, key_pos: Tensor, key_valid: Tensor | None, positions: list[int],
+                      window: int | None, scale: float, softcap: float | None) -> Tensor:
+    """`attend_codes` for one query of each of B sequences (q [B, H, 1, D]; keys/values Coded of B rows;
+    key_pos [S] for all rows or [B, S]; key_valid None or [B, S]; a position a row): [B, 1, H * D]. The
+    rotations into and out of the frames take all rows at once (as PyTorch ops they cost ~0.1 ms a call,
+    several times the kernel's own time); the kernel runs a row at a time."""
     from .kv.codecs import Frame
     from .quant.cpu_kernels import unrotate_fast
 
-    _, h, _, d = q.shape
+    b, h, _, d = q.shape
     (kcodes, kscales), (vcodes, vscales) = keys.parts, values.parts
     _, hkv, s, _ = kcodes.shape
-    q_in = Frame(keys.codec.cfg, keys.key_scale).enter(q).reshape(h, d).float().contiguous()
+    q_in = Frame(keys.codec.cfg, keys.key_scale).enter(q).reshape(b, h, d).float().contiguous()
     key_layout, key_centroids, _ = _kv_layout(keys.codec.cfg)
     value_layout, value_centroids, _ = _kv_layout(values.codec.cfg)
-    key_pos = key_pos.to(torch.int64).contiguous()
-    valid = None if key_valid is None else key_valid.reshape(-1).to(torch.bool).contiguous()
-    out = torch.empty(h, d, dtype=torch.float32)
-    _native.attend_codes(q_in.data_ptr(), kcodes.data_ptr(), vcodes.data_ptr(), h, hkv, d, s, kcodes.stride(1),
-                         kcodes.stride(2), vcodes.stride(1), vcodes.stride(2), kscales.data_ptr(), vscales.data_ptr(),
-                         kscales.stride(1), key_layout.data_ptr(), value_layout.data_ptr(), key_centroids.data_ptr(),
-                         value_centroids.data_ptr(), key_pos.data_ptr(), 0 if valid is None else valid.data_ptr(),
-                         position, window or 0, out.data_ptr(), torch.get_num_threads(), float(scale),
-                         float(softcap or 0.0))
-    return unrotate_fast(out, values.codec.cfg).reshape(1, 1, h * d)
+    key_pos = key_pos.to(torch.int64).reshape(-1, s).contiguous()  # one row for all, or one a row
+    valid = None if key_valid is None else key_valid.reshape(b, s).to(torch.bool).contiguous()
+    out = torch.empty(b, h, d, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    for r in range(b):
+        _native.attend_codes(q_in[r].data_ptr(), kcodes[r].data_ptr(), vcodes[r].data_ptr(), h, hkv, d, s,
+                             kcodes.stride(1), kcodes.stride(2), vcodes.stride(1), vcodes.stride(2),
+                             kscales[r].data_ptr(), vscales[r].data_ptr(), kscales.stride(1), key_layout.data_ptr(),
+                             value_layout.data_ptr(), key_centroids.data_ptr(), value_centroids.data_ptr(),
+                             key_pos[r if key_pos.shape[0] > 1 else 0].data_ptr(),
+                             0 if valid is None else valid[r].data_ptr(), positions[r], window or 0,
+                             out[r].data_ptr(), threads, float(scale), float(softcap or 0.0))
+    return unrotate_fast(out, values.codec.cfg).reshape(b, 1, h * d)
 
 
 MAX_WIDTH = 4096  # the widest row the kernels' norms and rotations keep on the stack (_native.c MAX_GROUP)

@@ -277,6 +277,9 @@ def _attend_rows(kernel, q: torch.Tensor, kv: tuple, pos: torch.Tensor, window: 
     cache was decoded whole first."""
     keys, values, key_pos, key_valid = kv
     positions = pos[:, -1].tolist()
+    if kernel is native.attend_codes:  # its frame rotations take every row at once
+        positions = positions * q.shape[0] if len(positions) == 1 else positions
+        return native.attend_codes_rows(q, keys, values, key_pos, key_valid, positions, window, scale, softcap)
     rows = []
     for b in range(q.shape[0]):
         row_pos = key_pos[b] if key_pos.dim() == 2 and key_pos.shape[0] > 1 else key_pos.reshape(-1)
