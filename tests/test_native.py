@@ -367,7 +367,8 @@ def test_a_slot_cache_row_decodes_through_the_plan_as_a_cache_of_its_own(quantiz
     """The server's slot cache (dense, or wren.kv's compressed one): a step that decodes one row takes a plan on
     that row's buffers (decode_plan.SlotRow), and computes exactly what the plan computes on a cache of one
     sequence holding the same keys, values and positions: a row past its sliding window, and a reused row
-    cut back to a prefix. A step of two rows runs the modules."""
+    cut back to a prefix. A step that decodes both rows (in either order) runs them together
+    (decode_plan.RowsPlan) and computes exactly what each row's own plan does."""
     import copy
 
     from wren import decode_plan
@@ -400,14 +401,51 @@ def test_a_slot_cache_row_decodes_through_the_plan_as_a_cache_of_its_own(quantiz
                 slots.select([row])
                 got = model(t.view(1, 1), slots)
                 assert torch.equal(got, model(t.view(1, 1), own[row]))
+        for rows in ([0, 1], [1, 0]):
+            for t in ids[0, 30:34]:
+                slots.select(rows)
+                got = model(torch.stack([t, t + 1])[:, None], slots)
+                assert isinstance(slots._rows_plan, decode_plan.RowsPlan)
+                for i, row in enumerate(rows):
+                    assert torch.equal(got[i:i + 1], model((t + i).view(1, 1), own[row]))
         for row in (0, 1):
             assert slots._row_plans[row][1] is not None and own[row]._decode_plan[1] is not None
             assert all(torch.equal(a[row], b[0]) for layer in own[row].slot_pos
                        for a, b in zip(parts(slots.keys[layer]), parts(own[row].keys[layer])))
         slots.select([0, 1])
-        assert decode_plan.plan_for(model, slots, ids[:, :1]) is None  # (ids of one row: plan_for's own check)
-        assert decode_plan.plan_for(model, slots, torch.zeros(2, 1, dtype=torch.long)) is None
-        assert "_row_plans" not in copy.deepcopy(slots).__dict__  # a copy's plans would point at these buffers
+        assert decode_plan.plan_for(model, slots, ids[:, :1]) is None  # (ids of one row for two rows)
+        assert decode_plan.plan_for(model, slots, torch.zeros(2, 2, dtype=torch.long)) is None  # (prefill)
+        copied = copy.deepcopy(slots).__dict__  # a copy's plans would point at these buffers
+        assert "_row_plans" not in copied and "_rows_plan" not in copied
+
+
+@pytest.mark.parametrize("spec", [None, pytest.param("tq4", marks=needs_codes)])
+def test_gemma4_server_rows_decode_together_as_the_modules_do(quantized_gemma4, monkeypatch, spec):
+    """Three rows of a Gemma 4 slot cache at different lengths, each decoding a token a step in one RowsPlan:
+    each row's own per-layer inputs, KV-shared layers reading the row's source cache; against the modules on
+    a copy of the same cache, step by step."""
+    import copy
+
+    from wren import decode_plan
+    from wren.kv import make_slot_cache, resolve_types
+
+    model = quantized_gemma4
+    slots = make_slot_cache(model, 4, 64, resolve_types(model, spec))
+    ids = torch.randint(0, 384, (3, 30), generator=_gen(8))
+    got, expected = [], []
+    with torch.inference_mode():
+        for row, length in ((0, 9), (2, 4), (3, 13)):
+            slots.select([row])
+            model(ids[row % 3:row % 3 + 1, :length], slots, logits_to_keep=1)
+        for i in range(14, 24):
+            slots.select([3, 0, 2])
+            modules_cache = copy.deepcopy(slots)
+            got.append(model(ids[:, i:i + 1], slots))
+            assert isinstance(slots._rows_plan, decode_plan.RowsPlan)
+            monkeypatch.setattr(decode_plan, "ENABLED", False)
+            expected.append(model(ids[:, i:i + 1], modules_cache))
+            monkeypatch.setattr(decode_plan, "ENABLED", True)
+    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
 
 
 def test_decode_layer_refuses_rows_wider_than_its_stack_buffers():

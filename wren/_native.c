@@ -19,7 +19,8 @@
    embedding / LM head and older CPUs. A GGUF's own block formats (Q4_0 ... Q6_K) are read in place too
    (formats GGUF_BASE + ggml type, _gguf_blocks.h), on an unrotated input quantized per block of 32.
    Then attend_one (one query over a dense cache), rms_norm (with RoPE or a residual), gelu_mul, and
-   decode_layer, which strings them together for one Gemma 3 layer (wren/decode_plan.py).
+   decode_layer_rows, which strings them together for one Gemma 3 or 4 layer and one new token in each of one or
+   more rows (wren/decode_plan.py).
 
    Threads: OpenMP, linked against the libgomp PyTorch has already loaded (same soname), so the kernels
    share PyTorch's thread pool; the thread count is passed in by the caller (torch.get_num_threads()). */
@@ -392,6 +393,51 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int c
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) * L->step;
 }
 
+/* direct_rows_nibbles for two input rows at once (x_split, xs and corr of the second one stride, groups and
+   groups after the first's; its outputs out + N): each weight unpacked once for both. A batch of decoded rows
+   (the server's) reads the codes this way: unpacked to tiles, four rows cost twice one. */
+VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles2(int count, const uint8_t *w,
+                                                                            size_t row_bytes, const codes_layout *L,
+                                                                            const uint16_t *scales, int groups,
+                                                                            const int8_t *x_split, size_t stride,
+                                                                            const float *xs, const int32_t *corr,
+                                                                            float *out, int N) {
+    __m512 f0[4], f1[4];
+    for (int r = 0; r < 4; r++) f0[r] = f1[r] = _mm512_setzero_ps();
+    const __m512i table = _mm512_loadu_si512(L->table[L->table_of[0]]), low = _mm512_set1_epi8(0x0F);
+    const int pairs = L->chunks / 2;
+    for (int g = 0; g < groups; g++) {
+        const __m512i start0 = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[g]));
+        const __m512i start1 = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[groups + g]));
+        __m512i a0[4] = {start0, start0, start0, start0}, a1[4] = {start1, start1, start1, start1};
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
+        for (int r = 0; r < count; r++)
+            _mm_prefetch((const char *)(wg + (r + 16 * PREFETCH_BLOCKS) * row_bytes), _MM_HINT_T0);
+        for (int p = 0; p < pairs; p++) {
+            const __m512i even0 = _mm512_loadu_si512(xg + 128 * p), odd0 = _mm512_loadu_si512(xg + 128 * p + 64);
+            const __m512i even1 = _mm512_loadu_si512(xg + stride + 128 * p);
+            const __m512i odd1 = _mm512_loadu_si512(xg + stride + 128 * p + 64);
+            for (int r = 0; r < count; r++) {
+                const __m512i raw = _mm512_loadu_si512(wg + r * row_bytes + 64 * p);
+                const __m512i lo = _mm512_permutexvar_epi8(_mm512_and_si512(raw, low), table);
+                const __m512i hi = _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table);
+                a0[r] = dpbusd(dpbusd(a0[r], lo, even0), hi, odd0);
+                a1[r] = dpbusd(dpbusd(a1[r], lo, even1), hi, odd1);
+            }
+        }
+        for (int r = 0; r < count; r++) {
+            const float s = _cvtsh_ss(scales[(size_t)r * groups + g]);
+            f0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[r]), _mm512_set1_ps(s * xs[g]), f0[r]);
+            f1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[r]), _mm512_set1_ps(s * xs[groups + g]), f1[r]);
+        }
+    }
+    for (int r = 0; r < count; r++) {
+        out[r] = _mm512_reduce_add_ps(f0[r]) * L->step;
+        out[N + r] = _mm512_reduce_add_ps(f1[r]) * L->step;
+    }
+}
+
 /* v[i] (16 dwords of row i) -> v[j] (dword j of rows 0..15): a 16 x 16 transpose of 32-bit elements. */
 VNNI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
     __m512i t[16];
@@ -480,6 +526,11 @@ VNNI static void tile_rows(const uint8_t *tiles, const float *block_scales, int 
 }
 
 #define DIRECT_ROWS 2 /* input rows up to which each reads the codes itself; more share one unpacked block */
+#define NIBBLE_DIRECT_ROWS 8 /* and for 4-bit codes, which direct_rows_nibbles2 reads for two rows at a time */
+
+static inline int reads_direct(int M, const codes_layout *L) {
+    return M <= DIRECT_ROWS || (M <= NIBBLE_DIRECT_ROWS && nibble_layout(L));
+}
 
 /* Rows [n0, n0 + 16) of a CODES matrix (or its last, shorter block) for every input row. scratch: 16 * K + 64
    bytes and 16 * groups floats, for wide inputs. x_split: x as split_input makes it (decode of 4-bit codes), or
@@ -492,28 +543,40 @@ VBMI static void codes_block(const int8_t *x, const int8_t *x_split, const float
     const size_t row_bytes = (size_t)groups * L->group_bytes;
     const uint8_t *codes = (const uint8_t *)w->data + (size_t)n0 * row_bytes;
     const uint16_t *scales = w->scale + (size_t)n0 * groups;
-    if (M <= DIRECT_ROWS) {
+    if (reads_direct(M, L)) {
         const int nibbles = x_split && nibble_layout(L);
-        for (int m = 0; m < M; m++)
-            for (int r = 0; r < rows; r += 4) {
-                const int count = rows - r < 4 ? rows - r : 4;
-                const uint8_t *wr = codes + r * row_bytes;
-                const uint16_t *sr = scales + (size_t)r * groups;
-                const int8_t *xm = x + (size_t)m * K;
+        for (int r = 0; r < rows; r += 4) {
+            const int count = rows - r < 4 ? rows - r : 4;
+            const uint8_t *wr = codes + r * row_bytes;
+            const uint16_t *sr = scales + (size_t)r * groups;
+            int m = 0;
+            /* (the count a constant where it is 4: the rows' loops unrolled) */
+            for (; nibbles && m + 1 < M; m += 2) { /* two input rows at a time */
                 float *out = w->y + (size_t)m * N + n0 + r;
-                if (nibbles && count == 4) /* the count a constant: the rows' loops unrolled */
-                    direct_rows_nibbles(4, wr, row_bytes, L, sr, groups, x_split + (size_t)m * K,
-                                        xs + (size_t)m * groups, corr + (size_t)m * groups, out);
-                else if (nibbles)
-                    direct_rows_nibbles(count, wr, row_bytes, L, sr, groups, x_split + (size_t)m * K,
-                                        xs + (size_t)m * groups, corr + (size_t)m * groups, out);
-                else if (count == 4 && !tail)
-                    direct_rows(4, 0, wr, row_bytes, L, sr, groups, xm, xs + (size_t)m * groups,
-                                corr + (size_t)m * groups, out);
+                const size_t at = (size_t)m * K, at_groups = (size_t)m * groups;
+                if (count == 4)
+                    direct_rows_nibbles2(4, wr, row_bytes, L, sr, groups, x_split + at, K, xs + at_groups,
+                                         corr + at_groups, out, N);
                 else
-                    direct_rows(count, 1, wr, row_bytes, L, sr, groups, xm, xs + (size_t)m * groups,
-                                corr + (size_t)m * groups, out);
+                    direct_rows_nibbles2(count, wr, row_bytes, L, sr, groups, x_split + at, K, xs + at_groups,
+                                         corr + at_groups, out, N);
             }
+            for (; m < M; m++) {
+                float *out = w->y + (size_t)m * N + n0 + r;
+                const size_t at = (size_t)m * K, at_groups = (size_t)m * groups;
+                if (nibbles && count == 4)
+                    direct_rows_nibbles(4, wr, row_bytes, L, sr, groups, x_split + at, xs + at_groups,
+                                        corr + at_groups, out);
+                else if (nibbles)
+                    direct_rows_nibbles(count, wr, row_bytes, L, sr, groups, x_split + at, xs + at_groups,
+                                        corr + at_groups, out);
+                else if (count == 4 && !tail)
+                    direct_rows(4, 0, wr, row_bytes, L, sr, groups, x + at, xs + at_groups, corr + at_groups, out);
+                else
+                    direct_rows(count, 1, wr, row_bytes, L, sr, groups, x + at, xs + at_groups, corr + at_groups,
+                                out);
+            }
+        }
         return;
     }
     /* unpack: the 16 rows' 64 bytes of a chunk, as 16 x 16 dwords, transposed into 16 tiles (rows past N:
@@ -603,11 +666,12 @@ VBMI static void split_input(const int8_t *x, int M, int K, int8_t *x_split) {
 VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int count,
                     int threads) {
     int first[MAX_MATRICES + 1] = {0}; /* the first global block of each matrix */
-    int codes = 0, levels = 0, blocks = 0, nibbles = 0;
+    int codes = 0, levels = 0, blocks = 0, nibbles = 0, unpack_codes = 0;
     for (int i = 0; i < count; i++) {
         first[i + 1] = first[i] + (w[i].N + 15) / 16;
         codes |= w[i].format == CODES;
-        nibbles |= w[i].format == CODES && M <= DIRECT_ROWS && nibble_layout(w[i].extra);
+        nibbles |= w[i].format == CODES && M <= NIBBLE_DIRECT_ROWS && nibble_layout(w[i].extra);
+        unpack_codes |= w[i].format == CODES && !reads_direct(M, w[i].extra);
         levels |= w[i].format == LEVELS;
         blocks |= w[i].format >= GGUF_BASE;
     }
@@ -617,7 +681,7 @@ VNNI static int gemm(const uint8_t *xq, const float *xs, int M, int K, int group
        signed input and its correction (corr). */
     const int gguf_tiles_on = blocks && M >= GGUF_TILE_ROWS && K % 64 == 0;
     const int tile_levels = levels && M >= LEVEL_TILE_ROWS;
-    const int unpack = (codes && M > DIRECT_ROWS) || tile_levels || gguf_tiles_on;
+    const int unpack = unpack_codes || tile_levels || gguf_tiles_on;
     float *floats = NULL, *xs16 = NULL;
     int32_t *corr = NULL, *gguf_corr = NULL;
     const int8_t *x;
@@ -886,10 +950,10 @@ static void gelu_mul(const float *gate, const float *up, float *out, long long n
 }
 
 #ifdef WREN_X86
-/* --- One Gemma 3 decoder layer for one new token (decode, batch 1), every step above in one call ----------
+/* --- One Gemma 3 or 4 decoder layer for one new token a row (decode), every step above in one call --------
    The model's forward calls this per layer instead of some seventy PyTorch ops and Python calls (wren/decode_plan.py
    builds the plan: the layer's weights, norms and cache buffers as addresses, in the order of the fields
-   below). x [hidden] is updated in place. The same arithmetic as the module path: the tests compare them. */
+   below). x [rows, hidden] is updated in place. The same arithmetic as the module path: the tests compare them. */
 
 enum {
     P_HIDDEN, P_HEADS, P_KV_HEADS, P_HEAD_DIM, P_WIDTH, P_WINDOW, P_SLOTS, P_RING, P_KV_DTYPE, P_KEYS, P_VALUES,
@@ -914,24 +978,24 @@ enum { F_EPS, F_OFFSET, F_SCALE, F_SOFTCAP, F_LAYER_SCALAR, F_FIELDS };
 
 #define PTR(type, i) ((type)(intptr_t)p[i])
 
-/* floats of scratch decode_layer needs (decode_plan.py allocates as much) */
+/* floats of scratch decode_layer_rows needs a row (decode_plan.py allocates as much) */
 static long long scratch_floats(int hidden, int H, int Hkv, int D, int width) {
     const int widest = hidden > width ? (hidden > H * D ? hidden : H * D) : (width > H * D ? width : H * D);
     return 2LL * hidden + 2LL * H * D + 2LL * Hkv * D + 2LL * width + widest / 16 + widest / 4 + 16;
 }
 
-/* rotate_quantize the input of a projection (fields at f) and multiply it by `count` matrices into outs. */
-VNNI static int project(const long long *p, int f, int count, const float *x, int K, float *const *outs, const int *N,
-                        uint8_t *xq, float *xs, int threads) {
+/* rotate_quantize the input [M, K] of a projection (fields at f) and multiply it by `count` matrices into outs. */
+VNNI static int project(const long long *p, int f, int count, const float *x, int M, int K, float *const *outs,
+                        const int *N, uint8_t *xq, float *xs, int threads) {
     const int group = (int)p[f];
-    rotate_quantize(x, 1, K, group, PTR(const float *, f + 1), PTR(const float *, f + 2), xq, xs, 1);
+    rotate_quantize(x, M, K, group, PTR(const float *, f + 1), PTR(const float *, f + 2), xq, xs, 1);
     matrix w[3];
     for (int i = 0; i < count; i++) {
         const long long *m = p + f + 3 + 4 * i;
         w[i] = (matrix){(int)m[0], (const void *)(intptr_t)m[1], (const uint16_t *)(intptr_t)m[2],
                         (const void *)(intptr_t)m[3], outs[i], N[i]};
     }
-    return gemm(xq, xs, 1, K, group, w, count, threads);
+    return gemm(xq, xs, M, K, group, w, count, threads);
 }
 
 VNNI static void store_kv(void *buffer, int dtype, const float *v, int n) {
@@ -1113,31 +1177,13 @@ VNNI static void store_codes(const long long *p, int Hkv, int D, long long slot,
     }
 }
 
-VNNI static int decode_layer(const long long *p, const double *f, float *x, const float *cos, const float *sin,
-                             long long position, int threads) {
-    const int hidden = (int)p[P_HIDDEN], H = (int)p[P_HEADS], Hkv = (int)p[P_KV_HEADS], D = (int)p[P_HEAD_DIM];
-    const int width = (int)p[P_WIDTH], dtype = (int)p[P_KV_DTYPE];
-    const float eps = (float)f[F_EPS], offset = (float)f[F_OFFSET];
-    float *h = PTR(float *, P_SCRATCH), *q = h + hidden, *k = q + H * D, *v = k + Hkv * D, *attn = v + Hkv * D;
-    float *o = attn + H * D, *gate = o + hidden, *up = gate + width;
-    const int widest = hidden > width ? (hidden > H * D ? hidden : H * D) : (width > H * D ? width : H * D);
-    float *xs = up + width;                 /* the widest input's group scales (groups of 16 or more) */
-    uint8_t *xq = (uint8_t *)(xs + widest / 16); /* and its int8 values */
-
-    rms_norm(x, 1, hidden, PTR(const float *, P_INPUT_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
-    float *qkv[3] = {q, k, v};
-    const int qkv_n[3] = {H * D, Hkv * D, Hkv * D};
-    const int owns_kv = p[P_QKV_COUNT] > 1; /* else K/V come from an earlier layer's cache, already written */
-    if (project(p, P_QKV, (int)p[P_QKV_COUNT], h, hidden, qkv, qkv_n, xq, xs, threads) < 0) return -1;
-    rms_norm(q, H, D, PTR(const float *, P_Q_NORM), offset, eps, cos, sin, H, NULL, q, 1);
-    if (owns_kv) {
-        if (p[P_V_FROM_K]) memcpy(v, k, sizeof(float) * Hkv * D); /* K=V: the key's projection, before its norm */
-        if (p[P_V_NORM]) rms_norm(v, Hkv, D, NULL, 0.0f, eps, NULL, NULL, Hkv, NULL, v, 1);
-        rms_norm(k, Hkv, D, PTR(const float *, P_K_NORM), offset, eps, cos, sin, Hkv, NULL, k, 1);
-    }
-
-    const int slots = (int)p[P_SLOTS], ring = (int)p[P_RING];
+/* Row r's new key and value written into its cache (its plan pr), then its queries q [H, D] attended over
+   that cache into attn [H, D]: the part of a layer that each row does on its own. */
+VNNI static int attend_row(const long long *pr, const double *f, int H, int Hkv, int D, int owns_kv,
+                           long long position, float *q, const float *k, const float *v, float *attn, int threads) {
+    const int dtype = (int)pr[P_KV_DTYPE], slots = (int)pr[P_SLOTS], ring = (int)pr[P_RING];
     const long long slot = ring ? position % slots : position;
+    const long long *p = pr; /* (PTR reads p) */
     if (dtype == KV_CODES) {
         if (owns_kv) store_codes(p, Hkv, D, slot, k, v);
         for (int h = 0; h < H; h++)
@@ -1162,30 +1208,80 @@ VNNI static int decode_layer(const long long *p, const double *f, float *x, cons
     if (attend_one(&a, attn, threads) < 0) return -1;
     if (dtype == KV_CODES)
         for (int h = 0; h < H; h++) unrotate_vector(attn + (size_t)h * D, D, PTR(const float *, P_KV_SIGNS));
+    return 0;
+}
+
+/* One layer for R rows of one new token each (R = 1: batch-1 decode; more: the server's rows decoded in one
+   step). plans[r] is row r's plan: the same weights in every one (plans[0]'s are read), each its own cache;
+   x [R, hidden] is updated in place, cos and sin are [R, head_dim], positions [R]. The matmuls read each
+   weight once for all rows; each row writes and attends over its own cache. scratch: R times
+   scratch_floats. */
+VNNI static int decode_layer_rows(const long long *const *plans, int R, const double *f, float *x, const float *cos,
+                                  const float *sin, const long long *positions, float *scratch, int threads) {
+    const long long *p = plans[0];
+    const int hidden = (int)p[P_HIDDEN], H = (int)p[P_HEADS], Hkv = (int)p[P_KV_HEADS], D = (int)p[P_HEAD_DIM];
+    const int width = (int)p[P_WIDTH];
+    const float eps = (float)f[F_EPS], offset = (float)f[F_OFFSET];
+    float *h = scratch, *q = h + (size_t)R * hidden, *k = q + (size_t)R * H * D, *v = k + (size_t)R * Hkv * D;
+    float *attn = v + (size_t)R * Hkv * D, *o = attn + (size_t)R * H * D, *gate = o + (size_t)R * hidden;
+    float *up = gate + (size_t)R * width;
+    const int widest = hidden > width ? (hidden > H * D ? hidden : H * D) : (width > H * D ? width : H * D);
+    float *xs = up + (size_t)R * width;                    /* the widest input's group scales (groups of 16 or more) */
+    uint8_t *xq = (uint8_t *)(xs + (size_t)R * widest / 16); /* and its int8 values */
+
+    rms_norm(x, R, hidden, PTR(const float *, P_INPUT_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
+    float *qkv[3] = {q, k, v};
+    const int qkv_n[3] = {H * D, Hkv * D, Hkv * D};
+    const int owns_kv = p[P_QKV_COUNT] > 1; /* else K/V come from an earlier layer's cache, already written */
+    if (project(p, P_QKV, (int)p[P_QKV_COUNT], h, R, hidden, qkv, qkv_n, xq, xs, threads) < 0) return -1;
+    rms_norm(q, R * H, D, PTR(const float *, P_Q_NORM), offset, eps, cos, sin, H, NULL, q, 1);
+    if (owns_kv) {
+        if (p[P_V_FROM_K]) memcpy(v, k, sizeof(float) * R * Hkv * D); /* K=V: the key's projection, before its norm */
+        if (p[P_V_NORM]) rms_norm(v, R * Hkv, D, NULL, 0.0f, eps, NULL, NULL, Hkv, NULL, v, 1);
+        rms_norm(k, R * Hkv, D, PTR(const float *, P_K_NORM), offset, eps, cos, sin, Hkv, NULL, k, 1);
+    }
+    /* rows in parallel once there are enough of them; else each row's attention splits its slots. (Not one
+       loop with an OpenMP `if`: a region inside an inactive one gets a new team of threads each time.) */
+    int failed = 0;
+#define ATTEND_ROW(r, inner)                                                                                        \
+    attend_row(plans[r], f, H, Hkv, D, owns_kv, positions[r], q + (size_t)(r) * H * D, k + (size_t)(r) * Hkv * D,  \
+               v + (size_t)(r) * Hkv * D, attn + (size_t)(r) * H * D, inner)
+    if (R > 1 && R >= threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int r = 0; r < R; r++)
+            if (ATTEND_ROW(r, 1) < 0) failed = 1; /* (any thread's write of 1 will do) */
+    } else {
+        for (int r = 0; r < R; r++)
+            if (ATTEND_ROW(r, threads) < 0) failed = 1;
+    }
+#undef ATTEND_ROW
+    if (failed) return -1;
 
     float *o_out[1] = {o};
     const int o_n[1] = {hidden};
-    if (project(p, P_O, 1, attn, H * D, o_out, o_n, xq, xs, threads) < 0) return -1;
-    rms_norm(o, 1, hidden, PTR(const float *, P_POST_ATTENTION_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
-    rms_norm(x, 1, hidden, PTR(const float *, P_PRE_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
+    if (project(p, P_O, 1, attn, R, H * D, o_out, o_n, xq, xs, threads) < 0) return -1;
+    rms_norm(o, R, hidden, PTR(const float *, P_POST_ATTENTION_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
+    rms_norm(x, R, hidden, PTR(const float *, P_PRE_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, NULL, h, 1);
     float *gate_up[2] = {gate, up};
     const int gate_up_n[2] = {width, width};
-    if (project(p, P_GATE_UP, 2, h, hidden, gate_up, gate_up_n, xq, xs, threads) < 0) return -1;
-    gelu_mul(gate, up, gate, width);
-    if (project(p, P_DOWN, 1, gate, width, o_out, o_n, xq, xs, threads) < 0) return -1;
-    rms_norm(o, 1, hidden, PTR(const float *, P_POST_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
+    if (project(p, P_GATE_UP, 2, h, R, hidden, gate_up, gate_up_n, xq, xs, threads) < 0) return -1;
+    gelu_mul(gate, up, gate, (long long)R * width);
+    if (project(p, P_DOWN, 1, gate, R, width, o_out, o_n, xq, xs, threads) < 0) return -1;
+    rms_norm(o, R, hidden, PTR(const float *, P_POST_FEEDFORWARD_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
     const int ple_dim = (int)p[P_PLE_DIM];
     if (ple_dim) { /* x += norm(projection(gelu(gate(x)) * this layer's input)) */
         float *ple_out[1] = {gate};
         const int ple_n[1] = {ple_dim};
-        if (project(p, P_PLE_GATE, 1, x, hidden, ple_out, ple_n, xq, xs, threads) < 0) return -1;
-        gelu_mul(gate, PTR(const float *, P_PLE_INPUT), gate, ple_dim);
-        if (project(p, P_PLE_PROJ, 1, gate, ple_dim, o_out, o_n, xq, xs, threads) < 0) return -1;
-        rms_norm(o, 1, hidden, PTR(const float *, P_PLE_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
+        if (project(p, P_PLE_GATE, 1, x, R, hidden, ple_out, ple_n, xq, xs, threads) < 0) return -1;
+        for (int r = 0; r < R; r++) /* each row's own input, in its own plan */
+            gelu_mul(gate + (size_t)r * ple_dim, (const float *)(intptr_t)plans[r][P_PLE_INPUT],
+                     gate + (size_t)r * ple_dim, ple_dim);
+        if (project(p, P_PLE_PROJ, 1, gate, R, ple_dim, o_out, o_n, xq, xs, threads) < 0) return -1;
+        rms_norm(o, R, hidden, PTR(const float *, P_PLE_NORM), offset, eps, NULL, NULL, 1, x, x, 1);
     }
     const float scalar = (float)f[F_LAYER_SCALAR];
     if (scalar != 1.0f)
-        for (int i = 0; i < hidden; i++) x[i] *= scalar;
+        for (size_t i = 0; i < (size_t)R * hidden; i++) x[i] *= scalar;
     return 0;
 }
 #endif
@@ -1506,6 +1602,33 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+#ifdef WREN_X86
+/* 0 if decode_layer_rows can run plan p (with scratch_bytes of scratch for `rows` rows), else -1 with the error set */
+static int check_plan(const long long *p, long long scratch_bytes, int rows) {
+    if (p[P_HIDDEN] > MAX_GROUP || p[P_HEAD_DIM] > MAX_GROUP) {
+        PyErr_SetString(PyExc_ValueError, "decode_layer takes hidden and head_dim up to 4096");
+        return -1;
+    }
+    if (p[P_KV_DTYPE] == KV_CODES &&
+        (!codes_supported() || p[P_HEAD_DIM] % 64 || PTR(const codes_layout *, P_KEY_LAYOUT)->chunks * 64 != p[P_HEAD_DIM] ||
+         PTR(const codes_layout *, P_VALUE_LAYOUT)->chunks * 64 != p[P_HEAD_DIM])) {
+        PyErr_SetString(PyExc_ValueError, "the decode plan's TurboQuant cache does not fit its head_dim or this CPU");
+        return -1;
+    }
+    if (p[P_QKV_COUNT] < 1 || p[P_QKV_COUNT] > 3 || p[P_PLE_DIM] < 0 || p[P_PLE_DIM] > p[P_WIDTH]) {
+        PyErr_SetString(PyExc_ValueError, "the decode plan projects 1 to 3 of q, k, v, and a per-layer input no wider "
+                                          "than its MLP");
+        return -1;
+    }
+    if (scratch_bytes < 4LL * rows * scratch_floats((int)p[P_HIDDEN], (int)p[P_HEADS], (int)p[P_KV_HEADS],
+                                                     (int)p[P_HEAD_DIM], (int)p[P_WIDTH]) || p[P_HEAD_DIM] % 16) {
+        PyErr_SetString(PyExc_ValueError, "the decode plan's scratch is too small or its head_dim not a multiple of 16");
+        return -1;
+    }
+    return 0;
+}
+#endif
+
 static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     long long a[7];
     /* plan (int64 [P_FIELDS]), floats (float64 [F_FIELDS]), x, cos, sin, position, threads */
@@ -1513,30 +1636,45 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *const *args, Py_ssize
     if (need_vnni() < 0) return NULL;
 #ifdef WREN_X86
     const long long *p = (const long long *)(intptr_t)a[0];
-    if (p[P_HIDDEN] > MAX_GROUP || p[P_HEAD_DIM] > MAX_GROUP) {
-        PyErr_SetString(PyExc_ValueError, "decode_layer takes hidden and head_dim up to 4096");
+    if (check_plan(p, p[P_SCRATCH_BYTES], 1) < 0) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = decode_layer_rows(&p, 1, (const double *)(intptr_t)a[1], (float *)(intptr_t)a[2],
+                           (const float *)(intptr_t)a[3], (const float *)(intptr_t)a[4], &a[5], PTR(float *, P_SCRATCH),
+                           a[6] > 0 ? (int)a[6] : 1);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_decode_layer_rows(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    long long a[10];
+    /* plans (int64 [rows] of plan addresses), rows, floats, x [rows, hidden], cos, sin [rows, head_dim],
+       positions (int64 [rows]), scratch, scratch bytes, threads */
+    if (as_ints(args, n, 10, a) < 0) return NULL;
+    if (need_vnni() < 0) return NULL;
+#ifdef WREN_X86
+    const long long *const *plans = (const long long *const *)(intptr_t)a[0];
+    const int rows = (int)a[1];
+    if (rows < 1) {
+        PyErr_SetString(PyExc_ValueError, "decode_layer_rows takes one row or more");
         return NULL;
     }
-    if (p[P_KV_DTYPE] == KV_CODES &&
-        (!codes_supported() || p[P_HEAD_DIM] % 64 || PTR(const codes_layout *, P_KEY_LAYOUT)->chunks * 64 != p[P_HEAD_DIM] ||
-         PTR(const codes_layout *, P_VALUE_LAYOUT)->chunks * 64 != p[P_HEAD_DIM])) {
-        PyErr_SetString(PyExc_ValueError, "the decode plan's TurboQuant cache does not fit its head_dim or this CPU");
-        return NULL;
-    }
-    if (p[P_QKV_COUNT] < 1 || p[P_QKV_COUNT] > 3 || p[P_PLE_DIM] < 0 || p[P_PLE_DIM] > p[P_WIDTH]) {
-        PyErr_SetString(PyExc_ValueError, "the decode plan projects 1 to 3 of q, k, v, and a per-layer input no wider "
-                                          "than its MLP");
-        return NULL;
-    }
-    if (p[P_SCRATCH_BYTES] < 4 * scratch_floats((int)p[P_HIDDEN], (int)p[P_HEADS], (int)p[P_KV_HEADS],
-                                                (int)p[P_HEAD_DIM], (int)p[P_WIDTH]) || p[P_HEAD_DIM] % 16) {
-        PyErr_SetString(PyExc_ValueError, "the decode plan's scratch is too small or its head_dim not a multiple of 16");
-        return NULL;
+    for (int r = 0; r < rows; r++) {
+        const long long *p = plans[r];
+        if (check_plan(p, a[8], rows) < 0) return NULL;
+        for (int i = P_HIDDEN; i <= P_WIDTH; i++)
+            if (p[i] != plans[0][i]) {
+                PyErr_SetString(PyExc_ValueError, "decode_layer_rows takes plans of one model's layer");
+                return NULL;
+            }
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = decode_layer(p, (const double *)(intptr_t)a[1], (float *)(intptr_t)a[2], (const float *)(intptr_t)a[3],
-                      (const float *)(intptr_t)a[4], a[5], a[6] > 0 ? (int)a[6] : 1);
+    rc = decode_layer_rows(plans, rows, (const double *)(intptr_t)a[2], (float *)(intptr_t)a[3],
+                           (const float *)(intptr_t)a[4], (const float *)(intptr_t)a[5],
+                           (const long long *)(intptr_t)a[6], (float *)(intptr_t)a[7], a[9] > 0 ? (int)a[9] : 1);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
 #endif
@@ -1707,6 +1845,9 @@ static PyMethodDef methods[] = {
      "rms_norm(x, rows, dim, weight, cos, sin, heads, residual, out, threads, offset, eps)"},
     {"decode_layer", (PyCFunction)(void (*)(void))py_decode_layer, METH_FASTCALL,
      "decode_layer(plan, floats, x, cos, sin, position, threads): one Gemma 3 or 4 layer for one token"},
+    {"decode_layer_rows", (PyCFunction)(void (*)(void))py_decode_layer_rows, METH_FASTCALL,
+     "decode_layer_rows(plans, rows, floats, x, cos, sin, positions, scratch, scratch_bytes, threads): one layer "
+     "for one token in each of several rows, each with its own plan's cache"},
     {"plan_layout", py_plan_layout, METH_NOARGS, "the field indices of a decode_layer plan"},
     {"scratch_floats", (PyCFunction)(void (*)(void))py_scratch_floats, METH_FASTCALL,
      "scratch_floats(hidden, heads, kv_heads, head_dim, width)"},

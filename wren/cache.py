@@ -182,7 +182,7 @@ class SlotCache:
 
     def __getstate__(self) -> dict:
         # a copy drops the rows' decode plans: they point at this cache's buffers (decode_plan.SlotRow)
-        return {k: v for k, v in self.__dict__.items() if k != "_row_plans"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_row_plans", "_rows_plan")}
 
     def nbytes(self) -> int:
         parts = [p for t in (*self.keys.values(), *self.values.values()) for p in (t if isinstance(t, tuple) else (t,))]

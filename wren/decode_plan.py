@@ -1,19 +1,21 @@
-"""Gemma 3 and 4 decoding one layer a call: the compiled kernels' `decode_layer` (`_native.c`) instead of
-the layer's modules.
+"""Gemma 3 and 4 decoding one layer a call: the compiled kernels' `decode_layer` / `decode_layer_rows`
+(`_native.c`) instead of the layer's modules.
 
 At batch 1 and one new token, a decoder layer is some seventy small PyTorch ops and Python calls around
 seven matmuls; on a 270M model that overhead was a third of a decode step. The plan lists, per layer, the
 addresses the kernel reads and writes (the int8 levels of the seven TurboQuant projections, the norms, the
 cache's buffers) once, at the first decoded token of a cache; every later token is one call per layer.
+The server's slot cache has a plan per row (on the row's buffers); a step that decodes a token in each of
+several rows runs them together (RowsPlan): one call a layer, whose matmuls read each weight once.
 
 It is built only where it computes what the modules compute: a Gemma 3 or dense Gemma 4 model (KV sharing,
-K=V layers and per-layer inputs included; not MoE) in float32 with TurboQuant
-projections the compiled kernels take, and a cache of one sequence that is dense (f32, f16 or bf16) or
+K=V layers and per-layer inputs included; not MoE) in float32 with TurboQuant projections the compiled
+kernels take, and a cache of one sequence (or a slot cache's rows) that is dense (f32, f16 or bf16) or
 TurboQuant-coded in a layout the kernel reads (it then codes the new key and value itself, as the codec
-does, and attends from the codes). Anything else returns None and the modules run. A plan belongs to its cache and the model it was built for (a cache handed
-to another model gets a new one); like the cache's contents, it assumes that model's weights are not changed
-while the cache is in use (the tensors it points to are kept alive either way).
-"""
+does, and attends from the codes). Anything else returns None and the modules run. A plan belongs to its
+cache and the model it was built for (a cache handed to another model gets a new one); like the cache's
+contents, it assumes that model's weights are not changed while the cache is in use (the tensors it points
+to are kept alive either way)."""
 
 from __future__ import annotations
 
@@ -30,44 +32,100 @@ ENABLED = True  # tests turn it off to compare with the modules
 
 class DecodePlan:
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, object]], keep: list,
-                 ple: torch.Tensor | None = None):
+                 ple: torch.Tensor | None = None, scratch_floats: int = 0):
         self.layers = [(p.data_ptr(), f.data_ptr(), rope_key) for p, f, rope_key in layers]
         self.ple = ple  # Gemma 4: the per-layer inputs of the token [layers, ple_dim], which the layers point into
+        self.scratch_floats = scratch_floats  # what a row needs (RowsPlan allocates that times its rows)
         self._keep = (layers, keep)  # what the addresses point into
 
-    def run(self, x: torch.Tensor, rope: dict, position: int, ple: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, rope: dict, pos: torch.Tensor, ple: torch.Tensor | None = None) -> torch.Tensor:
         """Every layer for one token: x [1, 1, hidden] float32, updated in place and returned; `rope` maps
-        each layer's rope key to its (cos, sin), `ple` is Gemma 4's per-layer inputs of the token."""
+        each layer's rope key to its (cos, sin), pos [1, 1] is the token's position, `ple` Gemma 4's per-layer
+        inputs of the token."""
         x = x.contiguous()
         if self.ple is not None:
             self.ple.copy_(ple.reshape(self.ple.shape))
-        tables = {key: (cos.contiguous(), sin.contiguous()) for key, (cos, sin) in rope.items()}
-        pointers = {key: (cos.data_ptr(), sin.data_ptr()) for key, (cos, sin) in tables.items()}
+        position = int(pos[0, 0])
+        tables = _contiguous(rope)
         threads = torch.get_num_threads()
         for p, f, key in self.layers:
-            native._native.decode_layer(p, f, x.data_ptr(), *pointers[key], position, threads)
+            cos, sin = tables[key]
+            native._native.decode_layer(p, f, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), position, threads)
         return x
 
 
-def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | None:
+class RowsPlan:
+    """Rows of the server's slot cache that each decode one token, in one step: a `decode_layer_rows` call a
+    layer over the rows' own plans (the same weights; each its row's cache), so that every weight is read once
+    for all of them and no PyTorch op runs between the layers."""
+
+    def __init__(self, plans: list[DecodePlan], scratch: torch.Tensor):
+        self.plans = plans
+        # [layers, rows]: each layer's plan address in every row, the array decode_layer_rows takes
+        self.addresses = torch.tensor([[plan.layers[i][0] for plan in plans] for i in range(len(plans[0].layers))],
+                                      dtype=torch.int64)
+        self.scratch = scratch  # rows times a row's scratch (the kernel checks)
+
+    def run(self, x: torch.Tensor, rope: dict, pos: torch.Tensor, ple: torch.Tensor | None = None) -> torch.Tensor:
+        """As DecodePlan.run, for x [rows, 1, hidden], pos [rows, 1] and ple [rows, 1, layers, ple_dim]."""
+        x = x.contiguous()
+        for r, plan in enumerate(self.plans):
+            if plan.ple is not None:
+                plan.ple.copy_(ple[r].reshape(plan.ple.shape))
+        positions = pos[:, 0].to(torch.int64).contiguous()
+        tables = _contiguous(rope)
+        threads, rows = torch.get_num_threads(), len(self.plans)
+        scratch, scratch_bytes = self.scratch.data_ptr(), self.scratch.numel() * 4
+        for (_, f, key), addresses in zip(self.plans[0].layers, self.addresses):
+            cos, sin = tables[key]
+            native._native.decode_layer_rows(addresses.data_ptr(), rows, f, x.data_ptr(), cos.data_ptr(),
+                                             sin.data_ptr(), positions.data_ptr(), scratch, scratch_bytes, threads)
+        return x
+
+
+def _contiguous(rope: dict) -> dict:
+    return {key: (cos.contiguous(), sin.contiguous()) for key, (cos, sin) in rope.items()}
+
+
+def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | RowsPlan | None:
     """The plan for one decoded token with this cache (built at its first such token), or None where the
-    modules must run."""
-    if (not ENABLED or cache is None or ids.shape != (1, 1) or ids.device.type != "cpu" or torch.is_grad_enabled()
+    modules must run. A server slot cache gets one for a step that decodes one token in each of its rows."""
+    if (not ENABLED or cache is None or ids.shape[1:] != (1,) or ids.device.type != "cpu" or torch.is_grad_enabled()
             or not native.available() or getattr(cache, "step_position", None) is not None):
         return None
-    if isinstance(cache, SlotCache):  # the server's: a plan per row, for a step that decodes one row only
-        if len(cache.rows) != 1:
+    if isinstance(cache, SlotCache):  # the server's: a plan per row, on that row's buffers
+        if ids.shape[0] != len(cache.rows):
             return None
-        plans = cache.__dict__.setdefault("_row_plans", {})  # row -> (model, plan)
-        built = plans.get(cache.rows[0])
-        if built is None or built[0]() is not model:
-            built = plans[cache.rows[0]] = (weakref.ref(model), _build(model, SlotRow(cache, cache.rows[0])))
-        return built[1]
+        plans = [_row_plan(model, cache, row) for row in cache.rows]
+        if None in plans:
+            return None
+        return plans[0] if len(plans) == 1 else _rows_plan(cache, plans)
+    if ids.shape[0] != 1:
+        return None
     built = getattr(cache, "_decode_plan", None)  # (the model it was built for, the plan or None)
     if built is None or built[0]() is not model:  # a cache handed to another model gets a plan of its own
         built = (weakref.ref(model), _build(model, cache))
         cache._decode_plan = built
     return built[1]
+
+
+def _row_plan(model, cache: SlotCache, row: int) -> DecodePlan | None:
+    plans = cache.__dict__.setdefault("_row_plans", {})  # row -> (model, plan)
+    built = plans.get(row)
+    if built is None or built[0]() is not model:
+        built = plans[row] = (weakref.ref(model), _build(model, SlotRow(cache, row)))
+    return built[1]
+
+
+def _rows_plan(cache: SlotCache, plans: list[DecodePlan]) -> RowsPlan:
+    """The RowsPlan of these rows' plans: the last one made, while the rows and their plans are the same."""
+    last = cache.__dict__.get("_rows_plan")
+    if last is not None and len(last.plans) == len(plans) and all(a is b for a, b in zip(last.plans, plans)):
+        return last
+    floats = len(plans) * max(plan.scratch_floats for plan in plans)
+    scratch = last.scratch if last is not None and last.scratch.numel() >= floats else torch.zeros(floats)
+    cache._rows_plan = RowsPlan(plans, scratch)
+    return cache._rows_plan
 
 
 class SlotRow:
@@ -198,7 +256,7 @@ def _build(model, cache) -> DecodePlan | None:
     keep.append(scratch)
     for p, _, _ in layers:
         p[layout["scratch"]], p[layout["scratch_bytes"]] = scratch.data_ptr(), scratch.numel() * 4
-    return DecodePlan(layers, keep, ple)
+    return DecodePlan(layers, keep, ple, scratch_size)
 
 
 def _layer_fields(model, cache, spec, layer, index: int, ple: torch.Tensor | None):

@@ -96,8 +96,8 @@ class Gemma3(nn.Module):
         rope = {kind: rope_cos_sin(pos, getattr(self, f"inv_freq_{kind}"), x.dtype)
                 for kind in {s.kind for s in self.specs}}
         plan = decode_plan.plan_for(self, cache, ids)
-        if plan is not None:  # one decoded token: one compiled call a layer
-            x = plan.run(x, rope, int(pos[0, 0]))
+        if plan is not None:  # one decoded token (a row): one compiled call a layer
+            x = plan.run(x, rope, pos)
         else:
             defer = not torch.is_grad_enabled()  # (training keeps each layer's work inside its checkpoint)
             for spec, layer in zip(self.specs, self.layers):

@@ -205,8 +205,8 @@ class Gemma4(nn.Module):
             if key not in rope:
                 rope[key] = rope_cos_sin(pos, getattr(self, f"inv_freq_{i}"), x.dtype)
         plan = decode_plan.plan_for(self, cache, ids)
-        if plan is not None:  # one decoded token: one compiled call a layer
-            x = plan.run(x, rope, int(pos[0, 0]), ple)
+        if plan is not None:  # one decoded token (a row): one compiled call a layer
+            x = plan.run(x, rope, pos, ple)
         else:
             shared: dict = {}
             defer = not torch.is_grad_enabled()  # (training keeps each layer's work inside its checkpoint)
