@@ -107,9 +107,12 @@ def test_norm_with_rope_or_residual_matches_pytorch(offset, with_scale):
 
 def test_gelu_mul_matches_pytorch():
     gate, up = torch.randn(2, 3, 333, generator=_gen(1)) * 4, torch.randn(2, 3, 333, generator=_gen(2))
+    wide = torch.linspace(-200, 200, 4099)  # past where e^x over- and underflows, and a tail of 3
     with torch.inference_mode():
-        got = native.gelu_mul(gate, up)
-    assert torch.allclose(got, torch.nn.functional.gelu(gate, approximate="tanh") * up, atol=1e-6, rtol=1e-5)
+        for gate, up in ((gate, up), (wide, torch.randn(4099, generator=_gen(3)))):
+            got = native.gelu_mul(gate, up)
+            want = torch.nn.functional.gelu(gate, approximate="tanh") * up
+            assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
     assert native.gelu_mul(gate.double(), up.double()) is None  # not float32: the caller's PyTorch path
     wide = torch.zeros(native.GELU_MAX + 1)
     assert native.gelu_mul(wide, wide) is None  # prefill-sized: PyTorch's threaded gelu is faster
