@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wren import native
 from wren.errors import BadOptionError
 from wren.sampling import Options, apply_penalties, draw, filter_logits, make_sampler, top_k
 
@@ -82,18 +83,62 @@ def test_options_coerce_strings_and_lists():
     assert (o.temperature, o.top_k, o.stop) == (0.5, 10, ["END"])
 
 
-@pytest.mark.parametrize("n,k", [(262144, 40), (262147, 40), (262144, 1), (100000, 64), (5000, 40), (300, 40)])
+# (the compiled search for n >= 4096 and k <= 1024 where the kernels run, with fewer blocks than k at 4100)
+@pytest.mark.parametrize("n,k", [(262144, 40), (262147, 40), (262144, 1), (100000, 64), (5000, 40), (300, 40),
+                                 (262144, 1024), (4100, 1000)])
 def test_top_k_of_a_long_vector_is_torch_topk(n, k):
     """sampling.top_k searches only the blocks whose maxima can hold the k largest: the same values and,
     where they are distinct, the same ids as torch.topk; ties (few distinct values) keep the values."""
     g = torch.Generator().manual_seed(n + k)
     for x in (torch.randn(n, generator=g) * 3, torch.randint(0, 50, (n,), generator=g).float()):
-        values, ids = top_k(x, k)
+        compiled = native.top_k(x, k)
+        assert (compiled is not None) == native.available()
         want_values, want_ids = torch.topk(x, k)
-        assert torch.equal(values, want_values)
-        assert torch.equal(x[ids], values) and ids.unique().numel() == k
-        if x.unique().numel() == n:
-            assert torch.equal(ids, want_ids)
+        for values, ids in [top_k(x, k)] + ([compiled] if compiled is not None else []):
+            assert torch.equal(values, want_values)
+            assert torch.equal(x[ids], values) and ids.unique().numel() == k
+            if x.unique().numel() == n:
+                assert torch.equal(ids, want_ids)
+
+
+def test_top_k_of_a_masked_vector_is_torch_topk():
+    """Fewer values above -inf than k (a constrained sampler's mask) leaves the compiled search: torch.topk's
+    answer, -inf entries included."""
+    x = torch.full((20000,), float("-inf"))
+    x[[5, 700, 19999]] = torch.tensor([1.0, 3.0, 2.0])
+    assert native.top_k(x, 40) is None
+    values, ids = top_k(x, 40)
+    assert values[:3].tolist() == [3.0, 2.0, 1.0] and ids[:3].tolist() == [700, 19999, 5]
+    assert torch.isinf(values[3:]).all() and ids.unique().numel() == 40
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_penalties_on_the_few_values_equal_penalties_on_a_copy(temperature):
+    """The sampler writes the penalties into the few values it looks at (top_k of the others and the
+    penalized ids), not into a copy of all 262k logits: the same tokens kept (and the same greedy pick,
+    first of equals), also when the top logits are the penalized ones and when they are tied."""
+    from wren.sampling import candidates, penalties
+
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(262144, generator=g)
+    top = torch.topk(logits, 30).indices.tolist()
+    for history, opts in (([*top[:20], 5, 5, 9], Options(repeat_penalty=1.3, frequency_penalty=0.2)),
+                          (top[::3], Options(repeat_penalty=1.1, presence_penalty=-0.5)),  # raised, not lowered
+                          ([1, 2, 3], Options(repeat_penalty=1.1))):
+        opts.temperature = temperature
+        full = apply_penalties(logits, history, opts)
+        if temperature == 0:
+            assert make_sampler(opts)(logits, history) == int(torch.argmax(full))
+            continue
+        kept, ids = candidates(logits, opts, penalties(logits, history, opts))
+        want_kept, want_ids = candidates(full, opts)
+        assert torch.equal(ids, want_ids) and torch.equal(kept, want_kept)
+    if temperature == 0:  # a penalized token raised to tie with the top one: the first of the two wins
+        for raised in (100, 200000):
+            x = logits * 0.1
+            x[5000], x[raised] = 10.0, 9.0
+            opts = Options(temperature=0, repeat_penalty=1.0, presence_penalty=-1.0)
+            assert make_sampler(opts)(x, [raised, 3]) == min(raised, 5000)
 
 
 def test_nucleus_wider_than_the_first_guess_matches_a_full_sort():

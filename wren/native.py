@@ -431,6 +431,22 @@ def rms_norm(x: Tensor, weight: Tensor | None, offset: float, eps: float, rope: 
     return out
 
 
+TOP_K_MAX = 1024  # a heap of up to this many in one pass (the sampler's top_k; the widening top_p search)
+
+
+def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """torch.topk(x, k) of a float32 CPU vector, compiled (of equal values, the first kept), or None where it
+    does not run: fewer than k values above -inf (a masked vector) is left to torch.topk."""
+    if not (available() and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 1
+            and 0 < k <= min(TOP_K_MAX, x.numel())):
+        return None
+    x = x.contiguous()
+    values, ids = torch.empty(k), torch.empty(k, dtype=torch.long)
+    if not _native.top_k(x.data_ptr(), x.numel(), k, values.data_ptr(), ids.data_ptr(), torch.get_num_threads()):
+        return None
+    return values, ids
+
+
 GELU_MAX = 8192  # elements up to which the one-pass loop beats PyTorch's (vectorised, threaded) gelu
 
 

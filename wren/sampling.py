@@ -7,10 +7,12 @@ Temperature 0 is greedy: an exact argmax of the raw logits.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
+from . import native
 from .errors import BadOptionError
 
 
@@ -76,16 +78,29 @@ def _coerce(key: str, value, default):
         raise BadOptionError(f"option {key!r} must be {want.__name__}, got {value!r}") from None
 
 
-def apply_penalties(logits: torch.Tensor, history: list[int], opts: Options) -> torch.Tensor:
-    """Repeat, presence and frequency penalties over the last repeat_last_n tokens (-1: all)."""
+def penalties(logits: torch.Tensor, history: list[int], opts: Options) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(ids, their logits after the repeat, presence and frequency penalties) of the tokens among the last
+    repeat_last_n (-1: all) of history, or None where the penalties change nothing."""
     n = len(history) if opts.repeat_last_n == -1 else opts.repeat_last_n
     recent = history[-n:] if n > 0 else []
     if not recent or (opts.repeat_penalty == 1 and not opts.presence_penalty and not opts.frequency_penalty):
-        return logits
-    ids, counts = torch.tensor(recent, device=logits.device).unique(return_counts=True)
+        return None
+    counts = Counter(recent)  # (a few dozen ids: torch.unique took longer)
+    ids = torch.tensor(list(counts), device=logits.device)
     picked = logits[ids]
     picked = torch.where(picked > 0, picked / opts.repeat_penalty, picked * opts.repeat_penalty)
-    picked = picked - counts.to(picked.dtype) * opts.frequency_penalty - opts.presence_penalty
+    times = torch.tensor(list(counts.values()), dtype=picked.dtype, device=logits.device)
+    return ids, picked - times * opts.frequency_penalty - opts.presence_penalty
+
+
+def apply_penalties(logits: torch.Tensor, history: list[int], opts: Options) -> torch.Tensor:
+    """The logits with the penalties applied (a copy; the logits themselves where they change nothing)."""
+    found = penalties(logits, history, opts)
+    return logits if found is None else _with(logits, found)
+
+
+def _with(logits: torch.Tensor, found: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ids, picked = found
     logits = logits.clone()
     logits[ids] = picked
     return logits
@@ -99,13 +114,20 @@ def filter_logits(logits: torch.Tensor, opts: Options) -> torch.Tensor:
     return torch.full_like(logits, float("-inf"), dtype=torch.float32).index_put_((ids,), kept)
 
 
-def candidates(logits: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch.Tensor | None]:
+def candidates(logits: torch.Tensor, opts: Options,
+               penalized: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the float logits of the tokens that top_k, top_p and min_p keep, their ids; None: every token, with
     the ruled-out ones at -inf). The sampler works on these few: sorting and drawing from all 262k logits
-    of a Gemma vocabulary took 14 ms a token, about as long as the decode step that made them."""
+    of a Gemma vocabulary took 14 ms a token, about as long as the decode step that made them.
+    `penalized` (`penalties`' ids and values) stands in for those ids' logits."""
+    if penalized is not None and not 0 < opts.top_k < logits.numel():
+        logits, penalized = _with(logits, penalized), None  # (top_p or min_p alone look at every logit)
     logits, ids = logits.float(), None
     if opts.top_k and opts.top_k < logits.numel():
-        logits, ids = top_k(logits, opts.top_k)  # sorted, largest first
+        if penalized is None:
+            logits, ids = top_k(logits, opts.top_k)  # sorted, largest first
+        else:
+            logits, ids = _top_k_penalized(logits, opts.top_k, penalized)
     if opts.top_p < 1.0:
         probs = torch.softmax(logits, dim=-1)
         if ids is None:
@@ -121,10 +143,14 @@ def candidates(logits: torch.Tensor, opts: Options) -> tuple[torch.Tensor, torch
 
 
 def top_k(x: torch.Tensor, k: int, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(x, k) of a vector (the same values; among equal values maybe other ids), 6x faster on a
-    CPU for 40 of 262k: the k largest lie in the k blocks of `block` entries with the largest maxima (k
-    blocks hold k values at least the k-th largest maximum), so those blocks are searched alone."""
+    """torch.topk(x, k) of a vector (the same values; among equal values maybe other ids), searching only the
+    blocks that can hold the k largest: they lie in the k blocks of `block` entries with the largest maxima
+    (k blocks hold k values at least the k-th largest maximum). For 40 of 262k on a CPU: compiled
+    (native.top_k) 0.13 ms, these PyTorch ops 0.23 ms, torch.topk 0.73 ms."""
     n = x.numel()
+    found = native.top_k(x, k) if n >= 16 * block else None
+    if found is not None:
+        return found
     if x.device.type != "cpu" or n // block < 4 * k:
         return torch.topk(x, k)
     whole = n - n % block
@@ -135,6 +161,31 @@ def top_k(x: torch.Tensor, k: int, block: int = 256) -> tuple[torch.Tensor, torc
         values, ids = torch.cat((values, x[whole:])), torch.cat((ids, torch.arange(whole, n)))
     values, picked = torch.topk(values, k)
     return values, ids[picked]
+
+
+def _top_k_penalized(logits: torch.Tensor, k: int, penalized: tuple[torch.Tensor, torch.Tensor]):
+    """top_k of the logits with the penalized ids' values replaced, without copying all of them (a 1 MB copy
+    a token): the k largest of the others lie among the k + len(ids) largest logits, so those, less the
+    penalized ids, with the penalized values, hold the k largest."""
+    ids, picked = penalized
+    values, found = top_k(logits, min(k + ids.numel(), logits.numel()))
+    others = ~torch.isin(found, ids)
+    values, found = torch.cat((values[others], picked.float())), torch.cat((found[others], ids))
+    values, order = torch.topk(values, min(k, values.numel()))
+    return values, found[order]
+
+
+def _greedy_penalized(logits: torch.Tensor, penalized: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """greedy of the logits with the penalized ids' values replaced, without copying all of them."""
+    ids, picked = penalized
+    best = greedy(logits)
+    if best in set(ids.tolist()):  # the top logit was penalized: what comes after it is unknown here
+        return greedy(_with(logits, penalized))
+    top = picked.max()
+    if top < logits[best]:
+        return best
+    first = int(ids[picked == top].min())  # the first of equals, as greedy
+    return first if top > logits[best] else min(first, best)
 
 
 def _most_probable(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +207,21 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
     return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
 
 
-def greedy(logits: torch.Tensor) -> int:
-    """The index of the largest logit (the first of equals), as torch.argmax, 3x faster on a 262k vector."""
-    return int(torch.max(logits.reshape(-1), 0).indices)
+def greedy(logits: torch.Tensor, block: int = 256) -> int:
+    """The index of the largest logit (the first of equals), as torch.argmax. On a CPU the first block of
+    `block` logits whose maximum is the largest is found from the blocks' maxima, then the index in it:
+    0.08 ms on a 262k vector, where torch.max(dim) took 0.43 and argmax 0.8 (they keep an index for every
+    element they compare)."""
+    x = logits.reshape(-1)
+    n = x.numel()
+    if x.device.type != "cpu" or n < 16 * block:
+        return int(torch.max(x, 0).indices)
+    whole = n - n % block
+    maxima = x[:whole].reshape(-1, block).amax(1)
+    first = int(torch.argmax(maxima))  # the first of equal maxima, so the first of equal logits
+    if whole < n and bool(x[whole:].max() > maxima[first]):  # the short last block: only if strictly larger
+        return whole + int(torch.argmax(x[whole:]))
+    return first * block + int(torch.argmax(x[first * block:(first + 1) * block]))
 
 
 def make_sampler(opts: Options):
@@ -166,10 +229,10 @@ def make_sampler(opts: Options):
     generator = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
 
     def sample(logits: torch.Tensor, history: list[int]) -> int:
-        logits = apply_penalties(logits, history, opts)
+        penalized = penalties(logits, history, opts)  # the few values they change, not a copy of all
         if opts.temperature == 0:
-            return greedy(logits)
-        kept, ids = candidates(logits, opts)
+            return greedy(logits) if penalized is None else _greedy_penalized(logits, penalized)
+        kept, ids = candidates(logits, opts, penalized)
         pick = draw(kept.cpu(), opts.temperature, generator)  # the generator is the CPU's
         return pick if ids is None else int(ids[pick])
 
