@@ -394,8 +394,8 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int c
 }
 
 /* direct_rows_nibbles for two input rows at once (x_split, xs and corr of the second one stride, groups and
-   groups after the first's; its outputs out + N): each weight unpacked once for both. A batch of decoded rows
-   (the server's) reads the codes this way: unpacked to tiles, four rows cost twice one. */
+   groups after the first's; its outputs out + N): each weight unpacked once for both. A step of a few decoded
+   rows (the server's) reads the codes this way rather than through 16-row tiles (decode_plan.RowsPlan). */
 VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles2(int count, const uint8_t *w,
                                                                             size_t row_bytes, const codes_layout *L,
                                                                             const uint16_t *scales, int groups,
@@ -979,8 +979,8 @@ VNNI static void gelu_mul16(const float *gate, const float *up, float *out, long
    Two passes: the maxima of blocks of 256 (the one pass over the whole vector, threads splitting it), then a
    min-heap of the k largest over the values at least the k-th largest maximum, in the blocks whose maximum
    reaches it (k blocks hold k such values, so the k largest are among them), and the short last block.
-   Only larger values enter the heap, so of equal values the earlier are kept. Out: values and ids sorted
-   largest first. PyTorch's topk with the blocked search around it took ~0.23 ms for 40 of 262k. */
+   Out: values and ids sorted largest first (which of equal values at the cut are kept is not specified, as
+   in torch.topk). PyTorch's topk with the blocked search around it took ~0.23 ms for 40 of 262k. */
 static void heap_down(float *v, int64_t *id, int k, int i) {
     for (;;) {
         int least = i;

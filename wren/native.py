@@ -435,8 +435,8 @@ TOP_K_MAX = 1024  # a heap of up to this many in one pass (the sampler's top_k; 
 
 
 def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """torch.topk(x, k) of a float32 CPU vector, compiled (of equal values, the first kept), or None where it
-    does not run: fewer than k values above -inf (a masked vector) is left to torch.topk."""
+    """torch.topk(x, k) of a float32 CPU vector, compiled, or None where it does not run: fewer than k values
+    above -inf (a masked vector) is left to torch.topk."""
     if not (available() and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 1
             and 0 < k <= min(TOP_K_MAX, x.numel())):
         return None
