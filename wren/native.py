@@ -431,7 +431,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, offset: float, eps: float, rope: 
     return out
 
 
-TOP_K_MAX = 1024  # a heap of up to this many in one pass (the sampler's top_k; the widening top_p search)
+TOP_K_MAX = 1024  # the most the compiled search keeps in its heap (the sampler's top_k; the widening top_p search)
 
 
 def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
