@@ -181,7 +181,9 @@ def _plan_and_modules(model, monkeypatch, spec, ids: torch.Tensor, check) -> tup
     got, expected = [], []
     with torch.inference_mode():
         cache = make_kv_cache(model, batch=1, max_len=ids.shape[1], spec=spec)
+        monkeypatch.setattr(decode_plan, "ENABLED", False)  # (a prompt's chunk would take a plan too)
         model(ids[:, :5], cache, logits_to_keep=1)
+        monkeypatch.setattr(decode_plan, "ENABLED", True)
         for i in range(5, ids.shape[1]):  # past the window of 6
             planned_cache = copy.deepcopy(cache)
             got.append(model(ids[:, i:i + 1], planned_cache))
@@ -449,6 +451,69 @@ def test_gemma4_server_rows_decode_together_as_the_modules_do(quantized_gemma4, 
             expected.append(model(ids[:, i:i + 1], modules_cache))
             monkeypatch.setattr(decode_plan, "ENABLED", True)
     assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
+
+
+def _chunks_against_modules(model, monkeypatch, cache, ids: torch.Tensor, bounds, planned) -> None:
+    """Each chunk ids[:, a:b] (a row of a slot cache: (row, a, b)) on the cache, and by the modules on a copy of
+    it; planned(a, b) says whether the chunk must take a ChunkPlan. Every position's logits must agree."""
+    import copy
+
+    from wren import decode_plan
+
+    got, expected = [], []
+    with torch.inference_mode():
+        for row, a, b in bounds:
+            if row is not None:
+                cache.select([row])
+            modules_cache = copy.deepcopy(cache)
+            plan = decode_plan.plan_for(model, cache, ids[:, a:b])
+            assert isinstance(plan, decode_plan.ChunkPlan) == planned(a, b), (a, b)
+            got.append(model(ids[:, a:b], cache))
+            monkeypatch.setattr(decode_plan, "ENABLED", False)
+            expected.append(model(ids[:, a:b], modules_cache))
+            monkeypatch.setattr(decode_plan, "ENABLED", True)
+    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
+
+
+@pytest.mark.parametrize("spec", [None, "f16", pytest.param("tq4", marks=needs_codes)])
+def test_a_prompt_chunk_takes_the_plan_and_computes_what_the_layers_compute(quantized_gemma3, monkeypatch, spec):
+    """A prompt's chunk of up to CHUNK_PLAN_MAX tokens runs as one compiled call a layer (decode_plan.ChunkPlan:
+    its tokens in order, each written into the cache before it attends): every position's logits are the
+    modules', for a first chunk, one that wraps the sliding layers' ring (window 6) within itself, and a
+    decoded token after them; a longer chunk runs the modules."""
+    from wren import decode_plan
+    from wren.kv import make_kv_cache
+
+    monkeypatch.setattr(decode_plan, "CHUNK_PLAN_MAX", 12)
+    ids = torch.randint(0, 384, (1, 40), generator=_gen(13))
+    cache = make_kv_cache(quantized_gemma3, batch=1, max_len=48, spec=spec)
+    bounds = [(None, 0, 5), (None, 5, 17), (None, 17, 18), (None, 18, 31), (None, 31, 40)]
+    _chunks_against_modules(quantized_gemma3, monkeypatch, cache, ids, bounds, lambda a, b: 1 < b - a <= 12)
+
+
+@pytest.mark.parametrize("spec", [None, pytest.param("tq4/tq3", marks=needs_codes)])
+def test_a_server_row_prefills_through_the_plan(quantized_gemma3, monkeypatch, spec):
+    """The server prefills a request's chunk into its row of the slot cache: a ChunkPlan on that row's buffers;
+    rows at different lengths, one of them past the sliding window."""
+    from wren.kv import make_slot_cache, resolve_types
+
+    slots = make_slot_cache(quantized_gemma3, 3, 48, resolve_types(quantized_gemma3, spec))
+    ids = torch.randint(0, 384, (1, 30), generator=_gen(14))
+    bounds = [(1, 0, 9), (0, 0, 4), (2, 0, 2), (1, 9, 20), (0, 4, 12)]
+    _chunks_against_modules(quantized_gemma3, monkeypatch, slots, ids, bounds, lambda a, b: True)
+
+
+@pytest.mark.parametrize("spec", [None, pytest.param("tq4", marks=needs_codes)])
+def test_gemma4_prompt_chunks_take_the_plan_until_a_shared_ring_would_wrap(quantized_gemma4, monkeypatch, spec):
+    """Gemma 4's chunks: each token its own per-layer inputs. A KV-shared layer reads its source's cache after
+    the whole chunk was written there, so a chunk takes the plan only while the sliding rings such layers read
+    (window 6) keep every position its tokens see: up to position 6; after that the modules run."""
+    from wren.kv import make_kv_cache
+
+    ids = torch.randint(0, 384, (1, 14), generator=_gen(15))
+    cache = make_kv_cache(quantized_gemma4, batch=1, max_len=16, spec=spec)
+    bounds = [(None, 0, 4), (None, 4, 6), (None, 6, 9), (None, 9, 14)]
+    _chunks_against_modules(quantized_gemma4, monkeypatch, cache, ids, bounds, lambda a, b: b <= 6)
 
 
 def test_decode_layer_refuses_rows_wider_than_its_stack_buffers():

@@ -170,3 +170,54 @@ def test_draw_never_takes_a_masked_token():
     logits = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0, float("-inf")])
     generator = torch.Generator().manual_seed(0)
     assert {draw(logits, 1.0, generator) for _ in range(500)} == {1, 3}
+
+
+@pytest.mark.skipif(not native.available(), reason="no compiled kernels here: the PyTorch chain is all there is")
+def test_the_compiled_chain_draws_what_the_pytorch_chain_draws():
+    """native.sample_rows (all rows in one call, rows in parallel) against each row's Sampler.chain with the same
+    uniform number: peaked and flat logits, repeat/frequency/presence penalties (the top tokens among them),
+    top_k, top_p, min_p and temperatures. The same token every time, except where u lands within float
+    rounding of a step of the cumulative sum (those few are left out, and counted)."""
+    from wren.sampling import Sampler, candidates, penalties, recent_counts
+
+    g = torch.Generator().manual_seed(21)
+    settings = [dict(), dict(top_k=1), dict(top_k=5, top_p=1.0, temperature=1.5), dict(top_p=0.5, min_p=0.05),
+                dict(top_k=1024, top_p=0.99, temperature=0.3), dict(repeat_penalty=1.5, frequency_penalty=0.3),
+                dict(presence_penalty=-2.0, repeat_last_n=-1), dict(top_k=100, min_p=0.2, temperature=2.0)]
+    compared = near = 0
+    for trial in range(12):
+        vocab = 262144 if trial % 3 == 0 else 3000
+        logits = torch.randn(len(settings), vocab, generator=g) * (4.0 if trial % 2 else 0.5)
+        histories = [torch.topk(logits[r], 30).indices[::2].tolist() + torch.randint(0, vocab, (20,), generator=g)
+                     .tolist() for r in range(len(settings))]
+        samplers = [Sampler(Options(**s)) for s in settings]
+        us = [torch.rand((), generator=g) for _ in settings]
+        rows = list(range(len(settings)))
+        got = native.sample_rows(logits, rows, [s.opts for s in samplers], us,
+                                 [recent_counts(h, s.opts) for h, s in zip(histories, samplers)])
+        for r, s in enumerate(samplers):
+            kept, _ = candidates(logits[r], s.opts, penalties(logits[r], histories[r], s.opts))
+            cdf = torch.softmax(kept / s.opts.temperature, -1).cumsum(-1)
+            if ((cdf - us[r] * cdf[-1]).abs() < 1e-5 * cdf[-1]).any():
+                near += 1
+                continue
+            compared += 1
+            assert got[r] == s.chain(logits[r], histories[r], us[r]), (trial, settings[r])
+    assert compared >= 90 and near <= 6, (compared, near)
+
+
+def test_a_seeded_sampler_draws_the_same_alone_and_beside_others():
+    """sample_rows over several samplers gives each the tokens it draws on its own (one uniform number a token
+    from its own stream), greedy and constrained-by-options rows among them."""
+    from wren.sampling import Sampler, sample_rows
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(50, 4, 5000, generator=g)
+    options = [Options(seed=1), Options(seed=2, temperature=0), Options(seed=3, top_k=0), Options(seed=4, top_k=7)]
+    together, alone = [Sampler(o) for o in options], [Sampler(o) for o in options]
+    histories = [[] for _ in options]
+    for step in logits:
+        tokens = sample_rows(together, step, histories)
+        assert tokens == [alone[r](step[r], histories[r]) for r in range(len(options))]
+        for h, t in zip(histories, tokens):
+            h.append(t)

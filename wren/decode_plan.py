@@ -6,7 +6,8 @@ seven matmuls; on a 270M model that overhead was a third of a decode step. The p
 addresses the kernel reads and writes (the int8 levels of the seven TurboQuant projections, the norms, the
 cache's buffers) once, at the first decoded token of a cache; every later token is one call per layer.
 The server's slot cache has a plan per row (on the row's buffers); a step that decodes a token in each of
-several rows runs them together (RowsPlan): one call a layer, whose matmuls read each weight once.
+several rows runs them together (RowsPlan): one call a layer, whose matmuls read each weight once. A short
+chunk of a prompt runs through its sequence's plan the same way (ChunkPlan: its tokens as rows, in order).
 
 It is built only where it computes what the modules compute: a Gemma 3 or dense Gemma 4 model (KV sharing,
 K=V layers and per-layer inputs included; not MoE) in float32 with TurboQuant projections the compiled
@@ -32,10 +33,15 @@ ENABLED = True  # tests turn it off to compare with the modules
 
 class DecodePlan:
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, object]], keep: list,
-                 ple: torch.Tensor | None = None, scratch_floats: int = 0):
+                 ple: torch.Tensor | None = None, scratch_floats: int = 0, chunk_end: int | None = None):
         self.layers = [(p.data_ptr(), f.data_ptr(), rope_key) for p, f, rope_key in layers]
+        self.fields = torch.stack([p for p, _, _ in layers])  # [layers, fields] (ChunkPlan copies them)
         self.ple = ple  # Gemma 4: the per-layer inputs of the token [layers, ple_dim], which the layers point into
         self.scratch_floats = scratch_floats  # what a row needs (RowsPlan allocates that times its rows)
+        # A chunk of a prompt must end by this position (None: anywhere): a KV-shared layer reading a sliding
+        # ring sees the ring after the whole chunk was written, which must not have dropped anything yet.
+        self.chunk_end = chunk_end
+        self._chunk_scratch = torch.empty(0)
         self._keep = (layers, keep)  # what the addresses point into
 
     def run(self, x: torch.Tensor, rope: dict, pos: torch.Tensor, ple: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,20 +85,80 @@ class RowsPlan:
         for (_, f, key), addresses in zip(self.plans[0].layers, self.addresses):
             cos, sin = tables[key]
             native._native.decode_layer_rows(addresses.data_ptr(), rows, f, x.data_ptr(), cos.data_ptr(),
-                                             sin.data_ptr(), positions.data_ptr(), scratch, scratch_bytes, threads)
+                                             sin.data_ptr(), positions.data_ptr(), scratch, scratch_bytes, 0, threads)
         return x
+
+
+class ChunkPlan:
+    """A prompt's chunk of n tokens of one sequence through that sequence's plan: a `decode_layer_rows` call a
+    layer over n rows in order (each token writes its key and value, then attends over the cache), so that a
+    short prompt reads every weight once and runs no PyTorch op between the layers, as a decoded token does.
+    (Long chunks run the modules: their attention is a matmul there, here a row at a time.)"""
+
+    def __init__(self, plan: DecodePlan, n: int):
+        self.plan, self.n = plan, n
+        layers = len(plan.layers)
+        if plan.ple is None:  # every token reads the layer's plan as it is
+            self.addresses = torch.tensor([p for p, _, _ in plan.layers])[:, None].repeat(1, n)
+            self.ple, self._copies = None, None
+        else:  # each token its own per-layer inputs: copies of the plan's fields pointing into ple [n, layers, ple]
+            self.ple = torch.empty(n, layers, plan.ple.shape[1])
+            self._copies = plan.fields.expand(n, *plan.fields.shape).clone()
+            cell = torch.arange(n)[:, None] * layers + torch.arange(layers)[None, :]  # [n, layers]
+            self._copies[:, :, _layout()["ple_input"]] = self.ple.data_ptr() + cell * plan.ple.shape[1] * 4
+            self.addresses = (self._copies.data_ptr() + cell * plan.fields.shape[1] * 8).T.contiguous()
+        floats = n * plan.scratch_floats
+        if plan._chunk_scratch.numel() < floats:  # kept for the next chunk: the largest so far
+            plan._chunk_scratch = torch.empty(floats)
+        self.scratch = plan._chunk_scratch
+
+    def run(self, x: torch.Tensor, rope: dict, pos: torch.Tensor, ple: torch.Tensor | None = None) -> torch.Tensor:
+        """As DecodePlan.run, for x [1, n, hidden], pos [1, n] and ple [1, n, layers, ple_dim]."""
+        x = x.contiguous()
+        if self.ple is not None:
+            self.ple.copy_(ple.reshape(self.ple.shape))
+        positions = pos[0].to(torch.int64).contiguous()
+        tables = _contiguous(rope)
+        threads = torch.get_num_threads()
+        scratch, scratch_bytes = self.scratch.data_ptr(), self.scratch.numel() * 4
+        for (_, f, key), addresses in zip(self.plan.layers, self.addresses):
+            cos, sin = tables[key]
+            native._native.decode_layer_rows(addresses.data_ptr(), self.n, f, x.data_ptr(), cos.data_ptr(),
+                                             sin.data_ptr(), positions.data_ptr(), scratch, scratch_bytes, 1, threads)
+        return x
+
+
+def _layout() -> dict:
+    return native._native.plan_layout()
 
 
 def _contiguous(rope: dict) -> dict:
     return {key: (cos.contiguous(), sin.contiguous()) for key, (cos, sin) in rope.items()}
 
 
-def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | RowsPlan | None:
-    """The plan for one decoded token with this cache (built at its first such token), or None where the
-    modules must run. A server slot cache gets one for a step that decodes one token in each of its rows."""
-    if (not ENABLED or cache is None or ids.shape[1:] != (1,) or ids.device.type != "cpu" or torch.is_grad_enabled()
+CHUNK_PLAN_MAX = 128  # longer chunks of a prompt run the modules (bench/prefill_chunks.py: ~1.0x at 256)
+
+
+def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | RowsPlan | ChunkPlan | None:
+    """The plan for one decoded token with this cache (built at its first use), or None where the modules must
+    run. A server slot cache gets one for a step that decodes one token in each of its rows; a chunk of up to
+    CHUNK_PLAN_MAX tokens of one sequence gets a ChunkPlan."""
+    if (not ENABLED or cache is None or ids.device.type != "cpu" or torch.is_grad_enabled()
             or not native.available() or getattr(cache, "step_position", None) is not None):
         return None
+    n = ids.shape[1]
+    if n > 1:
+        if ids.shape[0] != 1 or n > CHUNK_PLAN_MAX:
+            return None
+        if isinstance(cache, SlotCache):
+            if len(cache.rows) != 1:
+                return None
+            plan, start = _row_plan(model, cache, cache.rows[0]), cache.lengths[cache.rows[0]]
+        else:
+            plan, start = _sequence_plan(model, cache), cache.length
+        if plan is None or (plan.chunk_end is not None and start + n > plan.chunk_end):
+            return None
+        return ChunkPlan(plan, n)
     if isinstance(cache, SlotCache):  # the server's: a plan per row, on that row's buffers
         if ids.shape[0] != len(cache.rows):
             return None
@@ -100,8 +166,11 @@ def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | RowsPlan | None:
         if None in plans:
             return None
         return plans[0] if len(plans) == 1 else _rows_plan(cache, plans)
-    if ids.shape[0] != 1:
-        return None
+    return _sequence_plan(model, cache) if ids.shape[0] == 1 else None
+
+
+def _sequence_plan(model, cache) -> DecodePlan | None:
+    """The plan of a cache of one sequence (a KVCache, or wren.kv's CompressedKVCache)."""
     built = getattr(cache, "_decode_plan", None)  # (the model it was built for, the plan or None)
     if built is None or built[0]() is not model:  # a cache handed to another model gets a plan of its own
         built = (weakref.ref(model), _build(model, cache))
@@ -233,13 +302,15 @@ def _build(model, cache) -> DecodePlan | None:
         return None  # the kernel's norms keep a row on the stack (Gemma 3 27B's 5376 runs the modules)
     ple_dim = getattr(model, "ple_dim", 0) or 0
     ple = torch.zeros(len(model.layers), ple_dim, dtype=torch.float32) if ple_dim else None
-    scratch_size = 0
+    scratch_size, chunk_end = 0, None
     layers, keep = [], [] if ple is None else [ple]  # (the per-layer inputs the layers point into)
     for i, (spec, layer) in enumerate(zip(model.specs, model.layers)):
         fields = _layer_fields(model, cache, spec, layer, i, ple)
         if fields is None:
             return None
         ints, projections, floats = fields
+        if spec.kv_source != i and ints["ring"]:
+            chunk_end = min(chunk_end or ints["slots"], ints["slots"])
         p = torch.zeros(layout["fields"], dtype=torch.int64)
         for name, value in ints.items():
             p[layout[name]] = _address(value, keep)
@@ -256,7 +327,7 @@ def _build(model, cache) -> DecodePlan | None:
     keep.append(scratch)
     for p, _, _ in layers:
         p[layout["scratch"]], p[layout["scratch_bytes"]] = scratch.data_ptr(), scratch.numel() * 4
-    return DecodePlan(layers, keep, ple, scratch_size)
+    return DecodePlan(layers, keep, ple, scratch_size, chunk_end)
 
 
 def _layer_fields(model, cache, spec, layer, index: int, ple: torch.Tensor | None):

@@ -15,7 +15,7 @@ from . import chat
 from .graphs import decode_step
 from .errors import BadOptionError, ContextLengthError
 from .kv import make_kv_cache, resolve_types
-from .sampling import Options, make_sampler
+from .sampling import Options, make_sampler, sample_rows
 from .tokenizer import StreamDetokenizer
 
 PREFILL_CHUNK = 512
@@ -96,11 +96,14 @@ class Generation:
                     self.stats.done_reason = "length"
                     break
                 step = []
+                live = [row for row in range(batch) if alive[row]]
+                drawn = dict(zip(live, sample_rows([self.samplers[r] for r in live], logits[live],
+                                                   [histories[r] for r in live])))
                 for row in range(batch):
                     if not alive[row]:
                         step.append(None)
                         continue
-                    token = self.samplers[row](logits[row], histories[row])
+                    token = drawn[row]
                     if token in self.stop_ids:
                         alive[row] = False
                         step.append(None)

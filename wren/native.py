@@ -447,6 +447,27 @@ def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     return values, ids
 
 
+def sample_rows(logits: Tensor, rows: list[int], opts: list, us: list[Tensor], counts: list) -> list[int] | None:
+    """The token of each of these rows of logits [R, V] (float32, CPU) through sampling's chain (penalties on
+    counts[i], a Counter or None; top_k, top_p, min_p, temperature; the draw of us[i]), compiled: a token, or
+    -1 where the chain is left to the caller (fewer than top_k values above -inf); None where it does not
+    run. opts[i]'s top_k must be within 1..TOP_K_MAX."""
+    if not (available() and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2):
+        return None
+    x = logits[rows].contiguous() if rows != list(range(logits.shape[0])) else logits.contiguous()
+    options = torch.tensor([[o.top_p, o.min_p, o.temperature, float(u), o.repeat_penalty, o.frequency_penalty,
+                             o.presence_penalty] for o, u in zip(opts, us)], dtype=torch.float64)
+    ks = torch.tensor([o.top_k for o in opts], dtype=torch.long)
+    ids = [i for c in counts if c for i in c]
+    times = [n for c in counts if c for n in c.values()]
+    at = torch.tensor([0] + [len(c) if c else 0 for c in counts], dtype=torch.long).cumsum(0)
+    ids, times = torch.tensor(ids or [0], dtype=torch.long), torch.tensor(times or [0], dtype=torch.long)
+    out = torch.empty(len(rows), dtype=torch.long)
+    _native.sample_rows(x.data_ptr(), len(rows), x.shape[1], x.shape[1], ks.data_ptr(), options.data_ptr(),
+                        at.data_ptr(), ids.data_ptr(), times.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out.tolist()
+
+
 GELU_MAX = 8192  # elements up to which the one-pass loop beats PyTorch's (vectorised, threaded) gelu
 
 

@@ -78,14 +78,22 @@ def _coerce(key: str, value, default):
         raise BadOptionError(f"option {key!r} must be {want.__name__}, got {value!r}") from None
 
 
-def penalties(logits: torch.Tensor, history: list[int], opts: Options) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(ids, their logits after the repeat, presence and frequency penalties) of the tokens among the last
-    repeat_last_n (-1: all) of history, or None where the penalties change nothing."""
+def recent_counts(history: list[int], opts: Options) -> Counter | None:
+    """How often each token came among the last repeat_last_n (-1: all) of history, or None where the
+    penalties change nothing."""
     n = len(history) if opts.repeat_last_n == -1 else opts.repeat_last_n
     recent = history[-n:] if n > 0 else []
     if not recent or (opts.repeat_penalty == 1 and not opts.presence_penalty and not opts.frequency_penalty):
         return None
-    counts = Counter(recent)  # (a few dozen ids: torch.unique took longer)
+    return Counter(recent)  # (a few dozen ids: torch.unique took longer)
+
+
+def penalties(logits: torch.Tensor, history: list[int], opts: Options) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(ids, their logits after the repeat, presence and frequency penalties) of the tokens among the last
+    repeat_last_n (-1: all) of history, or None where the penalties change nothing."""
+    counts = recent_counts(history, opts)
+    if counts is None:
+        return None
     ids = torch.tensor(list(counts), device=logits.device)
     picked = logits[ids]
     picked = torch.where(picked > 0, picked / opts.repeat_penalty, picked * opts.repeat_penalty)
@@ -199,12 +207,19 @@ def _most_probable(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torc
         k *= 8
 
 
-def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    """An index drawn from softmax(logits / temperature): one uniform number against the cumulative sum
-    (torch.multinomial over 262k entries took 5 ms). Entries at -inf are never drawn."""
+def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+         u: torch.Tensor | None = None) -> int:
+    """An index drawn from softmax(logits / temperature): one uniform number (u, else the generator's next)
+    against the cumulative sum (torch.multinomial over 262k entries took 5 ms). Entries at -inf are never
+    drawn."""
     cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
-    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+    u = uniform(generator) if u is None else u
+    return min(int(torch.searchsorted(cdf, u.to(cdf.dtype) * cdf[-1], right=True)), cdf.numel() - 1)
+
+
+def uniform(generator: torch.Generator | None) -> torch.Tensor:
+    """The next number in [0, 1) of a sampler's stream: one a drawn token."""
+    return torch.rand((), generator=generator, dtype=torch.float32)
 
 
 def greedy(logits: torch.Tensor, block: int = 256) -> int:
@@ -224,16 +239,46 @@ def greedy(logits: torch.Tensor, block: int = 256) -> int:
     return first * block + int(torch.argmax(x[first * block:(first + 1) * block]))
 
 
-def make_sampler(opts: Options):
-    """A closure (logits [V], history) -> next token id, seeded when opts.seed is set."""
-    generator = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+class Sampler:
+    """(logits [V], history) -> the next token id, seeded when opts.seed is set. `sample_rows` draws for several
+    samplers at once."""
 
-    def sample(logits: torch.Tensor, history: list[int]) -> int:
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.generator = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        return sample_rows([self], logits[None], [history])[0]
+
+    def compiled(self, vocab: int) -> bool:
+        """Whether the compiled chain (native.sample_rows) draws this sampler's tokens: a temperature and a
+        top_k its heap holds (Ollama's defaults); greedy and the rest run `chain`."""
+        return self.opts.temperature > 0 and 0 < self.opts.top_k < vocab and self.opts.top_k <= native.TOP_K_MAX
+
+    def chain(self, logits: torch.Tensor, history: list[int], u: torch.Tensor | None = None) -> int:
+        """The token, in PyTorch ops (u: the uniform number already taken from the stream for it, if any)."""
+        opts = self.opts
         penalized = penalties(logits, history, opts)  # the few values they change, not a copy of all
         if opts.temperature == 0:
             return greedy(logits) if penalized is None else _greedy_penalized(logits, penalized)
         kept, ids = candidates(logits, opts, penalized)
-        pick = draw(kept.cpu(), opts.temperature, generator)  # the generator is the CPU's
+        pick = draw(kept.cpu(), opts.temperature, self.generator, u)  # the generator is the CPU's
         return pick if ids is None else int(ids[pick])
 
-    return sample
+
+def make_sampler(opts: Options) -> Sampler:
+    return Sampler(opts)
+
+
+def sample_rows(samplers: list[Sampler], logits: torch.Tensor, histories: list[list[int]]) -> list[int]:
+    """The next token of each row of logits [R, V]: samplers[r](logits[r], histories[r]). The rows the compiled
+    chain takes (Sampler.compiled) go through it in one call, rows in parallel; a row's stream gives one uniform
+    number a token either way, so a seeded row draws the same tokens alone or beside others."""
+    vocab = logits.shape[-1]
+    rows = [r for r, s in enumerate(samplers) if s.compiled(vocab)]
+    us = {r: uniform(samplers[r].generator) for r in rows}
+    tokens = native.sample_rows(logits, rows, [samplers[r].opts for r in rows], [us[r] for r in rows],
+                                [recent_counts(histories[r], samplers[r].opts) for r in rows]) if rows else None
+    picked = dict(zip(rows, tokens)) if tokens is not None else {}
+    return [picked[r] if picked.get(r, -1) >= 0 else s.chain(logits[r], histories[r], us.get(r))
+            for r, s in enumerate(samplers)]

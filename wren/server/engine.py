@@ -23,7 +23,7 @@ import torch
 from ..errors import ContextLengthError, WrenError
 from ..generation import PREFILL_CHUNK
 from ..kv import make_slot_cache, resolve_types
-from ..sampling import Options, make_sampler
+from ..sampling import Options, make_sampler, sample_rows
 
 
 class QueueFullError(WrenError):
@@ -263,8 +263,11 @@ class Engine:
         logits = self._forward([s.index for s in slots], [[s.last] for s in slots])
         for s in slots:
             s.tokens.append(s.last)
+        drawn = [i for i, s in enumerate(slots) if s.sampler is not None]  # (a constraint picks on its own)
+        tokens = dict(zip(drawn, sample_rows([slots[i].sampler for i in drawn], logits[drawn],
+                                             [slots[i].history for i in drawn]))) if drawn else {}
         for i, s in enumerate(slots):
-            self._guarded(self._sample, s, logits[i])
+            self._guarded(self._sample, s, logits[i], tokens.get(i))
 
     def _guarded(self, fn, slot: _Slot, *args) -> None:
         """Run one row's work; an error fails that row's request only."""
@@ -276,12 +279,12 @@ class Engine:
             self.cache.truncate(slot.index, 0)
             slot.tokens = []
 
-    def _sample(self, slot: _Slot, logits: torch.Tensor) -> None:
+    def _sample(self, slot: _Slot, logits: torch.Tensor, token: int | None = None) -> None:
+        """Take the row's next token (drawn from its logits here unless given) and report it."""
         job = slot.job
-        if job.constraint is not None:
-            token = job.constraint.sample(logits, slot.history)
-        else:
-            token = slot.sampler(logits, slot.history)
+        if token is None:
+            sampler = job.constraint.sample if job.constraint is not None else slot.sampler
+            token = sampler(logits, slot.history)
         if token is None or token in job.stop_ids:
             return self._finish(slot, reason="stop")
         slot.history.append(token)
