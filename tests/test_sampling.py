@@ -176,14 +176,15 @@ def test_draw_never_takes_a_masked_token():
 def test_the_compiled_chain_draws_what_the_pytorch_chain_draws():
     """native.sample_rows (all rows in one call, rows in parallel) against each row's Sampler.chain with the same
     uniform number: peaked and flat logits, repeat/frequency/presence penalties (the top tokens among them),
-    top_k, top_p, min_p and temperatures. The same token every time, except where u lands within float
-    rounding of a step of the cumulative sum (those few are left out, and counted)."""
+    top_k, top_p, min_p, temperatures and greedy. The same token every time, except where u lands within
+    float rounding of a step of the cumulative sum (those few are left out, and counted)."""
     from wren.sampling import Sampler, candidates, penalties, recent_counts
 
     g = torch.Generator().manual_seed(21)
     settings = [dict(), dict(top_k=1), dict(top_k=5, top_p=1.0, temperature=1.5), dict(top_p=0.5, min_p=0.05),
                 dict(top_k=1024, top_p=0.99, temperature=0.3), dict(repeat_penalty=1.5, frequency_penalty=0.3),
-                dict(presence_penalty=-2.0, repeat_last_n=-1), dict(top_k=100, min_p=0.2, temperature=2.0)]
+                dict(presence_penalty=-2.0, repeat_last_n=-1), dict(top_k=100, min_p=0.2, temperature=2.0),
+                dict(temperature=0), dict(temperature=0, repeat_penalty=1.5, presence_penalty=-3.0, top_k=0)]
     compared = near = 0
     for trial in range(12):
         vocab = 262144 if trial % 3 == 0 else 3000
@@ -196,6 +197,9 @@ def test_the_compiled_chain_draws_what_the_pytorch_chain_draws():
         got = native.sample_rows(logits, rows, [s.opts for s in samplers], us,
                                  [recent_counts(h, s.opts) for h, s in zip(histories, samplers)])
         for r, s in enumerate(samplers):
+            if s.opts.temperature == 0:
+                assert got[r] == s.chain(logits[r], histories[r]), (trial, settings[r])
+                continue
             kept, _ = candidates(logits[r], s.opts, penalties(logits[r], histories[r], s.opts))
             cdf = torch.softmax(kept / s.opts.temperature, -1).cumsum(-1)
             if ((cdf - us[r] * cdf[-1]).abs() < 1e-5 * cdf[-1]).any():

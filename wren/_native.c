@@ -1050,9 +1050,10 @@ VNNI static int top_k_floats(const float *x, long long n, int k, float *values, 
 #ifdef WREN_X86
 /* --- The sampler's chain, for the rows of a server step at once (wren/sampling.py computes the same) -------
    Per row: the repeat, frequency and presence penalties on the ids of its recent history, top_k, top_p,
-   min_p, then temperature and the draw of the row's uniform number u against the cumulative softmax, in
-   float32 as sampling.candidates and draw compute them (torch's exp may differ by an ulp). Rows in
-   parallel. In PyTorch ops the chain took ~0.4 ms a row; a step of 16 rows spent ~15% of its time there. */
+   min_p, then temperature and the draw of the row's uniform number u against the cumulative softmax (at
+   temperature 0, the largest penalized logit), in float32 as sampling.candidates and draw compute them
+   (torch's exp may differ by an ulp). Rows in parallel. In PyTorch ops the chain took ~0.4 ms a row; a step
+   of 16 rows spent ~15% of its time there. */
 enum { S_TOP_P, S_MIN_P, S_TEMPERATURE, S_U, S_REPEAT, S_FREQUENCY, S_PRESENCE, S_FIELDS };
 
 typedef struct {
@@ -1073,11 +1074,43 @@ static void softmax_floats(const float *v, int n, float *p) {
     for (int i = 0; i < n; i++) p[i] /= sum;
 }
 
+static inline float penalized(float v, long long count, const double *o) {
+    const float repeat = (float)o[S_REPEAT], frequency = (float)o[S_FREQUENCY], presence = (float)o[S_PRESENCE];
+    return (v > 0 ? v / repeat : v * repeat) - (float)count * frequency - presence;
+}
+
+/* Temperature 0: the index of the largest logit, the penalized ones at their penalized values (the first of
+   equals, as an argmax over a penalized copy). The scan looks at a lane only where it beats the best so far. */
+VNNI static long long greedy_row(const float *x, long long V, const double *o, const int64_t *pen_ids,
+                                 const int64_t *pen_counts, int npen) {
+    float best = -INFINITY;
+    long long at = -1, i = 0;
+    for (; i + 16 <= V; i += 16)
+        for (__mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), _mm512_set1_ps(best), _CMP_GT_OQ); m;
+             m &= m - 1) {
+            const long long j = i + __builtin_ctz(m);
+            int skip = !(x[j] > best); /* (best rose within this vector) */
+            for (int p = 0; p < npen && !skip; p++) skip = pen_ids[p] == j;
+            if (!skip) best = x[j], at = j;
+        }
+    for (; i < V; i++) {
+        int skip = !(x[i] > best);
+        for (int p = 0; p < npen && !skip; p++) skip = pen_ids[p] == i;
+        if (!skip) best = x[i], at = i;
+    }
+    for (int p = 0; p < npen; p++) {
+        const float v = penalized(x[pen_ids[p]], pen_counts[p], o);
+        if (v > best || (v == best && pen_ids[p] < at)) best = v, at = pen_ids[p];
+    }
+    return at; /* -1: every logit -inf or NaN (left to the caller) */
+}
+
 /* The token row x [V] draws, or -1 where this chain does not decide it (fewer than k + penalized values
    above -inf, or no memory: the caller's own chain does). pen_ids/pen_counts [npen]: the distinct ids of the
    row's recent history and how often each came. */
 VNNI static long long sample_row(const float *x, long long V, int k, const double *o, const int64_t *pen_ids,
                                  const int64_t *pen_counts, int npen, int threads) {
+    if (o[S_TEMPERATURE] == 0.0) return greedy_row(x, V, o, pen_ids, pen_counts, npen);
     const int kk = (int)(k + npen < V ? k + npen : V);
     candidate *c = malloc(sizeof(candidate) * (size_t)(kk + npen));
     float *values = malloc(sizeof(float) * (size_t)(2 * kk + npen)), *p = values + kk;
@@ -1090,12 +1123,8 @@ VNNI static long long sample_row(const float *x, long long V, int k, const doubl
         for (int j = 0; j < npen && !penalized; j++) penalized = ids[i] == pen_ids[j];
         if (!penalized) c[n++] = (candidate){values[i], ids[i]};
     }
-    const float repeat = (float)o[S_REPEAT], frequency = (float)o[S_FREQUENCY], presence = (float)o[S_PRESENCE];
-    for (int j = 0; j < npen; j++) { /* ... and the penalized ones at their penalized values: the k largest */
-        const float v = x[pen_ids[j]];
-        c[n++] = (candidate){(v > 0 ? v / repeat : v * repeat) - (float)pen_counts[j] * frequency - presence,
-                             pen_ids[j]};
-    }
+    for (int j = 0; j < npen; j++) /* ... and the penalized ones at their penalized values: the k largest */
+        c[n++] = (candidate){penalized(x[pen_ids[j]], pen_counts[j], o), pen_ids[j]};
     qsort(c, (size_t)n, sizeof(candidate), by_value_descending);
     n = n < k ? n : k;
     for (int i = 0; i < n; i++) values[i] = c[i].value;

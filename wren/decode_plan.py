@@ -136,7 +136,7 @@ def _contiguous(rope: dict) -> dict:
     return {key: (cos.contiguous(), sin.contiguous()) for key, (cos, sin) in rope.items()}
 
 
-CHUNK_PLAN_MAX = 128  # longer chunks of a prompt run the modules (bench/prefill_chunks.py: ~1.0x at 256)
+CHUNK_PLAN_MAX = 128  # longer chunks run the modules (bench/prefill_chunks.py: 1.0-1.4x at 128, below 1x from ~192)
 
 
 def plan_for(model, cache, ids: torch.Tensor) -> DecodePlan | RowsPlan | ChunkPlan | None:

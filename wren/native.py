@@ -451,13 +451,13 @@ def sample_rows(logits: Tensor, rows: list[int], opts: list, us: list[Tensor], c
     """The token of each of these rows of logits [R, V] (float32, CPU) through sampling's chain (penalties on
     counts[i], a Counter or None; top_k, top_p, min_p, temperature; the draw of us[i]), compiled: a token, or
     -1 where the chain is left to the caller (fewer than top_k values above -inf); None where it does not
-    run. opts[i]'s top_k must be within 1..TOP_K_MAX."""
+    run. opts[i]'s top_k must be within 1..TOP_K_MAX, or its temperature 0 (greedy: top_k is not looked at)."""
     if not (available() and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2):
         return None
     x = logits[rows].contiguous() if rows != list(range(logits.shape[0])) else logits.contiguous()
     options = torch.tensor([[o.top_p, o.min_p, o.temperature, float(u), o.repeat_penalty, o.frequency_penalty,
                              o.presence_penalty] for o, u in zip(opts, us)], dtype=torch.float64)
-    ks = torch.tensor([o.top_k for o in opts], dtype=torch.long)
+    ks = torch.tensor([o.top_k if o.temperature > 0 else 1 for o in opts], dtype=torch.long)
     ids = [i for c in counts if c for i in c]
     times = [n for c in counts if c for n in c.values()]
     at = torch.tensor([0] + [len(c) if c else 0 for c in counts], dtype=torch.long).cumsum(0)

@@ -251,9 +251,10 @@ class Sampler:
         return sample_rows([self], logits[None], [history])[0]
 
     def compiled(self, vocab: int) -> bool:
-        """Whether the compiled chain (native.sample_rows) draws this sampler's tokens: a temperature and a
-        top_k its heap holds (Ollama's defaults); greedy and the rest run `chain`."""
-        return self.opts.temperature > 0 and 0 < self.opts.top_k < vocab and self.opts.top_k <= native.TOP_K_MAX
+        """Whether the compiled chain (native.sample_rows) picks this sampler's tokens: greedy, or a top_k its
+        heap holds (Ollama's defaults); the rest (top_k 0: top_p or min_p over every logit) run `chain`."""
+        o = self.opts
+        return o.temperature == 0 or 0 < o.top_k < min(vocab, native.TOP_K_MAX + 1)
 
     def chain(self, logits: torch.Tensor, history: list[int], u: torch.Tensor | None = None) -> int:
         """The token, in PyTorch ops (u: the uniform number already taken from the stream for it, if any)."""
@@ -276,8 +277,8 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor, histories: list[l
     number a token either way, so a seeded row draws the same tokens alone or beside others."""
     vocab = logits.shape[-1]
     rows = [r for r, s in enumerate(samplers) if s.compiled(vocab)]
-    us = {r: uniform(samplers[r].generator) for r in rows}
-    tokens = native.sample_rows(logits, rows, [samplers[r].opts for r in rows], [us[r] for r in rows],
+    us = {r: uniform(samplers[r].generator) for r in rows if samplers[r].opts.temperature > 0}
+    tokens = native.sample_rows(logits, rows, [samplers[r].opts for r in rows], [us.get(r, 0.0) for r in rows],
                                 [recent_counts(histories[r], samplers[r].opts) for r in rows]) if rows else None
     picked = dict(zip(rows, tokens)) if tokens is not None else {}
     return [picked[r] if picked.get(r, -1) >= 0 else s.chain(logits[r], histories[r], us.get(r))
