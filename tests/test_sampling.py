@@ -225,3 +225,23 @@ def test_a_seeded_sampler_draws_the_same_alone_and_beside_others():
         assert tokens == [alone[r](step[r], histories[r]) for r in range(len(options))]
         for h, t in zip(histories, tokens):
             h.append(t)
+
+
+def test_a_row_whose_history_leaves_the_vocabulary_fails_alone():
+    """A history id outside the logits (a bad `context`) never reaches the compiled chain (it would read past
+    the row): that row's own chain raises, as before; with errors=True the exception stands in its place and
+    the other rows keep their tokens."""
+    from wren.sampling import Sampler, sample_rows
+
+    logits = torch.randn(2, 3000, generator=torch.Generator().manual_seed(6))
+    histories = [[1, 2], [5, 3000]]
+    together = sample_rows([Sampler(Options(seed=1)), Sampler(Options(seed=2))], logits, histories, errors=True)
+    assert together[0] == Sampler(Options(seed=1))(logits[0], histories[0])
+    assert isinstance(together[1], IndexError)
+    with pytest.raises(IndexError):
+        sample_rows([Sampler(Options(seed=1)), Sampler(Options(seed=2))], logits, histories)
+    if native.available():  # the compiled call itself refuses it
+        from collections import Counter
+
+        with pytest.raises(ValueError, match="ids in V"):
+            native.sample_rows(logits, [1], [Options()], [torch.tensor(0.5)], [Counter(histories[1])])

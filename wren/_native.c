@@ -2047,15 +2047,18 @@ static PyObject *py_sample_rows(PyObject *self, PyObject *const *args, Py_ssize_
     if (need_vnni() < 0) return NULL;
 #ifdef WREN_X86
     const int64_t *k = (const int64_t *)(intptr_t)a[4], *pen_at = (const int64_t *)(intptr_t)a[6];
-    for (long long r = 0; r < a[1]; r++)
-        if (k[r] < 1 || k[r] > a[2] || pen_at[r + 1] < pen_at[r]) {
-            PyErr_SetString(PyExc_ValueError, "sample_rows takes 1 <= k <= V and ordered penalty offsets");
+    const int64_t *pen_ids = (const int64_t *)(intptr_t)a[7];
+    for (long long r = 0; r < a[1]; r++) {
+        int bad = k[r] < 1 || k[r] > a[2] || pen_at[r + 1] < pen_at[r];
+        for (long long j = pen_at[r]; j < pen_at[r + 1] && !bad; j++) bad = pen_ids[j] < 0 || pen_ids[j] >= a[2];
+        if (bad) {
+            PyErr_SetString(PyExc_ValueError, "sample_rows takes 1 <= k <= V, ordered penalty offsets and ids in V");
             return NULL;
         }
+    }
     Py_BEGIN_ALLOW_THREADS
     sample_rows((const float *)(intptr_t)a[0], (int)a[1], a[2], a[3], k, (const double *)(intptr_t)a[5], pen_at,
-                (const int64_t *)(intptr_t)a[7], (const int64_t *)(intptr_t)a[8], (int64_t *)(intptr_t)a[9],
-                a[10] > 0 ? (int)a[10] : 1);
+                pen_ids, (const int64_t *)(intptr_t)a[8], (int64_t *)(intptr_t)a[9], a[10] > 0 ? (int)a[10] : 1);
     Py_END_ALLOW_THREADS
 #endif
     Py_RETURN_NONE;

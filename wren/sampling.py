@@ -271,15 +271,25 @@ def make_sampler(opts: Options) -> Sampler:
     return Sampler(opts)
 
 
-def sample_rows(samplers: list[Sampler], logits: torch.Tensor, histories: list[list[int]]) -> list[int]:
+def sample_rows(samplers: list[Sampler], logits: torch.Tensor, histories: list[list[int]],
+                errors: bool = False) -> list:
     """The next token of each row of logits [R, V]: samplers[r](logits[r], histories[r]). The rows the compiled
     chain takes (Sampler.compiled) go through it in one call, rows in parallel; a row's stream gives one uniform
-    number a token either way, so a seeded row draws the same tokens alone or beside others."""
+    number a token either way, so a seeded row draws the same tokens alone or beside others. `errors`: a row
+    whose own chain raises gets the exception in its place (the others keep their tokens), else it is raised."""
     vocab = logits.shape[-1]
-    rows = [r for r, s in enumerate(samplers) if s.compiled(vocab)]
-    us = {r: uniform(samplers[r].generator) for r in rows if samplers[r].opts.temperature > 0}
+    counts = {r: recent_counts(h, s.opts) for r, (s, h) in enumerate(zip(samplers, histories)) if s.compiled(vocab)}
+    rows = [r for r, c in counts.items() if not c or (min(c) >= 0 and max(c) < vocab)]  # (else the chain's error)
+    us = {r: uniform(samplers[r].generator) for r in counts if samplers[r].opts.temperature > 0}
     tokens = native.sample_rows(logits, rows, [samplers[r].opts for r in rows], [us.get(r, 0.0) for r in rows],
-                                [recent_counts(histories[r], samplers[r].opts) for r in rows]) if rows else None
+                                [counts[r] for r in rows]) if rows else None
     picked = dict(zip(rows, tokens)) if tokens is not None else {}
-    return [picked[r] if picked.get(r, -1) >= 0 else s.chain(logits[r], histories[r], us.get(r))
-            for r, s in enumerate(samplers)]
+    out = []
+    for r, s in enumerate(samplers):
+        try:
+            out.append(picked[r] if picked.get(r, -1) >= 0 else s.chain(logits[r], histories[r], us.get(r)))
+        except Exception as exc:  # noqa: BLE001 -- handed to the caller for that row alone
+            if not errors:
+                raise
+            out.append(exc)
+    return out

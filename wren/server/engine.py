@@ -265,7 +265,7 @@ class Engine:
             s.tokens.append(s.last)
         drawn = [i for i, s in enumerate(slots) if s.sampler is not None]  # (a constraint picks on its own)
         tokens = dict(zip(drawn, sample_rows([slots[i].sampler for i in drawn], logits[drawn],
-                                             [slots[i].history for i in drawn]))) if drawn else {}
+                                             [slots[i].history for i in drawn], errors=True))) if drawn else {}
         for i, s in enumerate(slots):
             self._guarded(self._sample, s, logits[i], tokens.get(i))
 
@@ -279,9 +279,12 @@ class Engine:
             self.cache.truncate(slot.index, 0)
             slot.tokens = []
 
-    def _sample(self, slot: _Slot, logits: torch.Tensor, token: int | None = None) -> None:
-        """Take the row's next token (drawn from its logits here unless given) and report it."""
+    def _sample(self, slot: _Slot, logits: torch.Tensor, token: int | Exception | None = None) -> None:
+        """Take the row's next token (drawn from its logits here unless given; an exception: its draw failed)
+        and report it."""
         job = slot.job
+        if isinstance(token, Exception):
+            raise token
         if token is None:
             sampler = job.constraint.sample if job.constraint is not None else slot.sampler
             token = sampler(logits, slot.history)
