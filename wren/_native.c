@@ -1422,18 +1422,14 @@ VNNI static void store_codes(const long long *p, int Hkv, int D, long long slot,
     }
 }
 
-/* Row r's new key and value written into its cache (its plan pr), then its queries q [H, D] attended over
-   that cache into attn [H, D]: the part of a layer that each row does on its own. */
-VNNI static int attend_row(const long long *pr, const double *f, int H, int Hkv, int D, int owns_kv,
-                           long long position, float *q, const float *k, const float *v, float *attn, int threads) {
-    const int dtype = (int)pr[P_KV_DTYPE], slots = (int)pr[P_SLOTS], ring = (int)pr[P_RING];
-    const long long slot = ring ? position % slots : position;
+/* Row r's new key and value written into its cache (its plan pr) at its position's slot. */
+VNNI static void store_row(const long long *pr, int Hkv, int D, long long position, const float *k, const float *v) {
+    const int dtype = (int)pr[P_KV_DTYPE], slots = (int)pr[P_SLOTS];
+    const long long slot = pr[P_RING] ? position % slots : position;
     const long long *p = pr; /* (PTR reads p) */
     if (dtype == KV_CODES) {
-        if (owns_kv) store_codes(p, Hkv, D, slot, k, v);
-        for (int h = 0; h < H; h++)
-            rotate_vector(q + (size_t)h * D, D, PTR(const float *, P_KV_SIGNS), PTR(const float *, P_KEY_CHANNEL_SCALE));
-    } else if (owns_kv) {
+        store_codes(p, Hkv, D, slot, k, v);
+    } else {
         const size_t es = elem_size(dtype);
         for (int kh = 0; kh < Hkv; kh++) {
             const size_t at = ((size_t)kh * p[P_HEAD_STRIDE] + (size_t)slot * p[P_SLOT_STRIDE]) * es;
@@ -1441,7 +1437,18 @@ VNNI static int attend_row(const long long *pr, const double *f, int H, int Hkv,
             store_kv(PTR(char *, P_VALUES) + at, dtype, v + (size_t)kh * D, D);
         }
     }
-    if (owns_kv) PTR(int64_t *, P_SLOT_POS)[slot] = position;
+    PTR(int64_t *, P_SLOT_POS)[slot] = position;
+}
+
+/* Row r's queries q [H, D] (rotated in place for a TurboQuant cache) attended over its cache (its plan pr) at
+   its position into attn [H, D]: with store_row, the part of a layer that each row does on its own. */
+VNNI static int attend_row(const long long *pr, const double *f, int H, int Hkv, int D, long long position, float *q,
+                           float *attn, int threads) {
+    const int dtype = (int)pr[P_KV_DTYPE], slots = (int)pr[P_SLOTS], ring = (int)pr[P_RING];
+    const long long *p = pr; /* (PTR reads p) */
+    if (dtype == KV_CODES)
+        for (int h = 0; h < H; h++)
+            rotate_vector(q + (size_t)h * D, D, PTR(const float *, P_KV_SIGNS), PTR(const float *, P_KEY_CHANNEL_SCALE));
     const attention_args a = {q, PTR(const void *, P_KEYS), PTR(const void *, P_VALUES), dtype, H, Hkv, D,
                               ring ? slots : (int)position + 1, p[P_HEAD_STRIDE], p[P_SLOT_STRIDE],
                               PTR(const int64_t *, P_SLOT_POS), NULL, position, p[P_WINDOW], (float)f[F_SCALE],
@@ -1486,23 +1493,37 @@ VNNI static int decode_layer_rows(const long long *const *plans, int R, const do
         if (p[P_V_NORM]) rms_norm(v, R * Hkv, D, NULL, 0.0f, eps, NULL, NULL, Hkv, NULL, v, 1);
         rms_norm(k, R * Hkv, D, PTR(const float *, P_K_NORM), offset, eps, cos, sin, Hkv, NULL, k, 1);
     }
-    /* rows in parallel once there are enough of them; else each row's attention splits its slots. (Not one
-       loop with an OpenMP `if`: a region inside an inactive one gets a new team of threads each time.) Rows of
-       one sequence go in order, each written before it attends: a token sees the ones before it, never after,
-       and a sliding ring drops a position only when no later token needs it. */
+    /* Each row writes its key and value, then attends. Rows of distinct caches, and a sequence's tokens
+       where no slot one writes holds a position another still sees (a full layer, or a ring the chunk does
+       not wrap), all write first, then attend in parallel once there are enough of them (round robin: a
+       chunk's later tokens see more); else each row's attention splits its slots. A chunk that wraps its
+       ring goes in order, each token written just before it attends: a position is dropped only when no
+       later token needs it. (Plain branches, not an OpenMP `if`: a region inside an inactive one gets a new
+       team of threads each time.) */
+    const int wraps = in_order && p[P_RING] && positions[R - 1] >= p[P_SLOTS];
     int failed = 0;
-#define ATTEND_ROW(r, inner)                                                                                        \
-    attend_row(plans[r], f, H, Hkv, D, owns_kv, positions[r], q + (size_t)(r) * H * D, k + (size_t)(r) * Hkv * D,  \
-               v + (size_t)(r) * Hkv * D, attn + (size_t)(r) * H * D, inner)
-    if (!in_order && R > 1 && R >= threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int r = 0; r < R; r++)
-            if (ATTEND_ROW(r, 1) < 0) failed = 1; /* (any thread's write of 1 will do) */
-    } else {
-        for (int r = 0; r < R; r++)
+#define ATTEND_ROW(r, inner) attend_row(plans[r], f, H, Hkv, D, positions[r], q + (size_t)(r) * H * D, \
+                                        attn + (size_t)(r) * H * D, inner)
+#define STORE_ROW(r) store_row(plans[r], Hkv, D, positions[r], k + (size_t)(r) * Hkv * D, v + (size_t)(r) * Hkv * D)
+    if (wraps) {
+        for (int r = 0; r < R; r++) {
+            if (owns_kv) STORE_ROW(r);
             if (ATTEND_ROW(r, threads) < 0) failed = 1;
+        }
+    } else {
+        if (owns_kv)
+            for (int r = 0; r < R; r++) STORE_ROW(r);
+        if (R > 1 && R >= threads) {
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+            for (int r = 0; r < R; r++)
+                if (ATTEND_ROW(r, 1) < 0) failed = 1; /* (any thread's write of 1 will do) */
+        } else {
+            for (int r = 0; r < R; r++)
+                if (ATTEND_ROW(r, threads) < 0) failed = 1;
+        }
     }
 #undef ATTEND_ROW
+#undef STORE_ROW
     if (failed) return -1;
 
     float *o_out[1] = {o};
