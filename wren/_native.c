@@ -1079,6 +1079,12 @@ static inline float penalized(float v, long long count, const double *o) {
     return (v > 0 ? v / repeat : v * repeat) - (float)count * frequency - presence;
 }
 
+static inline int is_penalized(long long id, const int64_t *pen_ids, int npen) {
+    for (int j = 0; j < npen; j++)
+        if (pen_ids[j] == id) return 1;
+    return 0;
+}
+
 /* Temperature 0: the index of the largest logit, the penalized ones at their penalized values (the first of
    equals, as an argmax over a penalized copy). The scan looks at a lane only where it beats the best so far. */
 VNNI static long long greedy_row(const float *x, long long V, const double *o, const int64_t *pen_ids,
@@ -1089,15 +1095,10 @@ VNNI static long long greedy_row(const float *x, long long V, const double *o, c
         for (__mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), _mm512_set1_ps(best), _CMP_GT_OQ); m;
              m &= m - 1) {
             const long long j = i + __builtin_ctz(m);
-            int skip = !(x[j] > best); /* (best rose within this vector) */
-            for (int p = 0; p < npen && !skip; p++) skip = pen_ids[p] == j;
-            if (!skip) best = x[j], at = j;
+            if (x[j] > best && !is_penalized(j, pen_ids, npen)) best = x[j], at = j; /* (best may have risen) */
         }
-    for (; i < V; i++) {
-        int skip = !(x[i] > best);
-        for (int p = 0; p < npen && !skip; p++) skip = pen_ids[p] == i;
-        if (!skip) best = x[i], at = i;
-    }
+    for (; i < V; i++)
+        if (x[i] > best && !is_penalized(i, pen_ids, npen)) best = x[i], at = i;
     for (int p = 0; p < npen; p++) {
         const float v = penalized(x[pen_ids[p]], pen_counts[p], o);
         if (v > best || (v == best && pen_ids[p] < at)) best = v, at = pen_ids[p];
@@ -1118,11 +1119,8 @@ VNNI static long long sample_row(const float *x, long long V, int k, const doubl
     long long token = -1;
     if (!c || !values || !ids || top_k_floats(x, V, kk, values, ids, threads) != 0) goto done;
     int n = 0;
-    for (int i = 0; i < kk; i++) { /* the k + npen largest, less the penalized ids ... */
-        int penalized = 0;
-        for (int j = 0; j < npen && !penalized; j++) penalized = ids[i] == pen_ids[j];
-        if (!penalized) c[n++] = (candidate){values[i], ids[i]};
-    }
+    for (int i = 0; i < kk; i++) /* the k + npen largest, less the penalized ids ... */
+        if (!is_penalized(ids[i], pen_ids, npen)) c[n++] = (candidate){values[i], ids[i]};
     for (int j = 0; j < npen; j++) /* ... and the penalized ones at their penalized values: the k largest */
         c[n++] = (candidate){penalized(x[pen_ids[j]], pen_counts[j], o), pen_ids[j]};
     qsort(c, (size_t)n, sizeof(candidate), by_value_descending);
