@@ -226,13 +226,14 @@ def test_gemma4_decode_plan_computes_what_the_layers_compute(quantized_gemma4, m
     assert_same_steps(*_plan_and_modules(quantized_gemma4, monkeypatch, spec, ids, planned))
 
 
-def assert_same_steps(got, expected):
+def assert_same_steps(got, expected, flip: float = 2e-2):
     """The same computation, to float rounding: the kernels' inputs are rounded to int8, so a 1e-7 difference
     (a sum taken in another order) now and then puts one on the other side of a rounding boundary, and that
     step's logits move by up to ~1% (once in 20 steps here, with heads of 64); the next steps, reading the
-    same cache, agree again. Most steps must agree to float rounding, none may be off by more than a flip."""
+    same cache, agree again. Most steps must agree to float rounding, none may be off by more than a flip
+    (`flip`: larger where a TurboQuant cache's 3-bit code of a key or value can flip too)."""
     per_step = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).flatten()
-    assert per_step.median() < 1e-5 and per_step.max() < 2e-2, per_step
+    assert per_step.median() < 1e-5 and per_step.max() < flip, per_step
 
 needs_codes = pytest.mark.skipif(not native.available() or not native._native.codes_supported(),
                                  reason="this CPU has no AVX-512 VBMI (the TurboQuant cache is decoded instead)")
@@ -453,7 +454,7 @@ def test_gemma4_server_rows_decode_together_as_the_modules_do(quantized_gemma4, 
     assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
 
 
-def _chunks_against_modules(model, monkeypatch, cache, ids: torch.Tensor, bounds, planned) -> None:
+def _chunks_against_modules(model, monkeypatch, cache, ids: torch.Tensor, bounds, planned, flip=2e-2) -> None:
     """Each chunk ids[:, a:b] (a row of a slot cache: (row, a, b)) on the cache, and by the modules on a copy of
     it; planned(a, b) says whether the chunk must take a ChunkPlan. Every position's logits must agree."""
     import copy
@@ -472,7 +473,7 @@ def _chunks_against_modules(model, monkeypatch, cache, ids: torch.Tensor, bounds
             monkeypatch.setattr(decode_plan, "ENABLED", False)
             expected.append(model(ids[:, a:b], modules_cache))
             monkeypatch.setattr(decode_plan, "ENABLED", True)
-    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1))
+    assert_same_steps(torch.cat(got, 1), torch.cat(expected, 1), flip)
 
 
 @pytest.mark.parametrize("spec", [None, "f16", pytest.param("tq4", marks=needs_codes)])
@@ -500,7 +501,10 @@ def test_a_server_row_prefills_through_the_plan(quantized_gemma3, monkeypatch, s
     slots = make_slot_cache(quantized_gemma3, 3, 48, resolve_types(quantized_gemma3, spec))
     ids = torch.randint(0, 384, (1, 30), generator=_gen(14))
     bounds = [(1, 0, 9), (0, 0, 4), (2, 0, 2), (1, 9, 20), (0, 4, 12)]
-    _chunks_against_modules(quantized_gemma3, monkeypatch, slots, ids, bounds, lambda a, b: True)
+    # (tq3 values: on an AVX2 CPU, where sums are reduced in another order, 3-4 steps of 30 flip a code,
+    # by 1.4-3.5%; the rest agree to 3e-7)
+    _chunks_against_modules(quantized_gemma3, monkeypatch, slots, ids, bounds, lambda a, b: True,
+                            flip=2e-2 if spec is None else 5e-2)
 
 
 @pytest.mark.parametrize("spec", [None, pytest.param("tq4", marks=needs_codes)])

@@ -18,7 +18,11 @@
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13,
        T_Q6_K = 14 };
 
+#ifdef WREN_AVX2
+#define BLOCKS
+#else
 #define BLOCKS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
+#endif
 
 /* (weights, bytes) of one block of a ggml type gemm reads in place; 0 weights for any other type. */
 static void gguf_block_size(int type, int *weights, int *bytes) {

@@ -35,6 +35,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define WREN_X86 1
+#ifdef WREN_AVX2 /* the AVX2 build (_native_avx2.c): the AVX-512 intrinsics below through SIMDe */
+#include "_avx2_compat.h"
+#endif
 #endif
 
 #define MAX_GROUP 4096
@@ -67,14 +70,24 @@ static void group_sums(const int8_t *levels, int N, int K, int group, float *sum
 }
 
 #ifdef WREN_X86
+#ifdef WREN_AVX2 /* the whole file is built for AVX2 */
+#define VNNI
+#define VBMI
+#else
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,f16c")))
+#endif
 
 /* acc + VNNI's 4-byte dot products of unsigned a and signed b, as _mm512_dpbusd_epi32, written as asm: with the
    intrinsic GCC 12 copies each accumulator to another register and back around every one (a third of the
    instructions of the prefill loops). */
 VNNI static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+#ifdef WREN_AVX2
+    return avx2_dpbusd(acc, a, b);
+#else
     __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
     return acc;
+#endif
 }
 
 /* Unnormalised Walsh-Hadamard transform of n floats (a power of two, a multiple of 16), the Sylvester order.
@@ -250,7 +263,6 @@ VNNI static void levels_block(const uint8_t *xq, const float *xs, int M, int K, 
    memory, and nothing is decoded at load. Wider inputs (prefill) unpack a 16-row block once and reuse it. */
 
 #define MAX_CHUNKS (MAX_GROUP / 64)
-#define VBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,f16c")))
 
 typedef struct {
     int32_t group_bytes; /* bytes of one group's codes */
@@ -306,10 +318,14 @@ static int fill_codes_layout(codes_layout *L, int group, int split, int bits_hi,
    64 bytes are read from its start, the next chunk's bytes ignored: the last block of a matrix takes tail. */
 VBMI static inline __attribute__((always_inline)) __m512i unpack_chunk(const uint8_t *src, int bits, __m512i spread,
                                                                        __m512i shift, __m512i table, int tail) {
+#ifdef WREN_AVX2
+    return avx2_unpack_chunk(src, bits, table, tail); /* VBMI's byte permutes emulated are ~10x slower */
+#else
     const __m512i raw = tail ? _mm512_maskz_loadu_epi8(((__mmask64)1 << (8 * bits)) - 1, src)
                         : bits <= 4 ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)src))
                                     : _mm512_loadu_si512(src);
     return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(spread, raw)), table);
+#endif
 }
 
 #define PREFETCH_BLOCKS 1 /* the direct kernel asks for the same bytes a block of 16 rows on: the hardware's
@@ -358,6 +374,15 @@ static inline int nibble_layout(const codes_layout *L) {
     return L->uniform && L->bits[0] == 4 && L->chunks % 2 == 0;
 }
 
+/* table[index] for indices below 16 (the nibble kernels'): vpermb, or without VBMI a byte shuffle in each half. */
+VBMI static inline __attribute__((always_inline)) __m512i lookup16(__m512i index, __m512i table) {
+#ifdef WREN_AVX2
+    return avx2_lookup16(index, table);
+#else
+    return _mm512_permutexvar_epi8(index, table);
+#endif
+}
+
 /* direct_rows for a nibble_layout: x_split holds each 128 inputs' even coordinates, then their odd ones
    (split_input), so that the low and the high nibbles each multiply a whole vector. A pair is its own 64
    bytes: no read past the codes, so no tail. */
@@ -381,8 +406,8 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int c
             const __m512i even = _mm512_loadu_si512(xg + 128 * p), odd = _mm512_loadu_si512(xg + 128 * p + 64);
             for (int r = 0; r < count; r++) {
                 const __m512i raw = _mm512_loadu_si512(wg + r * row_bytes + 64 * p);
-                a[r] = dpbusd(a[r], _mm512_permutexvar_epi8(_mm512_and_si512(raw, low), table), even);
-                b[r] = dpbusd(b[r], _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table),
+                a[r] = dpbusd(a[r], lookup16(_mm512_and_si512(raw, low), table), even);
+                b[r] = dpbusd(b[r], lookup16(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table),
                               odd);
             }
         }
@@ -420,8 +445,8 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles2(int 
             const __m512i odd1 = _mm512_loadu_si512(xg + stride + 128 * p + 64);
             for (int r = 0; r < count; r++) {
                 const __m512i raw = _mm512_loadu_si512(wg + r * row_bytes + 64 * p);
-                const __m512i lo = _mm512_permutexvar_epi8(_mm512_and_si512(raw, low), table);
-                const __m512i hi = _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table);
+                const __m512i lo = lookup16(_mm512_and_si512(raw, low), table);
+                const __m512i hi = lookup16(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table);
                 a0[r] = dpbusd(dpbusd(a0[r], lo, even0), hi, odd0);
                 a1[r] = dpbusd(dpbusd(a1[r], lo, even1), hi, odd1);
             }
@@ -1554,7 +1579,11 @@ VNNI static int decode_layer_rows(const long long *const *plans, int R, const do
 #endif
 
 static int cpu_supported(void) {
-#ifdef WREN_X86
+#ifdef WREN_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi2");
+#elif defined(WREN_X86)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vnni");
@@ -1564,7 +1593,9 @@ static int cpu_supported(void) {
 }
 
 static int codes_supported(void) {
-#ifdef WREN_X86
+#ifdef WREN_AVX2
+    return cpu_supported();
+#elif defined(WREN_X86)
     return cpu_supported() && __builtin_cpu_supports("avx512vbmi");
 #else
     return 0;
@@ -1575,7 +1606,9 @@ static int codes_supported(void) {
 /* --- Python bindings: addresses and sizes as ints; the caller (native.py) checks shapes and dtypes. --- */
 
 static int blocks_supported(void) {
-#ifdef WREN_X86
+#ifdef WREN_AVX2
+    return cpu_supported();
+#elif defined(WREN_X86)
     return cpu_supported() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
 #else
     return 0;
@@ -2182,11 +2215,21 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+#ifdef WREN_AVX2
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native_avx2", "wren's compiled CPU kernels, for AVX2",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__native_avx2(void) {
+#else
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "wren's compiled CPU kernels", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
+#endif
 #ifdef WREN_X86
     init_unpack_tables();
+#endif
+#ifdef WREN_AVX2
+    avx2_init_unpack();
 #endif
     wide_vectors = cpu_supported();
     return PyModule_Create(&module);

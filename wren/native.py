@@ -33,6 +33,26 @@ try:  # built by setup.py when a C compiler was there; torch is imported first, 
 except ImportError:
     _native = None
 
+
+def _cpu_has_avx2() -> bool:
+    """What the AVX2 build was compiled for (setup.py); read before importing it, since its module's own code
+    may use those instructions."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return {"avx2", "fma", "f16c", "bmi2"} <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+if (_native is None or not _native.supported()) and _cpu_has_avx2():
+    try:  # no AVX-512: the same kernels built for AVX2 (wren/_native_avx2.c)
+        from . import _native_avx2 as _native
+    except ImportError:
+        pass
+
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     if os.environ.get("WREN_NATIVE", "1") == "0":
