@@ -23,7 +23,7 @@ from wren.weights.gguf_quants import dequantize
 
 Q = gguf.GGMLQuantizationType
 needs_kernels = pytest.mark.skipif(not native.blocks_readable(),
-                                   reason="the compiled kernels for GGUF blocks need AVX-512 VNNI, VL and F16C")
+                                   reason="the GGUF block kernels need AVX-512 VNNI, VL and F16C, or AVX2")
 HALVES = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q2_K: [80, 82], Q.Q3_K: [108],
           Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}  # the byte offsets of each block's fp16 scales (and mins)
 

@@ -99,7 +99,8 @@ def test_converted_rows_are_within_two_percent_of_the_dequantized_weight(tiny_q8
     assert float(error.mean()) < 0.012
 
 
-@pytest.mark.skipif(not native.blocks_readable(), reason="the compiled conversion needs AVX-512 VNNI, VL and F16C")
+@pytest.mark.skipif(not native.blocks_readable(),
+                    reason="the compiled conversion needs AVX-512 VNNI, VL and F16C, or AVX2")
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_0])
 def test_compiled_conversion_is_bit_for_bit_pytorchs(hf, tmp_path, monkeypatch, qtype):
     """Where the block kernels run, a load converts each tensor in one compiled pass: the same levels and

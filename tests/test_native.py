@@ -10,7 +10,7 @@ from wren import native
 from wren.models.layers import RMSNorm, apply_rope, attend, attention_mask, rope_cos_sin, rope_inv_freq
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled kernels are not built here (no C "
-                                "compiler at install) or this CPU has no AVX-512 VNNI")
+                                "compiler at install) or this CPU has neither AVX-512 VNNI nor AVX2")
 
 
 def _gen(seed):
@@ -49,7 +49,7 @@ def test_batched_decode_attention_matches_the_ops(per_row_positions, cache):
     from wren.models.layers import Coded, _attention_by_ops, _row_kernel, cached_attention
 
     if cache == "tq4" and not native._native.codes_supported():
-        pytest.skip("this CPU has no AVX-512 VBMI (the TurboQuant cache is decoded instead)")
+        pytest.skip("this CPU has neither AVX-512 VBMI nor AVX2 (the TurboQuant cache is decoded instead)")
     b, heads, kv_heads, slots, d = 3, 4, 1, 40, 128
     q = torch.randn(b, heads, 1, d, generator=_gen(1))
     keys = torch.randn(b, kv_heads, slots, d, generator=_gen(2))
@@ -103,6 +103,17 @@ def test_norm_with_rope_or_residual_matches_pytorch(offset, with_scale):
     assert torch.allclose(plain, h, atol=1e-5, rtol=1e-5)
     assert torch.allclose(got_rope, apply_rope(h, cos, sin), atol=1e-5, rtol=1e-5)
     assert torch.allclose(got_residual, residual + h, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cpu_without_avx512_runs_the_avx2_build():
+    """The kernels come from the default build where the CPU has AVX-512 VNNI, else from the AVX2 one."""
+    from wren import _native as default
+
+    if default.supported():
+        assert native._native is default
+    else:
+        assert native._cpu_has_avx2()  # (else this module is skipped: nothing runs the kernels)
+        assert native._native.__name__ == "wren._native_avx2" and native._native.supported()
 
 
 def test_gelu_mul_matches_pytorch():
@@ -236,7 +247,7 @@ def assert_same_steps(got, expected, flip: float = 2e-2):
     assert per_step.median() < 1e-5 and per_step.max() < flip, per_step
 
 needs_codes = pytest.mark.skipif(not native.available() or not native._native.codes_supported(),
-                                 reason="this CPU has no AVX-512 VBMI (the TurboQuant cache is decoded instead)")
+                                 reason="no AVX-512 VBMI nor AVX2 here (the TurboQuant cache is decoded instead)")
 
 
 @needs_codes

@@ -63,7 +63,7 @@ def test_cpu_int8_path_stays_near_the_reference(bits, group, width, batch, read_
 
 
 needs_native = pytest.mark.skipif(not native.available(), reason="the compiled kernels are not built here "
-                                  "(no C compiler at install) or this CPU has no AVX-512 VNNI")
+                                  "(no C compiler at install) or this CPU has neither AVX-512 VNNI nor AVX2")
 
 
 @needs_native
@@ -100,7 +100,7 @@ def test_native_matmul_is_exact_on_its_int8_inputs(rows, out):
 
 
 needs_codes = pytest.mark.skipif(not (native.available() and native._native.codes_supported()),
-                                 reason="the compiled kernels are not built here or this CPU has no AVX-512 VBMI")
+                                 reason="the compiled kernels are not built here, or no AVX-512 VBMI nor AVX2")
 
 
 @needs_codes

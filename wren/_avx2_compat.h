@@ -20,15 +20,39 @@ static inline __attribute__((always_inline)) simde__m512i avx2_dpbusd(simde__m51
     r.m256i[1] = avx2_dpbusd256(r.m256i[1], x.m256i[1], y.m256i[1]);
     return simde__m512i_from_private(r);
 }
+/* acc + 4-byte dot products of signed a and signed b, where no b is -128: vpmaddubsw of |a| and b given a's
+   sign (a pair is at most 2 * 128 * 127: no saturation), its pairs summed by vpmaddwd. */
+static inline __attribute__((always_inline)) __m256i avx2_signed_dot256(__m256i acc, __m256i a, __m256i b) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(b, a));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+static inline __attribute__((always_inline)) simde__m512i avx2_signed_dot(simde__m512i acc, simde__m512i a,
+                                                                          simde__m512i b) {
+    simde__m512i_private r = simde__m512i_to_private(acc), x = simde__m512i_to_private(a),
+                         y = simde__m512i_to_private(b);
+    r.m256i[0] = avx2_signed_dot256(r.m256i[0], x.m256i[0], y.m256i[0]);
+    r.m256i[1] = avx2_signed_dot256(r.m256i[1], x.m256i[1], y.m256i[1]);
+    return simde__m512i_from_private(r);
+}
 #undef _mm256_dpbusd_epi32
 #define _mm256_dpbusd_epi32(acc, a, b) avx2_dpbusd256(acc, a, b)
 
-static inline float avx2_reduce_add_ps(simde__m512 v) {
-    simde__m512_private p = simde__m512_to_private(v);
-    __m256 s = _mm256_add_ps(p.m256[0], p.m256[1]);
+static inline float avx2_sum8(__m256 s) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+static inline float avx2_reduce_add_ps(simde__m512 v) {
+    simde__m512_private p = simde__m512_to_private(v);
+    return avx2_sum8(_mm256_add_ps(p.m256[0], p.m256[1]));
+}
+
+static inline simde__m512 avx2_of_floats(__m256 lo, __m256 hi) {
+    simde__m512_private r;
+    r.m256[0] = lo, r.m256[1] = hi;
+    return simde__m512_from_private(r);
 }
 #undef _mm512_reduce_add_ps
 #define _mm512_reduce_add_ps(v) avx2_reduce_add_ps(v)

@@ -93,6 +93,29 @@ VNNI static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __
 /* Unnormalised Walsh-Hadamard transform of n floats (a power of two, a multiple of 16), the Sylvester order.
    Butterflies (a[j], a[j + h]) -> (a[j] + a[j + h], a[j] - a[j + h]): for h >= 16 between whole vectors; for
    h < 16 inside each vector, as x * sign + x[lane ^ h] with sign -1 on the lanes that hold the second half. */
+#ifdef WREN_AVX2
+/* The same transform on 8-float registers: in-register shuffles for h < 8 (the emulated 16-lane permute costs
+   several times more), whole registers from h = 8. */
+static void fwht(float *a, int n) {
+    const __m256 first = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+    const __m256 second = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+    const __m256 third = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+    for (int i = 0; i < n; i += 8) {
+        __m256 v = _mm256_loadu_ps(a + i);
+        v = _mm256_fmadd_ps(v, first, _mm256_permute_ps(v, 0xB1));
+        v = _mm256_fmadd_ps(v, second, _mm256_permute_ps(v, 0x4E));
+        v = _mm256_fmadd_ps(v, third, _mm256_permute2f128_ps(v, v, 1));
+        _mm256_storeu_ps(a + i, v);
+    }
+    for (int h = 8; h < n; h <<= 1)
+        for (int i = 0; i < n; i += 2 * h)
+            for (int j = i; j < i + h; j += 8) {
+                const __m256 u = _mm256_loadu_ps(a + j), v = _mm256_loadu_ps(a + j + h);
+                _mm256_storeu_ps(a + j, _mm256_add_ps(u, v));
+                _mm256_storeu_ps(a + j + h, _mm256_sub_ps(u, v));
+            }
+}
+#else
 VNNI static void fwht(float *a, int n) {
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int i = 0; i < n; i += 16) {
@@ -113,6 +136,7 @@ VNNI static void fwht(float *a, int n) {
                 _mm512_storeu_ps(a + j + h, _mm512_sub_ps(u, v));
             }
 }
+#endif
 
 /* x [M, K] fp32 -> xq [M, K] as unsigned bytes (the int8 value + 128, what VNNI multiplies), xs [M, K/group].
    in_scale [K] (or NULL) divides out the columns' importance scaling; signs [2, group] are the rounds' (NULL:
@@ -159,6 +183,54 @@ VNNI static void rotate_quantize(const float *x, int M, int K, int group, const 
     }
 }
 
+#ifdef WREN_AVX2
+/* levels_block's dot products without VNNI: the signed input q = xq - 128 times the levels, 32 bytes at a time
+   (avx2_signed_dot256: half the instructions of an exact vpdpbusd). Without the +128 there is nothing to take
+   back off (levels_block skips the group sums). */
+static inline __attribute__((always_inline)) __m256i signed_dot32(__m256i acc, __m256i q, const int8_t *w) {
+    return avx2_signed_dot256(acc, _mm256_loadu_si256((const __m256i *)w), q);
+}
+
+static inline __attribute__((always_inline)) __m256i signed_input32(const uint8_t *xq) {
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xq), _mm256_set1_epi8((char)0x80));
+}
+
+static inline __attribute__((always_inline)) __m512 row_dot(const int8_t *w, int K, int chunks, const uint8_t *xq,
+                                                            const float *xs) {
+    __m256 f = _mm256_setzero_ps();
+    for (int g = 0, k = 0; k < K; g++) {
+        __m256i a = _mm256_setzero_si256();
+        for (int c = 0; c < 2 * chunks; c++, k += 32) a = signed_dot32(a, signed_input32(xq + k), w + k);
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(xs[g]), f);
+    }
+    return avx2_of_floats(f, _mm256_setzero_ps());
+}
+
+static inline __attribute__((always_inline)) void four_rows_of(const int8_t *w, int K, int chunks,
+                                                               const uint8_t *xq, const float *xs, float *out) {
+    const int8_t *w1 = w + K, *w2 = w + 2 * (size_t)K, *w3 = w + 3 * (size_t)K;
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    for (int g = 0, k = 0; k < K; g++) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < 2 * chunks; c++, k += 32) {
+            const __m256i q = signed_input32(xq + k);
+            a0 = signed_dot32(a0, q, w + k);
+            a1 = signed_dot32(a1, q, w1 + k);
+            a2 = signed_dot32(a2, q, w2 + k);
+            a3 = signed_dot32(a3, q, w3 + k);
+        }
+        const __m256 s = _mm256_set1_ps(xs[g]);
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), s, f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), s, f1);
+        f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a2), s, f2);
+        f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a3), s, f3);
+    }
+    out[0] = avx2_sum8(f0);
+    out[1] = avx2_sum8(f1);
+    out[2] = avx2_sum8(f2);
+    out[3] = avx2_sum8(f3);
+}
+#else
 /* One weight row's sum over groups of xs_g * <x_g + 128, level_g>; `chunks` = group / 64. */
 VNNI static inline __attribute__((always_inline)) __m512 row_dot(const int8_t *w, int K, int chunks, const uint8_t *xq,
                                                                  const float *xs) {
@@ -198,6 +270,7 @@ VNNI static inline __attribute__((always_inline)) void four_rows_of(const int8_t
     out[2] = _mm512_reduce_add_ps(f2);
     out[3] = _mm512_reduce_add_ps(f3);
 }
+#endif
 
 VNNI static inline __attribute__((always_inline)) void four_rows(const int8_t *w, int K, int chunks, const uint8_t *xq,
                                                                 const float *xs, float *out) {
@@ -231,20 +304,26 @@ VNNI static void levels_block(const uint8_t *xq, const float *xs, int M, int K, 
         const uint8_t *xm = xq + (size_t)m * K;
         const float *sm = xs + (size_t)m * groups;
         float *ym = w->y + (size_t)m * N;
+#ifndef WREN_AVX2 /* (the AVX2 build's products have no +128 to take off) */
         const float *sums = (const float *)w->extra + (size_t)b * groups * 16;
+#endif
         if (n0 + 16 <= N) {
             float acc[16];
             for (int r = 0; r < 16; r += 4) four_rows((const int8_t *)w->data + (size_t)(n0 + r) * K, K, chunks, xm, sm, acc + r);
             __m512 v = _mm512_loadu_ps(acc);
+#ifndef WREN_AVX2
             for (int g = 0; g < groups; g++)
                 v = _mm512_fnmadd_ps(_mm512_set1_ps(sm[g]), _mm512_loadu_ps(sums + (size_t)g * 16), v);
+#endif
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w->scale + n0))), 16));
             _mm512_storeu_ps(ym + n0, _mm512_mul_ps(v, scale));
         } else {
             for (int n = n0; n < N; n++) {
                 float v = _mm512_reduce_add_ps(row_dot((const int8_t *)w->data + (size_t)n * K, K, chunks, xm, sm));
+#ifndef WREN_AVX2
                 for (int g = 0; g < groups; g++) v -= sm[g] * sums[(size_t)g * 16 + (n - n0)];
+#endif
                 ym[n] = v * bf16_to_float(w->scale[n]);
             }
         }
@@ -328,6 +407,34 @@ VBMI static inline __attribute__((always_inline)) __m512i unpack_chunk(const uin
 #endif
 }
 
+/* The decode kernels' products of a chunk's table entries with the signed input, and where a group's sums start:
+   VNNI multiplies the entries (level + 128, unsigned) and corr takes the +128 back off. The AVX2 build looks up
+   the levels themselves (codes_table: signed) and multiplies them as signed_dot32 does, in half the
+   instructions of an exact vpdpbusd: nothing to take off, the sums start at 0. */
+VBMI static inline __attribute__((always_inline)) __m512i codes_table(const codes_layout *L, int which) {
+#ifdef WREN_AVX2
+    return _mm512_xor_si512(_mm512_loadu_si512(L->table[which]), _mm512_set1_epi8((char)0x80));
+#else
+    return _mm512_loadu_si512(L->table[which]);
+#endif
+}
+
+VBMI static inline __attribute__((always_inline)) __m512i codes_start(int32_t corr) {
+#ifdef WREN_AVX2
+    return _mm512_setzero_si512();
+#else
+    return _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr));
+#endif
+}
+
+VBMI static inline __attribute__((always_inline)) __m512i codes_dot(__m512i acc, __m512i entries, __m512i x) {
+#ifdef WREN_AVX2
+    return avx2_signed_dot(acc, entries, x);
+#else
+    return dpbusd(acc, entries, x);
+#endif
+}
+
 #define PREFETCH_BLOCKS 1 /* the direct kernel asks for the same bytes a block of 16 rows on: the hardware's
                              prefetch alone left it at half the memory's speed (measured; 1-4 blocks alike) */
 
@@ -340,9 +447,9 @@ VBMI static inline __attribute__((always_inline)) void direct_rows(int count, in
                                                                    const float *xs, const int32_t *corr, float *out) {
     __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     __m512i spread = _mm512_load_si512(spread_of[L->bits[0]]), shift = _mm512_load_si512(shift_of[L->bits[0]]);
-    __m512i table = _mm512_loadu_si512(L->table[L->table_of[0]]);
+    __m512i table = codes_table(L, L->table_of[0]);
     for (int g = 0; g < groups; g++) {
-        const __m512i start = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[g]));
+        const __m512i start = codes_start(corr[g]);
         __m512i a[4] = {start, start, start, start};
         const uint8_t *wg = w + (size_t)g * L->group_bytes;
         const int8_t *xg = x + (size_t)g * 64 * L->chunks;
@@ -354,10 +461,10 @@ VBMI static inline __attribute__((always_inline)) void direct_rows(int count, in
             if (!L->uniform) {
                 spread = _mm512_load_si512(spread_of[bits]);
                 shift = _mm512_load_si512(shift_of[bits]);
-                table = _mm512_loadu_si512(L->table[L->table_of[c]]);
+                table = codes_table(L, L->table_of[c]);
             }
             for (int r = 0; r < count; r++)
-                a[r] = dpbusd(
+                a[r] = codes_dot(
                     a[r], unpack_chunk(wg + r * row_bytes + L->offset[c], bits, spread, shift, table, tail), xv);
         }
         for (int r = 0; r < count; r++)
@@ -392,10 +499,10 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int c
                                                                            const int8_t *x_split, const float *xs,
                                                                            const int32_t *corr, float *out) {
     __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const __m512i table = _mm512_loadu_si512(L->table[L->table_of[0]]), low = _mm512_set1_epi8(0x0F);
+    const __m512i table = codes_table(L, L->table_of[0]), low = _mm512_set1_epi8(0x0F);
     const int pairs = L->chunks / 2;
     for (int g = 0; g < groups; g++) {
-        const __m512i start = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[g]));
+        const __m512i start = codes_start(corr[g]);
         __m512i a[4] = {start, start, start, start}, b[4]; /* b: the odd coordinates, a second chain */
         for (int r = 0; r < 4; r++) b[r] = _mm512_setzero_si512();
         const uint8_t *wg = w + (size_t)g * L->group_bytes;
@@ -406,8 +513,8 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int c
             const __m512i even = _mm512_loadu_si512(xg + 128 * p), odd = _mm512_loadu_si512(xg + 128 * p + 64);
             for (int r = 0; r < count; r++) {
                 const __m512i raw = _mm512_loadu_si512(wg + r * row_bytes + 64 * p);
-                a[r] = dpbusd(a[r], lookup16(_mm512_and_si512(raw, low), table), even);
-                b[r] = dpbusd(b[r], lookup16(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table),
+                a[r] = codes_dot(a[r], lookup16(_mm512_and_si512(raw, low), table), even);
+                b[r] = codes_dot(b[r], lookup16(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table),
                               odd);
             }
         }
@@ -429,11 +536,10 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles2(int 
                                                                             float *out, int N) {
     __m512 f0[4], f1[4];
     for (int r = 0; r < 4; r++) f0[r] = f1[r] = _mm512_setzero_ps();
-    const __m512i table = _mm512_loadu_si512(L->table[L->table_of[0]]), low = _mm512_set1_epi8(0x0F);
+    const __m512i table = codes_table(L, L->table_of[0]), low = _mm512_set1_epi8(0x0F);
     const int pairs = L->chunks / 2;
     for (int g = 0; g < groups; g++) {
-        const __m512i start0 = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[g]));
-        const __m512i start1 = _mm512_maskz_mov_epi32(1, _mm512_set1_epi32(corr[groups + g]));
+        const __m512i start0 = codes_start(corr[g]), start1 = codes_start(corr[groups + g]);
         __m512i a0[4] = {start0, start0, start0, start0}, a1[4] = {start1, start1, start1, start1};
         const uint8_t *wg = w + (size_t)g * L->group_bytes;
         const int8_t *xg = x_split + (size_t)g * 128 * pairs;
@@ -447,8 +553,8 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles2(int 
                 const __m512i raw = _mm512_loadu_si512(wg + r * row_bytes + 64 * p);
                 const __m512i lo = lookup16(_mm512_and_si512(raw, low), table);
                 const __m512i hi = lookup16(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low), table);
-                a0[r] = dpbusd(dpbusd(a0[r], lo, even0), hi, odd0);
-                a1[r] = dpbusd(dpbusd(a1[r], lo, even1), hi, odd1);
+                a0[r] = codes_dot(codes_dot(a0[r], lo, even0), hi, odd0);
+                a1[r] = codes_dot(codes_dot(a1[r], lo, even1), hi, odd1);
             }
         }
         for (int r = 0; r < count; r++) {
@@ -495,6 +601,58 @@ VNNI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
 #define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define BROADCAST_QUAD(p) _mm512_set1_epi32(*(const int32_t *)(const void *)(p))
 
+#ifdef WREN_AVX2
+#define BROADCAST_QUAD32(p) _mm256_set1_epi32(*(const int32_t *)(const void *)(p))
+
+/* The sum of n (a multiple of 16) signed bytes. */
+static inline int32_t sum_signed_bytes(const int8_t *x, int n) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i += 16) {
+        const __m128i u = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(x + i)), _mm_set1_epi8((char)0x80));
+        const __m128i sad = _mm_sad_epu8(u, _mm_setzero_si128());
+        total += _mm_cvtsi128_si64(sad) + _mm_extract_epi64(sad, 1);
+    }
+    return (int32_t)(total - 128LL * n);
+}
+
+/* tile_rows8 without VNNI: each half of the 16 rows in turn (8 lanes a register, so that the eight input rows'
+   sums stay in registers), the tiles' bytes (value + 128) taken back to signed values and multiplied as
+   avx2_signed_dot256 does; the sums start 128 * the group's input sum higher, where VNNI's +128 put them. */
+static void tile_rows8(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
+                       int K, const float *xs, const int32_t *corr, float step, float *out, int N, int rows) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int h = 0; h < 2 && 8 * h < rows; h++) {
+        __m256 f[8];
+        for (int m = 0; m < 8; m++) f[m] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            const int8_t *xg = x + (size_t)g * group;
+#define START(m) \
+    __m256i a##m = _mm256_set1_epi32(corr[(size_t)(m) * groups + g] +                                          \
+                                     128 * sum_signed_bytes(xg + (size_t)(m) * K, group));
+            EIGHT(START)
+#undef START
+            const uint8_t *t = tiles + (size_t)g * group * 16 + 32 * h;
+            for (int q = 0; q < group; q += 4) {
+                const __m256i level = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(t + q * 16)), flip);
+#define DOT(m) \
+    a##m = avx2_signed_dot256(a##m, level, BROADCAST_QUAD32(xg + (size_t)(m) * K + q));
+                EIGHT(DOT)
+#undef DOT
+            }
+            const __m256 s = _mm256_loadu_ps(block_scales + (size_t)g * 16 + 8 * h);
+#define SCALE(m) \
+    f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a##m), _mm256_mul_ps(s, _mm256_set1_ps(xs[(size_t)(m) * groups + g])), \
+                           f[m]);
+            EIGHT(SCALE)
+#undef SCALE
+        }
+        const int valid = rows - 8 * h >= 8 ? 8 : rows - 8 * h;
+        const __m256i lanes = avx2_lane_mask((1u << valid) - 1);
+        for (int m = 0; m < 8; m++)
+            _mm256_maskstore_ps(out + (size_t)m * N + 8 * h, lanes, _mm256_mul_ps(f[m], _mm256_set1_ps(step)));
+    }
+}
+#else
 VNNI static void tile_rows8(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
                             int K, const float *xs, const int32_t *corr, float step, float *out, int N, int rows) {
 #define DECLARE(m) __m512 f##m = _mm512_setzero_ps();
@@ -523,6 +681,7 @@ VNNI static void tile_rows8(const uint8_t *tiles, const float *block_scales, int
     EIGHT(STORE)
 #undef STORE
 }
+#endif
 
 VNNI static void tile_rows1(const uint8_t *tiles, const float *block_scales, int groups, int group, const int8_t *x,
                             const float *xs, const int32_t *corr, float step, float *out, int rows) {

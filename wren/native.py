@@ -13,8 +13,12 @@
 * Decode attention over a dense cache (`attend_one`) and RMSNorm fused with RoPE or the residual
   (`rms_norm`): a few hundred fewer small PyTorch ops a token.
 
-`available()` is False without the built module, on a CPU without AVX-512 VNNI, or with WREN_NATIVE=0;
-callers then take the PyTorch paths.
+On a CPU without AVX-512 VNNI but with AVX2 (most laptops; AMD before Zen 4), the same kernels come from a second
+build, `_native_avx2` (setup.py: the file compiled for AVX2, its AVX-512 intrinsics emulated by SIMDe on two
+256-bit halves, the hot loops written for AVX2: wren/_avx2_compat.h).
+
+`available()` is False without a built module for this CPU, or with WREN_NATIVE=0; callers then take the
+PyTorch paths.
 """
 
 from __future__ import annotations
