@@ -213,6 +213,12 @@ static inline __attribute__((always_inline)) void four_rows_of(const int8_t *w, 
     for (int g = 0, k = 0; k < K; g++) {
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
         for (int c = 0; c < 2 * chunks; c++, k += 32) {
+            if (!(c & 1)) { /* the next block's rows, 16 on: the hardware's prefetch alone left this at ~40% */
+                _mm_prefetch((const char *)(w + (size_t)16 * K + k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w1 + (size_t)16 * K + k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w2 + (size_t)16 * K + k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w3 + (size_t)16 * K + k), _MM_HINT_T0);
+            }
             const __m256i q = signed_input32(xq + k);
             a0 = signed_dot32(a0, q, w + k);
             a1 = signed_dot32(a1, q, w1 + k);
