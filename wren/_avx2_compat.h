@@ -12,14 +12,19 @@ static inline __attribute__((always_inline)) __m256i avx2_dpbusd256(__m256i acc,
     return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a_even, b_even), _mm256_madd_epi16(a_odd, b_odd)));
 }
 
-static inline __attribute__((always_inline)) simde__m512i avx2_dpbusd(simde__m512i acc, simde__m512i a,
-                                                                      simde__m512i b) {
-    simde__m512i_private r = simde__m512i_to_private(acc), x = simde__m512i_to_private(a),
-                         y = simde__m512i_to_private(b);
-    r.m256i[0] = avx2_dpbusd256(r.m256i[0], x.m256i[0], y.m256i[0]);
-    r.m256i[1] = avx2_dpbusd256(r.m256i[1], x.m256i[1], y.m256i[1]);
-    return simde__m512i_from_private(r);
-}
+/* A 256-bit (acc, a, b) product on each half of 512-bit vectors. */
+#define AVX2_ON_HALVES(name, product)                                                                         \
+    static inline __attribute__((always_inline)) simde__m512i name(simde__m512i acc, simde__m512i a,          \
+                                                                   simde__m512i b) {                         \
+        simde__m512i_private r = simde__m512i_to_private(acc), x = simde__m512i_to_private(a),                \
+                             y = simde__m512i_to_private(b);                                                  \
+        r.m256i[0] = product(r.m256i[0], x.m256i[0], y.m256i[0]);                                             \
+        r.m256i[1] = product(r.m256i[1], x.m256i[1], y.m256i[1]);                                             \
+        return simde__m512i_from_private(r);                                                                  \
+    }
+
+AVX2_ON_HALVES(avx2_dpbusd, avx2_dpbusd256)
+
 /* acc + 4-byte dot products of signed a and signed b, where no b is -128: vpmaddubsw of |a| and b given a's
    sign (a pair is at most 2 * 128 * 127: no saturation), its pairs summed by vpmaddwd. */
 static inline __attribute__((always_inline)) __m256i avx2_signed_dot256(__m256i acc, __m256i a, __m256i b) {
@@ -27,14 +32,7 @@ static inline __attribute__((always_inline)) __m256i avx2_signed_dot256(__m256i 
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-static inline __attribute__((always_inline)) simde__m512i avx2_signed_dot(simde__m512i acc, simde__m512i a,
-                                                                          simde__m512i b) {
-    simde__m512i_private r = simde__m512i_to_private(acc), x = simde__m512i_to_private(a),
-                         y = simde__m512i_to_private(b);
-    r.m256i[0] = avx2_signed_dot256(r.m256i[0], x.m256i[0], y.m256i[0]);
-    r.m256i[1] = avx2_signed_dot256(r.m256i[1], x.m256i[1], y.m256i[1]);
-    return simde__m512i_from_private(r);
-}
+AVX2_ON_HALVES(avx2_signed_dot, avx2_signed_dot256)
 #undef _mm256_dpbusd_epi32
 #define _mm256_dpbusd_epi32(acc, a, b) avx2_dpbusd256(acc, a, b)
 
