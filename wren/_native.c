@@ -499,6 +499,103 @@ VBMI static inline __attribute__((always_inline)) __m512i lookup16(__m512i index
 /* direct_rows for a nibble_layout: x_split holds each 128 inputs' even coordinates, then their odd ones
    (split_input), so that the low and the high nibbles each multiply a whole vector. A pair is its own 64
    bytes: no read past the codes, so no tail. */
+#ifdef WREN_AVX2
+/* The AVX2 build's nibble kernels in 256-bit registers of their own (through SIMDe's 512-bit types the
+   accumulators lived on the stack: 2.6 GB/s of codes): each half of a pair's 64 bytes holds 32 even and 32 odd
+   codes, which multiply the matching halves of the even and the odd inputs. Loops over the 4 rows test
+   `r < count` inside so that, unrolled, every array index is a constant and the arrays stay in registers. */
+static inline __attribute__((always_inline)) __m256i nibble_levels(const codes_layout *L) {
+    const __m128i table = _mm_loadu_si128((const __m128i *)L->table[L->table_of[0]]);
+    return _mm256_broadcastsi128_si256(_mm_xor_si128(table, _mm_set1_epi8((char)0x80))); /* signed levels */
+}
+
+static inline __attribute__((always_inline)) __m256i nibbles_dot32(__m256i acc, __m256i raw, __m256i levels,
+                                                                   __m256i even, __m256i odd) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(raw, low));
+    const __m256i hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
+    return avx2_signed_dot256(avx2_signed_dot256(acc, lo, even), hi, odd);
+}
+
+static inline __attribute__((always_inline)) __m256i load32(const void *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+static inline __attribute__((always_inline)) void direct_rows_nibbles(int count, const uint8_t *w, size_t row_bytes,
+                                                                      const codes_layout *L, const uint16_t *scales,
+                                                                      int groups, const int8_t *x_split,
+                                                                      const float *xs, const int32_t *corr,
+                                                                      float *out) {
+    const __m256i levels = nibble_levels(L);
+    const int pairs = L->chunks / 2;
+    __m256 f[4];
+    for (int r = 0; r < 4; r++) f[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i a[4];
+        for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_si256();
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
+        for (int r = 0; r < count; r++)
+            _mm_prefetch((const char *)(wg + (r + 16 * PREFETCH_BLOCKS) * row_bytes), _MM_HINT_T0);
+        for (int p = 0; p < pairs; p++)
+            for (int h = 0; h < 64; h += 32) {
+                const __m256i even = load32(xg + 128 * p + h), odd = load32(xg + 128 * p + 64 + h);
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++)
+                    if (r < count)
+                        a[r] = nibbles_dot32(a[r], load32(wg + r * row_bytes + 64 * p + h), levels, even, odd);
+            }
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            if (r < count) {
+                const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[(size_t)r * groups + g]) * xs[g]);
+                f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), s, f[r]);
+            }
+    }
+    for (int r = 0; r < count; r++) out[r] = avx2_sum8(f[r]) * L->step;
+}
+
+static inline __attribute__((always_inline)) void direct_rows_nibbles2(int count, const uint8_t *w, size_t row_bytes,
+                                                                       const codes_layout *L, const uint16_t *scales,
+                                                                       int groups, const int8_t *x_split,
+                                                                       size_t stride, const float *xs,
+                                                                       const int32_t *corr, float *out, int N) {
+    const __m256i levels = nibble_levels(L);
+    const int pairs = L->chunks / 2;
+    __m256 f0[4], f1[4];
+    for (int r = 0; r < 4; r++) f0[r] = f1[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i a0[4], a1[4];
+        for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_si256();
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
+        for (int r = 0; r < count; r++)
+            _mm_prefetch((const char *)(wg + (r + 16 * PREFETCH_BLOCKS) * row_bytes), _MM_HINT_T0);
+        for (int p = 0; p < pairs; p++)
+            for (int h = 0; h < 64; h += 32) {
+                const int8_t *x0 = xg + 128 * p + h, *x1 = x0 + stride;
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++)
+                    if (r < count) {
+                        const __m256i raw = load32(wg + r * row_bytes + 64 * p + h);
+                        a0[r] = nibbles_dot32(a0[r], raw, levels, load32(x0), load32(x0 + 64));
+                        a1[r] = nibbles_dot32(a1[r], raw, levels, load32(x1), load32(x1 + 64));
+                    }
+            }
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            if (r < count) {
+                const float s = _cvtsh_ss(scales[(size_t)r * groups + g]);
+                f0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[r]), _mm256_set1_ps(s * xs[g]), f0[r]);
+                f1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[r]), _mm256_set1_ps(s * xs[groups + g]), f1[r]);
+            }
+    }
+    for (int r = 0; r < count; r++) {
+        out[r] = avx2_sum8(f0[r]) * L->step;
+        out[N + r] = avx2_sum8(f1[r]) * L->step;
+    }
+}
+#else
 VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int count, const uint8_t *w,
                                                                            size_t row_bytes, const codes_layout *L,
                                                                            const uint16_t *scales, int groups,
@@ -574,6 +671,8 @@ VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles2(int 
         out[N + r] = _mm512_reduce_add_ps(f1[r]) * L->step;
     }
 }
+
+#endif
 
 /* v[i] (16 dwords of row i) -> v[j] (dword j of rows 0..15): a 16 x 16 transpose of 32-bit elements. */
 VNNI static inline __attribute__((always_inline)) void transpose16(__m512i *v) {
