@@ -195,46 +195,34 @@ static inline __attribute__((always_inline)) __m256i signed_input32(const uint8_
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xq), _mm256_set1_epi8((char)0x80));
 }
 
-static inline __attribute__((always_inline)) __m512 row_dot(const int8_t *w, int K, int chunks, const uint8_t *xq,
-                                                            const float *xs) {
+#define LEVELS_PREFETCH 1024 /* bytes ahead of a row's reads (a block's rows follow each other) */
+
+/* One row at a time, its bytes in order: four rows read side by side (sharing the input's loads) ran at 60%
+   of this speed on a 2-core AMD EPYC, whose prefetcher follows one stream well and four poorly (measured
+   with a C micro-benchmark of the 262k x 640 LM head: 6.4 against 10.2 GB/s on one core). */
+static inline __attribute__((always_inline)) __m256 row_dot8(const int8_t *w, int K, int chunks, const uint8_t *xq,
+                                                             const float *xs) {
     __m256 f = _mm256_setzero_ps();
     for (int g = 0, k = 0; k < K; g++) {
-        __m256i a = _mm256_setzero_si256();
-        for (int c = 0; c < 2 * chunks; c++, k += 32) a = signed_dot32(a, signed_input32(xq + k), w + k);
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(xs[g]), f);
+        __m256i a = _mm256_setzero_si256(), b = a; /* two chains */
+        for (int c = 0; c < chunks; c++, k += 64) {
+            _mm_prefetch((const char *)(w + k + LEVELS_PREFETCH), _MM_HINT_T0);
+            a = signed_dot32(a, signed_input32(xq + k), w + k);
+            b = signed_dot32(b, signed_input32(xq + k + 32), w + k + 32);
+        }
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_set1_ps(xs[g]), f);
     }
-    return avx2_of_floats(f, _mm256_setzero_ps());
+    return f;
+}
+
+static inline __attribute__((always_inline)) __m512 row_dot(const int8_t *w, int K, int chunks, const uint8_t *xq,
+                                                            const float *xs) {
+    return avx2_of_floats(row_dot8(w, K, chunks, xq, xs), _mm256_setzero_ps());
 }
 
 static inline __attribute__((always_inline)) void four_rows_of(const int8_t *w, int K, int chunks,
                                                                const uint8_t *xq, const float *xs, float *out) {
-    const int8_t *w1 = w + K, *w2 = w + 2 * (size_t)K, *w3 = w + 3 * (size_t)K;
-    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-    for (int g = 0, k = 0; k < K; g++) {
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-        for (int c = 0; c < 2 * chunks; c++, k += 32) {
-            if (!(c & 1)) { /* the next block's rows, 16 on: the hardware's prefetch alone left this at ~40% */
-                _mm_prefetch((const char *)(w + (size_t)16 * K + k), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w1 + (size_t)16 * K + k), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w2 + (size_t)16 * K + k), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w3 + (size_t)16 * K + k), _MM_HINT_T0);
-            }
-            const __m256i q = signed_input32(xq + k);
-            a0 = signed_dot32(a0, q, w + k);
-            a1 = signed_dot32(a1, q, w1 + k);
-            a2 = signed_dot32(a2, q, w2 + k);
-            a3 = signed_dot32(a3, q, w3 + k);
-        }
-        const __m256 s = _mm256_set1_ps(xs[g]);
-        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), s, f0);
-        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), s, f1);
-        f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a2), s, f2);
-        f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a3), s, f3);
-    }
-    out[0] = avx2_sum8(f0);
-    out[1] = avx2_sum8(f1);
-    out[2] = avx2_sum8(f2);
-    out[3] = avx2_sum8(f3);
+    for (int r = 0; r < 4; r++) out[r] = avx2_sum8(row_dot8(w + (size_t)r * K, K, chunks, xq, xs));
 }
 #else
 /* One weight row's sum over groups of xs_g * <x_g + 128, level_g>; `chunks` = group / 64. */
