@@ -212,22 +212,27 @@ static void avx2_init_unpack(void) {
         }
 }
 
-static inline __attribute__((always_inline)) __m256i avx2_lookup(__m256i codes, simde__m512i table, int bits) {
-    AVX2_HALVES(simde__m512i, table);
+/* A 64-entry table as 4 registers, each one of its 16-byte quarters in both 128-bit lanes (vpshufb's reach). */
+static inline __attribute__((always_inline)) void avx2_table_quarters(const uint8_t *table, __m128i flip,
+                                                                      __m256i *quarters) {
+    for (int i = 0; i < 4; i++)
+        quarters[i] =
+            _mm256_broadcastsi128_si256(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(table + 16 * i)), flip));
+}
+
+static inline __attribute__((always_inline)) __m256i avx2_lookup(__m256i codes, const __m256i *quarters, int bits) {
     if (bits <= 4) /* the table repeats every 16 entries */
-        return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table_.m128i[0]),
-                                   _mm256_and_si256(codes, _mm256_set1_epi8(15)));
+        return _mm256_shuffle_epi8(quarters[0], _mm256_and_si256(codes, _mm256_set1_epi8(15)));
     const __m256i at = _mm256_and_si256(codes, _mm256_set1_epi8(63));
-    const __m256i q0 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table_.m128i[0]), at),
-                  q1 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table_.m128i[1]), at),
-                  q2 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table_.m128i[2]), at),
-                  q3 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table_.m128i[3]), at);
+    const __m256i q0 = _mm256_shuffle_epi8(quarters[0], at), q1 = _mm256_shuffle_epi8(quarters[1], at),
+                  q2 = _mm256_shuffle_epi8(quarters[2], at), q3 = _mm256_shuffle_epi8(quarters[3], at);
     const __m256i bit4 = _mm256_slli_epi64(at, 3), bit5 = _mm256_slli_epi64(at, 2); /* to each byte's top bit */
     return _mm256_blendv_epi8(_mm256_blendv_epi8(q0, q1, bit4), _mm256_blendv_epi8(q2, q3, bit4), bit5);
 }
 
-static inline __attribute__((always_inline)) simde__m512i avx2_unpack_chunk(const uint8_t *src, int bits,
-                                                                            simde__m512i table, int tail) {
+/* The 64 codes at src through the table (as avx2_table_quarters holds it): codes 0-31 in *lo, 32-63 in *hi. */
+static inline __attribute__((always_inline)) void avx2_unpack64(const uint8_t *src, int bits, const __m256i *quarters,
+                                                                int tail, __m256i *lo, __m256i *hi) {
     uint8_t copy[64 + 16];
     if (tail) { /* only the chunk's own 8 * bits bytes are read */
         memset(copy, 0, sizeof copy);
@@ -242,10 +247,20 @@ static inline __attribute__((always_inline)) simde__m512i avx2_unpack_chunk(cons
                                                 (const __m128i *)(src + 2 * q * bits));
         sixteen[q] = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(raw, window), scale), 8);
     }
+    /* packus interleaves the halves: 0-7, 16-23, 8-15, 24-31, put back in order */
+    *lo = avx2_lookup(_mm256_permute4x64_epi64(_mm256_packus_epi16(sixteen[0], sixteen[1]), 0xD8), quarters, bits);
+    *hi = avx2_lookup(_mm256_permute4x64_epi64(_mm256_packus_epi16(sixteen[2], sixteen[3]), 0xD8), quarters, bits);
+}
+
+static inline __attribute__((always_inline)) simde__m512i avx2_unpack_chunk(const uint8_t *src, int bits,
+                                                                            simde__m512i table, int tail) {
+    AVX2_HALVES(simde__m512i, table);
+    uint8_t bytes[64];
+    memcpy(bytes, table_.m256i, 64);
+    __m256i quarters[4];
+    avx2_table_quarters(bytes, _mm_setzero_si128(), quarters);
     simde__m512i_private out;
-    for (int h = 0; h < 2; h++) /* packus interleaves the halves: 0-7, 16-23, 8-15, 24-31, put back in order */
-        out.m256i[h] = avx2_lookup(
-            _mm256_permute4x64_epi64(_mm256_packus_epi16(sixteen[2 * h], sixteen[2 * h + 1]), 0xD8), table, bits);
+    avx2_unpack64(src, bits, quarters, tail, &out.m256i[0], &out.m256i[1]);
     return simde__m512i_from_private(out);
 }
 

@@ -195,6 +195,10 @@ static inline __attribute__((always_inline)) __m256i signed_input32(const uint8_
     return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xq), _mm256_set1_epi8((char)0x80));
 }
 
+static inline __attribute__((always_inline)) __m256i load32(const void *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
 #define LEVELS_PREFETCH 1024 /* bytes ahead of a row's reads (a block's rows follow each other) */
 
 /* One row at a time, its bytes in order: four rows read side by side (sharing the input's loads) ran at 60%
@@ -435,6 +439,42 @@ VBMI static inline __attribute__((always_inline)) __m512i codes_dot(__m512i acc,
 /* Decode: `count` (1-4) rows' dot products with one input row, straight from the codes; rows are `row_bytes`
    apart. x: the input as signed bytes, xs its group scales, corr[g] = -128 * the group's input sum (what the
    table's +128 adds); scales: the rows' fp16 group scales [rows, groups]. Four rows share each load of x. */
+#ifdef WREN_AVX2
+/* One row's products straight from its codes, the row's bytes in order (as row_dot8 reads the levels); quarters:
+   the layout's two tables of signed levels (avx2_table_quarters). */
+static inline __attribute__((always_inline)) float codes_row(const uint8_t *w, const codes_layout *L,
+                                                             const __m256i (*quarters)[4], const uint16_t *scales,
+                                                             int groups, const int8_t *x, const float *xs, int tail) {
+    __m256 f = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i a = _mm256_setzero_si256(), b = a; /* two chains */
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x + (size_t)g * 64 * L->chunks;
+        for (int at = 0; at < L->group_bytes; at += 64)
+            _mm_prefetch((const char *)(wg + at + LEVELS_PREFETCH), _MM_HINT_T0);
+        for (int c = 0; c < L->chunks; c++) {
+            __m256i lo, hi;
+            avx2_unpack64(wg + L->offset[c], L->bits[c], quarters[L->table_of[c]], tail, &lo, &hi);
+            a = avx2_signed_dot256(a, lo, load32(xg + 64 * c));
+            b = avx2_signed_dot256(b, hi, load32(xg + 64 * c + 32));
+        }
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[g]) * xs[g]);
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), s, f);
+    }
+    return avx2_sum8(f) * L->step;
+}
+
+static inline __attribute__((always_inline)) void direct_rows(int count, int tail, const uint8_t *w,
+                                                              size_t row_bytes, const codes_layout *L,
+                                                              const uint16_t *scales, int groups, const int8_t *x,
+                                                              const float *xs, const int32_t *corr, float *out) {
+    __m256i quarters[2][4];
+    for (int t = 0; t < 2; t++) avx2_table_quarters(L->table[t], _mm_set1_epi8((char)0x80), quarters[t]);
+    for (int r = 0; r < count; r++)
+        out[r] = codes_row(w + r * row_bytes, L, (const __m256i (*)[4])quarters, scales + (size_t)r * groups, groups,
+                           x, xs, tail);
+}
+#else
 VBMI static inline __attribute__((always_inline)) void direct_rows(int count, int tail, const uint8_t *w,
                                                                    size_t row_bytes, const codes_layout *L,
                                                                    const uint16_t *scales, int groups, const int8_t *x,
@@ -468,6 +508,8 @@ VBMI static inline __attribute__((always_inline)) void direct_rows(int count, in
     for (int r = 0; r < count; r++) out[r] = _mm512_reduce_add_ps(f[r]) * L->step;
 }
 
+#endif
+
 /* Whether a layout's codes are 4-bit nibbles throughout, in whole 64-byte pairs of chunks (TQ4's layers): code 2i
    in the low half of byte i of a pair, 2i + 1 in the high half, so that two ANDs and a shift unpack 128 of them
    where unpack_chunk takes two byte permutes and a multishift per 64. */
@@ -490,8 +532,7 @@ VBMI static inline __attribute__((always_inline)) __m512i lookup16(__m512i index
 #ifdef WREN_AVX2
 /* The AVX2 build's nibble kernels in 256-bit registers of their own (through SIMDe's 512-bit types the
    accumulators lived on the stack: 2.6 GB/s of codes): each half of a pair's 64 bytes holds 32 even and 32 odd
-   codes, which multiply the matching halves of the even and the odd inputs. Loops over the 4 rows test
-   `r < count` inside so that, unrolled, every array index is a constant and the arrays stay in registers. */
+   codes, which multiply the matching halves of the even and the odd inputs. */
 static inline __attribute__((always_inline)) __m256i nibble_levels(const codes_layout *L) {
     const __m128i table = _mm_loadu_si128((const __m128i *)L->table[L->table_of[0]]);
     return _mm256_broadcastsi128_si256(_mm_xor_si128(table, _mm_set1_epi8((char)0x80))); /* signed levels */
@@ -505,8 +546,56 @@ static inline __attribute__((always_inline)) __m256i nibbles_dot32(__m256i acc, 
     return avx2_signed_dot256(avx2_signed_dot256(acc, lo, even), hi, odd);
 }
 
-static inline __attribute__((always_inline)) __m256i load32(const void *p) {
-    return _mm256_loadu_si256((const __m256i *)p);
+/* One row's products with one input row (nibbles_row) or two (nibbles_row2, the second's x_split, xs one
+   stride, groups on): the row's bytes in order, as row_dot8 reads the levels. */
+static inline __attribute__((always_inline)) float nibbles_row(const uint8_t *w, const codes_layout *L,
+                                                               const uint16_t *scales, int groups,
+                                                               const int8_t *x_split, const float *xs) {
+    const __m256i levels = nibble_levels(L);
+    const int pairs = L->chunks / 2;
+    __m256 f = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i a = _mm256_setzero_si256(), b = a; /* two chains */
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
+        for (int p = 0; p < pairs; p++) {
+            _mm_prefetch((const char *)(wg + 64 * p + LEVELS_PREFETCH), _MM_HINT_T0);
+            a = nibbles_dot32(a, load32(wg + 64 * p), levels, load32(xg + 128 * p), load32(xg + 128 * p + 64));
+            b = nibbles_dot32(b, load32(wg + 64 * p + 32), levels, load32(xg + 128 * p + 32),
+                              load32(xg + 128 * p + 96));
+        }
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[g]) * xs[g]);
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), s, f);
+    }
+    return avx2_sum8(f) * L->step;
+}
+
+static inline __attribute__((always_inline)) void nibbles_row2(const uint8_t *w, const codes_layout *L,
+                                                               const uint16_t *scales, int groups,
+                                                               const int8_t *x_split, size_t stride,
+                                                               const float *xs, float *out0, float *out1) {
+    const __m256i levels = nibble_levels(L);
+    const int pairs = L->chunks / 2;
+    __m256 f0 = _mm256_setzero_ps(), f1 = f0;
+    for (int g = 0; g < groups; g++) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
+        for (int p = 0; p < pairs; p++) {
+            _mm_prefetch((const char *)(wg + 64 * p + LEVELS_PREFETCH), _MM_HINT_T0);
+            for (int h = 0; h < 64; h += 32) {
+                const __m256i raw = load32(wg + 64 * p + h);
+                const int8_t *x0 = xg + 128 * p + h, *x1 = x0 + stride;
+                a0 = nibbles_dot32(a0, raw, levels, load32(x0), load32(x0 + 64));
+                a1 = nibbles_dot32(a1, raw, levels, load32(x1), load32(x1 + 64));
+            }
+        }
+        const float s = _cvtsh_ss(scales[g]);
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_set1_ps(s * xs[g]), f0);
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_set1_ps(s * xs[groups + g]), f1);
+    }
+    *out0 = avx2_sum8(f0) * L->step;
+    *out1 = avx2_sum8(f1) * L->step;
 }
 
 static inline __attribute__((always_inline)) void direct_rows_nibbles(int count, const uint8_t *w, size_t row_bytes,
@@ -514,33 +603,8 @@ static inline __attribute__((always_inline)) void direct_rows_nibbles(int count,
                                                                       int groups, const int8_t *x_split,
                                                                       const float *xs, const int32_t *corr,
                                                                       float *out) {
-    const __m256i levels = nibble_levels(L);
-    const int pairs = L->chunks / 2;
-    __m256 f[4];
-    for (int r = 0; r < 4; r++) f[r] = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++) {
-        __m256i a[4];
-        for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_si256();
-        const uint8_t *wg = w + (size_t)g * L->group_bytes;
-        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
-        for (int r = 0; r < count; r++)
-            _mm_prefetch((const char *)(wg + (r + 16 * PREFETCH_BLOCKS) * row_bytes), _MM_HINT_T0);
-        for (int p = 0; p < pairs; p++)
-            for (int h = 0; h < 64; h += 32) {
-                const __m256i even = load32(xg + 128 * p + h), odd = load32(xg + 128 * p + 64 + h);
-#pragma GCC unroll 4
-                for (int r = 0; r < 4; r++)
-                    if (r < count)
-                        a[r] = nibbles_dot32(a[r], load32(wg + r * row_bytes + 64 * p + h), levels, even, odd);
-            }
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; r++)
-            if (r < count) {
-                const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[(size_t)r * groups + g]) * xs[g]);
-                f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), s, f[r]);
-            }
-    }
-    for (int r = 0; r < count; r++) out[r] = avx2_sum8(f[r]) * L->step;
+    for (int r = 0; r < count; r++)
+        out[r] = nibbles_row(w + r * row_bytes, L, scales + (size_t)r * groups, groups, x_split, xs);
 }
 
 static inline __attribute__((always_inline)) void direct_rows_nibbles2(int count, const uint8_t *w, size_t row_bytes,
@@ -548,40 +612,9 @@ static inline __attribute__((always_inline)) void direct_rows_nibbles2(int count
                                                                        int groups, const int8_t *x_split,
                                                                        size_t stride, const float *xs,
                                                                        const int32_t *corr, float *out, int N) {
-    const __m256i levels = nibble_levels(L);
-    const int pairs = L->chunks / 2;
-    __m256 f0[4], f1[4];
-    for (int r = 0; r < 4; r++) f0[r] = f1[r] = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++) {
-        __m256i a0[4], a1[4];
-        for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_si256();
-        const uint8_t *wg = w + (size_t)g * L->group_bytes;
-        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
-        for (int r = 0; r < count; r++)
-            _mm_prefetch((const char *)(wg + (r + 16 * PREFETCH_BLOCKS) * row_bytes), _MM_HINT_T0);
-        for (int p = 0; p < pairs; p++)
-            for (int h = 0; h < 64; h += 32) {
-                const int8_t *x0 = xg + 128 * p + h, *x1 = x0 + stride;
-#pragma GCC unroll 4
-                for (int r = 0; r < 4; r++)
-                    if (r < count) {
-                        const __m256i raw = load32(wg + r * row_bytes + 64 * p + h);
-                        a0[r] = nibbles_dot32(a0[r], raw, levels, load32(x0), load32(x0 + 64));
-                        a1[r] = nibbles_dot32(a1[r], raw, levels, load32(x1), load32(x1 + 64));
-                    }
-            }
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; r++)
-            if (r < count) {
-                const float s = _cvtsh_ss(scales[(size_t)r * groups + g]);
-                f0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[r]), _mm256_set1_ps(s * xs[g]), f0[r]);
-                f1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[r]), _mm256_set1_ps(s * xs[groups + g]), f1[r]);
-            }
-    }
-    for (int r = 0; r < count; r++) {
-        out[r] = avx2_sum8(f0[r]) * L->step;
-        out[N + r] = avx2_sum8(f1[r]) * L->step;
-    }
+    for (int r = 0; r < count; r++)
+        nibbles_row2(w + r * row_bytes, L, scales + (size_t)r * groups, groups, x_split, stride, xs, out + r,
+                     out + N + r);
 }
 #else
 VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int count, const uint8_t *w,
