@@ -436,45 +436,10 @@ VBMI static inline __attribute__((always_inline)) __m512i codes_dot(__m512i acc,
 #define PREFETCH_BLOCKS 1 /* the direct kernel asks for the same bytes a block of 16 rows on: the hardware's
                              prefetch alone left it at half the memory's speed (measured; 1-4 blocks alike) */
 
+#ifndef WREN_AVX2 /* (the AVX2 build's direct_block, after the nibble kernels, reads codes for any input rows) */
 /* Decode: `count` (1-4) rows' dot products with one input row, straight from the codes; rows are `row_bytes`
    apart. x: the input as signed bytes, xs its group scales, corr[g] = -128 * the group's input sum (what the
    table's +128 adds); scales: the rows' fp16 group scales [rows, groups]. Four rows share each load of x. */
-#ifdef WREN_AVX2
-/* One row's products straight from its codes, the row's bytes in order (as row_dot8 reads the levels); quarters:
-   the layout's two tables of signed levels (avx2_table_quarters). */
-static inline __attribute__((always_inline)) float codes_row(const uint8_t *w, const codes_layout *L,
-                                                             const __m256i (*quarters)[4], const uint16_t *scales,
-                                                             int groups, const int8_t *x, const float *xs, int tail) {
-    __m256 f = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++) {
-        __m256i a = _mm256_setzero_si256(), b = a; /* two chains */
-        const uint8_t *wg = w + (size_t)g * L->group_bytes;
-        const int8_t *xg = x + (size_t)g * 64 * L->chunks;
-        for (int at = 0; at < L->group_bytes; at += 64)
-            _mm_prefetch((const char *)(wg + at + LEVELS_PREFETCH), _MM_HINT_T0);
-        for (int c = 0; c < L->chunks; c++) {
-            __m256i lo, hi;
-            avx2_unpack64(wg + L->offset[c], L->bits[c], quarters[L->table_of[c]], tail, &lo, &hi);
-            a = avx2_signed_dot256(a, lo, load32(xg + 64 * c));
-            b = avx2_signed_dot256(b, hi, load32(xg + 64 * c + 32));
-        }
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[g]) * xs[g]);
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), s, f);
-    }
-    return avx2_sum8(f) * L->step;
-}
-
-static inline __attribute__((always_inline)) void direct_rows(int count, int tail, const uint8_t *w,
-                                                              size_t row_bytes, const codes_layout *L,
-                                                              const uint16_t *scales, int groups, const int8_t *x,
-                                                              const float *xs, const int32_t *corr, float *out) {
-    __m256i quarters[2][4];
-    for (int t = 0; t < 2; t++) avx2_table_quarters(L->table[t], _mm_set1_epi8((char)0x80), quarters[t]);
-    for (int r = 0; r < count; r++)
-        out[r] = codes_row(w + r * row_bytes, L, (const __m256i (*)[4])quarters, scales + (size_t)r * groups, groups,
-                           x, xs, tail);
-}
-#else
 VBMI static inline __attribute__((always_inline)) void direct_rows(int count, int tail, const uint8_t *w,
                                                                    size_t row_bytes, const codes_layout *L,
                                                                    const uint16_t *scales, int groups, const int8_t *x,
@@ -530,7 +495,7 @@ VBMI static inline __attribute__((always_inline)) __m512i lookup16(__m512i index
    (split_input), so that the low and the high nibbles each multiply a whole vector. A pair is its own 64
    bytes: no read past the codes, so no tail. */
 #ifdef WREN_AVX2
-/* The AVX2 build's nibble kernels in 256-bit registers of their own (through SIMDe's 512-bit types the
+/* The AVX2 build's codes kernels, in 256-bit registers of their own (through SIMDe's 512-bit types the
    accumulators lived on the stack: 2.6 GB/s of codes): each half of a pair's 64 bytes holds 32 even and 32 odd
    codes, which multiply the matching halves of the even and the odd inputs. */
 static inline __attribute__((always_inline)) __m256i nibble_levels(const codes_layout *L) {
@@ -538,83 +503,110 @@ static inline __attribute__((always_inline)) __m256i nibble_levels(const codes_l
     return _mm256_broadcastsi128_si256(_mm_xor_si128(table, _mm_set1_epi8((char)0x80))); /* signed levels */
 }
 
-static inline __attribute__((always_inline)) __m256i nibbles_dot32(__m256i acc, __m256i raw, __m256i levels,
-                                                                   __m256i even, __m256i odd) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(raw, low));
-    const __m256i hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
-    return avx2_signed_dot256(avx2_signed_dot256(acc, lo, even), hi, odd);
-}
-
-/* One row's products with one input row (nibbles_row) or two (nibbles_row2, the second's x_split, xs one
-   stride, groups on): the row's bytes in order, as row_dot8 reads the levels. */
-static inline __attribute__((always_inline)) float nibbles_row(const uint8_t *w, const codes_layout *L,
-                                                               const uint16_t *scales, int groups,
-                                                               const int8_t *x_split, const float *xs) {
-    const __m256i levels = nibble_levels(L);
+/* nx (1-4) input rows' products with one row of codes (out[i * N] for input i; its x at x + i * K, its scales
+   at xs + i * groups), the row's bytes in order, as row_dot8 reads the levels: each unpack of the row serves
+   the nx inputs. nibbles_row for a nibble_layout (x: split_input's), codes_row for any other (quarters: the
+   layout's two tables of signed levels, avx2_table_quarters; tail as unpack_chunk's). */
+static inline __attribute__((always_inline)) void nibbles_row(int nx, const uint8_t *w, const codes_layout *L,
+                                                              const uint16_t *scales, int groups, const int8_t *x,
+                                                              int K, const float *xs, float *out, int N) {
+    const __m256i levels = nibble_levels(L), low = _mm256_set1_epi8(0x0F);
     const int pairs = L->chunks / 2;
-    __m256 f = _mm256_setzero_ps();
+    __m256 f[4];
+    for (int i = 0; i < 4; i++) f[i] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m256i a = _mm256_setzero_si256(), b = a; /* two chains */
+        __m256i a[4];
+        for (int i = 0; i < 4; i++) a[i] = _mm256_setzero_si256();
         const uint8_t *wg = w + (size_t)g * L->group_bytes;
-        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
-        for (int p = 0; p < pairs; p++) {
-            _mm_prefetch((const char *)(wg + 64 * p + LEVELS_PREFETCH), _MM_HINT_T0);
-            a = nibbles_dot32(a, load32(wg + 64 * p), levels, load32(xg + 128 * p), load32(xg + 128 * p + 64));
-            b = nibbles_dot32(b, load32(wg + 64 * p + 32), levels, load32(xg + 128 * p + 32),
-                              load32(xg + 128 * p + 96));
-        }
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[g]) * xs[g]);
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), s, f);
-    }
-    return avx2_sum8(f) * L->step;
-}
-
-static inline __attribute__((always_inline)) void nibbles_row2(const uint8_t *w, const codes_layout *L,
-                                                               const uint16_t *scales, int groups,
-                                                               const int8_t *x_split, size_t stride,
-                                                               const float *xs, float *out0, float *out1) {
-    const __m256i levels = nibble_levels(L);
-    const int pairs = L->chunks / 2;
-    __m256 f0 = _mm256_setzero_ps(), f1 = f0;
-    for (int g = 0; g < groups; g++) {
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0;
-        const uint8_t *wg = w + (size_t)g * L->group_bytes;
-        const int8_t *xg = x_split + (size_t)g * 128 * pairs;
+        const int8_t *xg = x + (size_t)g * 128 * pairs;
         for (int p = 0; p < pairs; p++) {
             _mm_prefetch((const char *)(wg + 64 * p + LEVELS_PREFETCH), _MM_HINT_T0);
             for (int h = 0; h < 64; h += 32) {
                 const __m256i raw = load32(wg + 64 * p + h);
-                const int8_t *x0 = xg + 128 * p + h, *x1 = x0 + stride;
-                a0 = nibbles_dot32(a0, raw, levels, load32(x0), load32(x0 + 64));
-                a1 = nibbles_dot32(a1, raw, levels, load32(x1), load32(x1 + 64));
+                const __m256i lo = _mm256_shuffle_epi8(levels, _mm256_and_si256(raw, low));
+                const __m256i hi = _mm256_shuffle_epi8(levels, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++)
+                    if (i < nx) {
+                        const int8_t *xi = xg + (size_t)i * K + 128 * p + h;
+                        a[i] = avx2_signed_dot256(avx2_signed_dot256(a[i], lo, load32(xi)), hi, load32(xi + 64));
+                    }
             }
         }
         const float s = _cvtsh_ss(scales[g]);
-        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_set1_ps(s * xs[g]), f0);
-        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_set1_ps(s * xs[groups + g]), f1);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            if (i < nx)
+                f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(s * xs[(size_t)i * groups + g]), f[i]);
     }
-    *out0 = avx2_sum8(f0) * L->step;
-    *out1 = avx2_sum8(f1) * L->step;
+    for (int i = 0; i < nx; i++) out[(size_t)i * N] = avx2_sum8(f[i]) * L->step;
 }
 
-static inline __attribute__((always_inline)) void direct_rows_nibbles(int count, const uint8_t *w, size_t row_bytes,
-                                                                      const codes_layout *L, const uint16_t *scales,
-                                                                      int groups, const int8_t *x_split,
-                                                                      const float *xs, const int32_t *corr,
-                                                                      float *out) {
-    for (int r = 0; r < count; r++)
-        out[r] = nibbles_row(w + r * row_bytes, L, scales + (size_t)r * groups, groups, x_split, xs);
+static inline __attribute__((always_inline)) void codes_row(int nx, const uint8_t *w, const codes_layout *L,
+                                                            const __m256i (*quarters)[4], const uint16_t *scales,
+                                                            int groups, const int8_t *x, int K, const float *xs,
+                                                            float *out, int N, int tail) {
+    __m256 f[4];
+    for (int i = 0; i < 4; i++) f[i] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m256i a[4];
+        for (int i = 0; i < 4; i++) a[i] = _mm256_setzero_si256();
+        const uint8_t *wg = w + (size_t)g * L->group_bytes;
+        const int8_t *xg = x + (size_t)g * 64 * L->chunks;
+        for (int at = 0; at < L->group_bytes; at += 64)
+            _mm_prefetch((const char *)(wg + at + LEVELS_PREFETCH), _MM_HINT_T0);
+        for (int c = 0; c < L->chunks; c++) {
+            __m256i lo, hi;
+            avx2_unpack64(wg + L->offset[c], L->bits[c], quarters[L->table_of[c]], tail, &lo, &hi);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                if (i < nx) {
+                    const int8_t *xi = xg + (size_t)i * K + 64 * c;
+                    a[i] = avx2_signed_dot256(avx2_signed_dot256(a[i], lo, load32(xi)), hi, load32(xi + 32));
+                }
+        }
+        const float s = _cvtsh_ss(scales[g]);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            if (i < nx)
+                f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(s * xs[(size_t)i * groups + g]), f[i]);
+    }
+    for (int i = 0; i < nx; i++) out[(size_t)i * N] = avx2_sum8(f[i]) * L->step;
 }
 
-static inline __attribute__((always_inline)) void direct_rows_nibbles2(int count, const uint8_t *w, size_t row_bytes,
-                                                                       const codes_layout *L, const uint16_t *scales,
-                                                                       int groups, const int8_t *x_split,
-                                                                       size_t stride, const float *xs,
-                                                                       const int32_t *corr, float *out, int N) {
-    for (int r = 0; r < count; r++)
-        nibbles_row2(w + r * row_bytes, L, scales + (size_t)r * groups, groups, x_split, stride, xs, out + r,
-                     out + N + r);
+/* `call` with n_ the constant nx (1-4), so that the kernels' loops over the inputs unroll with constant indices
+   (their accumulators in registers). */
+#define WITH_INPUTS(nx, call)                                                                                    \
+    do {                                                                                                         \
+        if ((nx) == 4) { const int n_ = 4; call; }                                                               \
+        else if ((nx) == 3) { const int n_ = 3; call; }                                                          \
+        else if ((nx) == 2) { const int n_ = 2; call; }                                                          \
+        else { const int n_ = 1; call; }                                                                         \
+    } while (0)
+
+/* Every input row times `rows` rows of codes (a block, row_bytes apart; scales its [rows, groups]; y [M, N]
+   from its first row's column), four inputs at a time: the block's codes stay in cache across the passes.
+   x_split: the input as split_input makes it, for a nibble_layout (else NULL: x). The AVX2 build's codes
+   product at every width: without VBMI an unpack into tiles and their transpose cost more than they save. */
+static void direct_block(const int8_t *x, const int8_t *x_split, const float *xs, int M, int K, int groups,
+                         const codes_layout *L, const uint8_t *codes, size_t row_bytes, const uint16_t *scales,
+                         float *y, int N, int rows, int tail) {
+    __m256i quarters[2][4];
+    for (int t = 0; t < 2; t++) avx2_table_quarters(L->table[t], _mm_set1_epi8((char)0x80), quarters[t]);
+    for (int m = 0; m < M; m += 4) {
+        const int nx = M - m < 4 ? M - m : 4;
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *wr = codes + r * row_bytes;
+            const uint16_t *sr = scales + (size_t)r * groups;
+            const float *xsm = xs + (size_t)m * groups;
+            float *out = y + (size_t)m * N + r;
+            if (x_split)
+                WITH_INPUTS(nx, nibbles_row(n_, wr, L, sr, groups, x_split + (size_t)m * K, K, xsm, out, N));
+            else
+                WITH_INPUTS(nx, codes_row(n_, wr, L, (const __m256i (*)[4])quarters, sr, groups, x + (size_t)m * K, K,
+                                          xsm, out, N, tail));
+        }
+    }
 }
 #else
 VBMI static inline __attribute__((always_inline)) void direct_rows_nibbles(int count, const uint8_t *w,
@@ -835,8 +827,13 @@ VNNI static void tile_rows(const uint8_t *tiles, const float *block_scales, int 
                    corr + (size_t)m * groups, step, out + (size_t)m * N, rows);
 }
 
+#ifdef WREN_AVX2 /* (direct_block at every width) */
+#define DIRECT_ROWS 16 /* (unpacking any other bits is dear: tiles share it from 32 rows on) */
+#define NIBBLE_DIRECT_ROWS INT_MAX
+#else
 #define DIRECT_ROWS 2 /* input rows up to which each reads the codes itself; more share one unpacked block */
 #define NIBBLE_DIRECT_ROWS 8 /* and for 4-bit codes, which direct_rows_nibbles2 reads for two rows at a time */
+#endif
 
 static inline int reads_direct(int M, const codes_layout *L) {
     return M <= DIRECT_ROWS || (M <= NIBBLE_DIRECT_ROWS && nibble_layout(L));
@@ -854,6 +851,10 @@ VBMI static void codes_block(const int8_t *x, const int8_t *x_split, const float
     const uint8_t *codes = (const uint8_t *)w->data + (size_t)n0 * row_bytes;
     const uint16_t *scales = w->scale + (size_t)n0 * groups;
     if (reads_direct(M, L)) {
+#ifdef WREN_AVX2
+        direct_block(x, x_split && nibble_layout(L) ? x_split : NULL, xs, M, K, groups, L, codes, row_bytes, scales,
+                     w->y + n0, N, rows, tail);
+#else
         const int nibbles = x_split && nibble_layout(L);
         for (int r = 0; r < rows; r += 4) {
             const int count = rows - r < 4 ? rows - r : 4;
@@ -887,6 +888,7 @@ VBMI static void codes_block(const int8_t *x, const int8_t *x_split, const float
                                 out);
             }
         }
+#endif
         return;
     }
     /* unpack: the 16 rows' 64 bytes of a chunk, as 16 x 16 dwords, transposed into 16 tiles (rows past N:
