@@ -15,6 +15,7 @@ from torch import nn
 import wren
 from gguf_writer import write_gguf
 from real_text import stdlib_prose
+from test_native import assert_same_steps
 from tiny_models import gemma3_hf, gemma4_hf
 from wren import decode_plan, native
 from wren.quant import level_cache
@@ -125,11 +126,13 @@ def test_decode_plan_runs_the_levels_as_the_modules_do(tiny_q8):
         try:
             cache = fast.make_cache(1, 32)
             with torch.no_grad():
-                fast(ids, cache)
-                outs.append(torch.cat([fast(torch.tensor([[t]]), cache) for t in (17, 40, 99)], 1))
+                prompt = fast(ids, cache)
+                outs.append(torch.cat([prompt] + [fast(torch.tensor([[t]]), cache) for t in (17, 40, 99)], 1))
         finally:
             decode_plan.ENABLED = True
-    assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3)
+    # the plan's norms and attention round as the modules' do to ~1e-7, so now and then an int8 input of a later
+    # matmul flips (one token's, and those attending to it, move by ~0.1%): the prompt's 12 positions and 3 steps
+    assert_same_steps(outs[0], outs[1])
 
 
 def test_dense_typed_weights_stay_exact(tiny):

@@ -201,32 +201,45 @@ static inline __attribute__((always_inline)) __m256i load32(const void *p) {
 
 #define LEVELS_PREFETCH 1024 /* bytes ahead of a row's reads (a block's rows follow each other) */
 
-/* One row at a time, its bytes in order: four rows read side by side (sharing the input's loads) ran at 60%
-   of this speed on a 2-core AMD EPYC, whose prefetcher follows one stream well and four poorly (measured
-   with a C micro-benchmark of the 262k x 640 LM head: 6.4 against 10.2 GB/s on one core). */
-static inline __attribute__((always_inline)) __m256 row_dot8(const int8_t *w, int K, int chunks, const uint8_t *xq,
-                                                             const float *xs) {
-    __m256 f = _mm256_setzero_ps();
+/* `call` with n_ the constant nx (1-4), so that the kernels' loops over their inputs unroll with constant indices
+   (their accumulators in registers). */
+#define WITH_INPUTS(nx, call)                                                                                    \
+    do {                                                                                                         \
+        if ((nx) == 4) { const int n_ = 4; call; }                                                               \
+        else if ((nx) == 3) { const int n_ = 3; call; }                                                          \
+        else if ((nx) == 2) { const int n_ = 2; call; }                                                          \
+        else { const int n_ = 1; call; }                                                                         \
+    } while (0)
+
+/* nx (1-4) input rows' products with one row of levels (input i's xq at xq + i * K, its scales at
+   xs + i * groups, its output at out[i * N], times the row's scale): one row at a time, its bytes in order.
+   Four rows read side by side (sharing the input's loads) ran at 60% of this speed on a 2-core AMD EPYC,
+   whose prefetcher follows one stream well and four poorly (a C micro-benchmark of the 262k x 640 LM head:
+   6.4 against 10.2 GB/s on one core). */
+static inline __attribute__((always_inline)) void levels_row(int nx, const int8_t *w, int K, int chunks,
+                                                             const uint8_t *xq, const float *xs, int groups,
+                                                             float scale, float *out, int N) {
+    __m256 f[4];
+    for (int i = 0; i < 4; i++) f[i] = _mm256_setzero_ps();
     for (int g = 0, k = 0; k < K; g++) {
-        __m256i a = _mm256_setzero_si256(), b = a; /* two chains */
+        __m256i a[4];
+        for (int i = 0; i < 4; i++) a[i] = _mm256_setzero_si256();
         for (int c = 0; c < chunks; c++, k += 64) {
             _mm_prefetch((const char *)(w + k + LEVELS_PREFETCH), _MM_HINT_T0);
-            a = signed_dot32(a, signed_input32(xq + k), w + k);
-            b = signed_dot32(b, signed_input32(xq + k + 32), w + k + 32);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                if (i < nx) {
+                    const uint8_t *xi = xq + (size_t)i * K + k;
+                    a[i] = signed_dot32(signed_dot32(a[i], signed_input32(xi), w + k), signed_input32(xi + 32),
+                                        w + k + 32);
+                }
         }
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_set1_ps(xs[g]), f);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            if (i < nx)
+                f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(xs[(size_t)i * groups + g]), f[i]);
     }
-    return f;
-}
-
-static inline __attribute__((always_inline)) __m512 row_dot(const int8_t *w, int K, int chunks, const uint8_t *xq,
-                                                            const float *xs) {
-    return avx2_of_floats(row_dot8(w, K, chunks, xq, xs), _mm256_setzero_ps());
-}
-
-static inline __attribute__((always_inline)) void four_rows_of(const int8_t *w, int K, int chunks,
-                                                               const uint8_t *xq, const float *xs, float *out) {
-    for (int r = 0; r < 4; r++) out[r] = avx2_sum8(row_dot8(w + (size_t)r * K, K, chunks, xq, xs));
+    for (int i = 0; i < nx; i++) out[(size_t)i * N] = avx2_sum8(f[i]) * scale;
 }
 #else
 /* One weight row's sum over groups of xs_g * <x_g + 128, level_g>; `chunks` = group / 64. */
@@ -268,7 +281,6 @@ VNNI static inline __attribute__((always_inline)) void four_rows_of(const int8_t
     out[2] = _mm512_reduce_add_ps(f2);
     out[3] = _mm512_reduce_add_ps(f3);
 }
-#endif
 
 VNNI static inline __attribute__((always_inline)) void four_rows(const int8_t *w, int K, int chunks, const uint8_t *xq,
                                                                 const float *xs, float *out) {
@@ -277,6 +289,7 @@ VNNI static inline __attribute__((always_inline)) void four_rows(const int8_t *w
     else
         four_rows_of(w, K, chunks, xq, xs, out);
 }
+#endif
 
 #define MAX_MATRICES 8
 
@@ -295,6 +308,20 @@ typedef struct {
     int N;
 } matrix;
 
+#ifdef WREN_AVX2
+/* 16 rows [n0, n0 + 16) of one matrix (or its last, shorter block) for every input row, four inputs at a time
+   (the block's levels stay in cache across the passes; no +128, so no group sums to take off). */
+static void levels_block(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int b) {
+    const int groups = K / group, chunks = group / 64, N = w->N, n0 = b * 16, end = N - n0 < 16 ? N : n0 + 16;
+    for (int m = 0; m < M; m += 4) {
+        const int nx = M - m < 4 ? M - m : 4;
+        for (int n = n0; n < end; n++)
+            WITH_INPUTS(nx, levels_row(n_, (const int8_t *)w->data + (size_t)n * K, K, chunks, xq + (size_t)m * K,
+                                       xs + (size_t)m * groups, groups, bf16_to_float(w->scale[n]),
+                                       w->y + (size_t)m * N + n, N));
+    }
+}
+#else
 /* 16 rows [n0, n0 + 16) of one matrix (or its last, shorter block) for every input row. */
 VNNI static void levels_block(const uint8_t *xq, const float *xs, int M, int K, int group, const matrix *w, int b) {
     const int groups = K / group, chunks = group / 64, N = w->N, n0 = b * 16;
@@ -302,31 +329,27 @@ VNNI static void levels_block(const uint8_t *xq, const float *xs, int M, int K, 
         const uint8_t *xm = xq + (size_t)m * K;
         const float *sm = xs + (size_t)m * groups;
         float *ym = w->y + (size_t)m * N;
-#ifndef WREN_AVX2 /* (the AVX2 build's products have no +128 to take off) */
         const float *sums = (const float *)w->extra + (size_t)b * groups * 16;
-#endif
         if (n0 + 16 <= N) {
             float acc[16];
             for (int r = 0; r < 16; r += 4) four_rows((const int8_t *)w->data + (size_t)(n0 + r) * K, K, chunks, xm, sm, acc + r);
             __m512 v = _mm512_loadu_ps(acc);
-#ifndef WREN_AVX2
             for (int g = 0; g < groups; g++)
                 v = _mm512_fnmadd_ps(_mm512_set1_ps(sm[g]), _mm512_loadu_ps(sums + (size_t)g * 16), v);
-#endif
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w->scale + n0))), 16));
             _mm512_storeu_ps(ym + n0, _mm512_mul_ps(v, scale));
         } else {
             for (int n = n0; n < N; n++) {
                 float v = _mm512_reduce_add_ps(row_dot((const int8_t *)w->data + (size_t)n * K, K, chunks, xm, sm));
-#ifndef WREN_AVX2
                 for (int g = 0; g < groups; g++) v -= sm[g] * sums[(size_t)g * 16 + (n - n0)];
-#endif
                 ym[n] = v * bf16_to_float(w->scale[n]);
             }
         }
     }
 }
+
+#endif
 
 /* --- The same product straight from the packed codes (format CODES) ------------------------------------
    A row's weight is centroid[code] * group scale in the rotated space; the centroids of each run of bits
@@ -573,16 +596,6 @@ static inline __attribute__((always_inline)) void codes_row(int nx, const uint8_
     }
     for (int i = 0; i < nx; i++) out[(size_t)i * N] = avx2_sum8(f[i]) * L->step;
 }
-
-/* `call` with n_ the constant nx (1-4), so that the kernels' loops over the inputs unroll with constant indices
-   (their accumulators in registers). */
-#define WITH_INPUTS(nx, call)                                                                                    \
-    do {                                                                                                         \
-        if ((nx) == 4) { const int n_ = 4; call; }                                                               \
-        else if ((nx) == 3) { const int n_ = 3; call; }                                                          \
-        else if ((nx) == 2) { const int n_ = 2; call; }                                                          \
-        else { const int n_ = 1; call; }                                                                         \
-    } while (0)
 
 /* Every input row times `rows` rows of codes (a block, row_bytes apart; scales its [rows, groups]; y [M, N]
    from its first row's column), four inputs at a time: the block's codes stay in cache across the passes.
@@ -914,7 +927,11 @@ VBMI static void codes_block(const int8_t *x, const int8_t *x_split, const float
     tile_rows(tiles, block_scales, groups, group, x, xs, corr, M, K, L->step, w->y + n0, N, rows);
 }
 
+#ifdef WREN_AVX2 /* (levels_block at every width: its transposes without AVX-512 cost more than they save) */
+#define LEVEL_TILE_ROWS INT_MAX
+#else
 #define LEVEL_TILE_ROWS 8 /* input rows from which a LEVELS block is transposed into tiles (reads shared by 8) */
+#endif
 
 /* Rows [n0, n0 + 16) of a LEVELS matrix for LEVEL_TILE_ROWS or more input rows: its levels transposed once into
    the tiles codes_block unpacks codes into (+128: unsigned, which `corr` takes off; rows past N: zero), every
