@@ -233,10 +233,16 @@ static inline __attribute__((always_inline)) __m256i avx2_lookup(__m256i codes, 
 /* The 64 codes at src through the table (as avx2_table_quarters holds it): codes 0-31 in *lo, 32-63 in *hi. */
 static inline __attribute__((always_inline)) void avx2_unpack64(const uint8_t *src, int bits, const __m256i *quarters,
                                                                 int tail, __m256i *lo, __m256i *hi) {
-    uint8_t copy[64 + 16];
-    if (tail) { /* only the chunk's own 8 * bits bytes are read */
-        memset(copy, 0, sizeof copy);
-        memcpy(copy, src, (size_t)8 * bits);
+    uint8_t copy[96] __attribute__((aligned(32))); /* (the loads below reach 16 bytes past 64) */
+    if (tail) { /* only the chunk's own 8 * bits bytes (2 * bits dwords) are read: masked loads, no call */
+        const int dwords = 2 * bits;
+        const uint32_t first = (1u << (dwords < 8 ? dwords : 8)) - 1;
+        const uint32_t second = dwords > 8 ? (1u << (dwords - 8)) - 1 : 0;
+        _mm256_store_si256((__m256i *)copy,
+                           _mm256_maskload_epi32((const int *)(const void *)src, avx2_lane_mask(first)));
+        _mm256_store_si256((__m256i *)(copy + 32),
+                           _mm256_maskload_epi32((const int *)(const void *)(src + 32), avx2_lane_mask(second)));
+        _mm256_store_si256((__m256i *)(copy + 64), _mm256_setzero_si256());
         src = copy;
     }
     const __m256i window = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)avx2_window_of[bits]));

@@ -1123,6 +1123,28 @@ typedef struct {
 } attention_args;
 
 /* The float32 vector [D] that TurboQuant codes stand for in their rotated frame, times its fp16 scale. */
+#ifdef WREN_AVX2
+static void decode_vector(const uint8_t *codes, const codes_layout *L, const float *centroids, uint16_t scale,
+                          float *out) {
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale));
+    for (int c = 0; c < L->chunks; c++) {
+        __m256i quarters[4], half[2];
+        avx2_table_quarters(L->table[L->table_of[c]], _mm_setzero_si128(), quarters); /* (gives the code) */
+        avx2_unpack64(codes + L->offset[c], L->bits[c], quarters, 1, &half[0], &half[1]);
+        const float *table = centroids + 16 * L->table_of[c];
+        const __m256 low = _mm256_loadu_ps(table), high = _mm256_loadu_ps(table + 8);
+        for (int i = 0; i < 8; i++) { /* 8 codes at a time: centroid[code] from either half of the 16 */
+            const __m256i codes = half[i / 4];
+            const __m128i bytes = i & 2 ? _mm256_extracti128_si256(codes, 1) : _mm256_castsi256_si128(codes);
+            const __m256i index = _mm256_cvtepu8_epi32(i & 1 ? _mm_unpackhi_epi64(bytes, bytes) : bytes);
+            const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, index),
+                                              _mm256_permutevar8x32_ps(high, index),
+                                              _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+            _mm256_storeu_ps(out + 64 * c + 8 * i, _mm256_mul_ps(v, s));
+        }
+    }
+}
+#else
 VBMI static void decode_vector(const uint8_t *codes, const codes_layout *L, const float *centroids, uint16_t scale,
                                float *out) {
     const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale));
@@ -1139,6 +1161,8 @@ VBMI static void decode_vector(const uint8_t *codes, const codes_layout *L, cons
     }
 }
 
+#endif
+
 /* The vector of head kh at slot s, as attend_run reads it: where it is stored, or decoded into buf. */
 VNNI static inline const void *cached_vector(const attention_args *a, int values, int kh, int s, float *buf) {
     const void *base = values ? a->values : a->keys;
@@ -1151,6 +1175,44 @@ VNNI static inline const void *cached_vector(const attention_args *a, int values
                   scales[(size_t)kh * a->scale_head_stride + s], buf);
     return buf;
 }
+
+/* <q, cached vector> and o += w * cached vector, over D (a multiple of 16) floats; the AVX2 build's in 8-float
+   registers of its own (SIMDe's 16-float ones spilled to the stack here). */
+#ifdef WREN_AVX2
+static inline __attribute__((always_inline)) __m256 load8(const void *base, int dtype, size_t i) {
+    if (dtype == KV_F32) return _mm256_loadu_ps((const float *)base + i);
+    const __m128i halves = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    if (dtype == KV_F16) return _mm256_cvtph_ps(halves);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16)); /* bf16 */
+}
+
+static inline __attribute__((always_inline)) float dot_cached(const float *q, const void *k, int dtype, int D) {
+    __m256 a = _mm256_setzero_ps(), b = a;
+    for (int d = 0; d < D; d += 16) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k, dtype, d), a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k, dtype, d + 8), b);
+    }
+    return avx2_sum8(_mm256_add_ps(a, b));
+}
+
+static inline __attribute__((always_inline)) void add_cached(float *o, float w, const void *v, int dtype, int D) {
+    const __m256 wv = _mm256_set1_ps(w);
+    for (int d = 0; d < D; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, load8(v, dtype, d), _mm256_loadu_ps(o + d)));
+}
+#else
+VNNI static inline __attribute__((always_inline)) float dot_cached(const float *q, const void *k, int dtype, int D) {
+    __m512 dot = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k, dtype, d), dot);
+    return _mm512_reduce_add_ps(dot);
+}
+
+VNNI static inline __attribute__((always_inline)) void add_cached(float *o, float w, const void *v, int dtype, int D) {
+    const __m512 wv = _mm512_set1_ps(w);
+    for (int d = 0; d < D; d += 16)
+        _mm512_storeu_ps(o + d, _mm512_fmadd_ps(wv, load16(v, dtype, d), _mm512_loadu_ps(o + d)));
+}
+#endif
 
 /* Slots [s0, s1) for every head: max m[h], sum l[h] of exp(score - m), acc[h] = sum exp(score - m) v. */
 VNNI static void attend_run(const attention_args *a, int s0, int s1, float *scores, float *m, float *l, float *acc) {
@@ -1171,10 +1233,7 @@ VNNI static void attend_run(const attention_args *a, int s0, int s1, float *scor
             for (int h = kh * group; h < (kh + 1) * group; h++) {
                 float score = -INFINITY;
                 if (seen) {
-                    __m512 dot = _mm512_setzero_ps();
-                    for (int d = 0; d < D; d += 16)
-                        dot = _mm512_fmadd_ps(_mm512_loadu_ps(a->q + (size_t)h * D + d), load16(k, dtype, d), dot);
-                    score = _mm512_reduce_add_ps(dot) * a->scale;
+                    score = dot_cached(a->q + (size_t)h * D, k, dtype, D) * a->scale;
                     if (a->softcap > 0.0f) score = tanhf(score / a->softcap) * a->softcap;
                 }
                 scores[(size_t)(s - s0) * H + h] = score;
@@ -1191,10 +1250,7 @@ VNNI static void attend_run(const attention_args *a, int s0, int s1, float *scor
                 if (!v) v = cached_vector(a, 1, kh, s, buf);
                 const float w = expf(score - m[h]);
                 l[h] += w;
-                float *o = acc + (size_t)h * D;
-                const __m512 wv = _mm512_set1_ps(w);
-                for (int d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(o + d, _mm512_fmadd_ps(wv, load16(v, dtype, d), _mm512_loadu_ps(o + d)));
+                add_cached(acc + (size_t)h * D, w, v, dtype, D);
             }
         }
     }
