@@ -529,7 +529,8 @@ static inline __attribute__((always_inline)) __m256i nibble_levels(const codes_l
 /* nx (1-4) input rows' products with one row of codes (out[i * N] for input i; its x at x + i * K, its scales
    at xs + i * groups), the row's bytes in order, as row_dot8 reads the levels: each unpack of the row serves
    the nx inputs. nibbles_row for a nibble_layout (x: split_input's), codes_row for any other (quarters: the
-   layout's two tables of signed levels, avx2_table_quarters; tail as unpack_chunk's). */
+   layout's two tables of signed levels, avx2_table_quarters; tail as unpack_chunk's; or, unpacked not NULL,
+   the row's signed levels already unpacked there, K of them, by unpack_rows). */
 static inline __attribute__((always_inline)) void nibbles_row(int nx, const uint8_t *w, const codes_layout *L,
                                                               const uint16_t *scales, int groups, const int8_t *x,
                                                               int K, const float *xs, float *out, int N) {
@@ -566,9 +567,9 @@ static inline __attribute__((always_inline)) void nibbles_row(int nx, const uint
 }
 
 static inline __attribute__((always_inline)) void codes_row(int nx, const uint8_t *w, const codes_layout *L,
-                                                            const __m256i (*quarters)[4], const uint16_t *scales,
-                                                            int groups, const int8_t *x, int K, const float *xs,
-                                                            float *out, int N, int tail) {
+                                                            const __m256i (*quarters)[4], const int8_t *unpacked,
+                                                            const uint16_t *scales, int groups, const int8_t *x,
+                                                            int K, const float *xs, float *out, int N, int tail) {
     __m256 f[4];
     for (int i = 0; i < 4; i++) f[i] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
@@ -576,11 +577,17 @@ static inline __attribute__((always_inline)) void codes_row(int nx, const uint8_
         for (int i = 0; i < 4; i++) a[i] = _mm256_setzero_si256();
         const uint8_t *wg = w + (size_t)g * L->group_bytes;
         const int8_t *xg = x + (size_t)g * 64 * L->chunks;
-        for (int at = 0; at < L->group_bytes; at += 64)
-            _mm_prefetch((const char *)(wg + at + LEVELS_PREFETCH), _MM_HINT_T0);
+        if (!unpacked)
+            for (int at = 0; at < L->group_bytes; at += 64)
+                _mm_prefetch((const char *)(wg + at + LEVELS_PREFETCH), _MM_HINT_T0);
         for (int c = 0; c < L->chunks; c++) {
             __m256i lo, hi;
-            avx2_unpack64(wg + L->offset[c], L->bits[c], quarters[L->table_of[c]], tail, &lo, &hi);
+            if (unpacked) {
+                lo = load32(unpacked + (size_t)g * 64 * L->chunks + 64 * c);
+                hi = load32(unpacked + (size_t)g * 64 * L->chunks + 64 * c + 32);
+            } else {
+                avx2_unpack64(wg + L->offset[c], L->bits[c], quarters[L->table_of[c]], tail, &lo, &hi);
+            }
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++)
                 if (i < nx) {
@@ -599,13 +606,26 @@ static inline __attribute__((always_inline)) void codes_row(int nx, const uint8_
 
 /* Every input row times `rows` rows of codes (a block, row_bytes apart; scales its [rows, groups]; y [M, N]
    from its first row's column), four inputs at a time: the block's codes stay in cache across the passes.
-   x_split: the input as split_input makes it, for a nibble_layout (else NULL: x). The AVX2 build's codes
-   product at every width: without VBMI an unpack into tiles and their transpose cost more than they save. */
+   x_split: the input as split_input makes it, for a nibble_layout (else NULL: x); unpacked (NULL, or room for
+   rows x K bytes): other codes are unpacked there once for all the inputs rather than once for every four.
+   The AVX2 build's codes product at every width: without VBMI an unpack into tiles and their transpose cost
+   more than they save. */
 static void direct_block(const int8_t *x, const int8_t *x_split, const float *xs, int M, int K, int groups,
                          const codes_layout *L, const uint8_t *codes, size_t row_bytes, const uint16_t *scales,
-                         float *y, int N, int rows, int tail) {
+                         float *y, int N, int rows, int tail, int8_t *unpacked) {
     __m256i quarters[2][4];
     for (int t = 0; t < 2; t++) avx2_table_quarters(L->table[t], _mm_set1_epi8((char)0x80), quarters[t]);
+    if (unpacked) /* every row's signed levels, once for all the inputs */
+        for (int r = 0; r < rows; r++)
+            for (int g = 0; g < groups; g++)
+                for (int c = 0; c < L->chunks; c++) {
+                    int8_t *to = unpacked + (size_t)r * K + (size_t)g * 64 * L->chunks + 64 * c;
+                    __m256i lo, hi;
+                    avx2_unpack64(codes + r * row_bytes + (size_t)g * L->group_bytes + L->offset[c], L->bits[c],
+                                  quarters[L->table_of[c]], tail, &lo, &hi);
+                    _mm256_storeu_si256((__m256i *)to, lo);
+                    _mm256_storeu_si256((__m256i *)(to + 32), hi);
+                }
     for (int m = 0; m < M; m += 4) {
         const int nx = M - m < 4 ? M - m : 4;
         for (int r = 0; r < rows; r++) {
@@ -613,11 +633,12 @@ static void direct_block(const int8_t *x, const int8_t *x_split, const float *xs
             const uint16_t *sr = scales + (size_t)r * groups;
             const float *xsm = xs + (size_t)m * groups;
             float *out = y + (size_t)m * N + r;
+            const int8_t *levels = unpacked ? unpacked + (size_t)r * K : NULL;
             if (x_split)
                 WITH_INPUTS(nx, nibbles_row(n_, wr, L, sr, groups, x_split + (size_t)m * K, K, xsm, out, N));
             else
-                WITH_INPUTS(nx, codes_row(n_, wr, L, (const __m256i (*)[4])quarters, sr, groups, x + (size_t)m * K, K,
-                                          xsm, out, N, tail));
+                WITH_INPUTS(nx, codes_row(n_, wr, L, (const __m256i (*)[4])quarters, levels, sr, groups,
+                                          x + (size_t)m * K, K, xsm, out, N, tail));
         }
     }
 }
@@ -841,7 +862,7 @@ VNNI static void tile_rows(const uint8_t *tiles, const float *block_scales, int 
 }
 
 #ifdef WREN_AVX2 /* (direct_block at every width) */
-#define DIRECT_ROWS 16 /* (unpacking any other bits is dear: tiles share it from 32 rows on) */
+#define DIRECT_ROWS 4 /* (unpacking other bits is dear: more inputs share one unpack of the block) */
 #define NIBBLE_DIRECT_ROWS INT_MAX
 #else
 #define DIRECT_ROWS 2 /* input rows up to which each reads the codes itself; more share one unpacked block */
@@ -866,7 +887,7 @@ VBMI static void codes_block(const int8_t *x, const int8_t *x_split, const float
     if (reads_direct(M, L)) {
 #ifdef WREN_AVX2
         direct_block(x, x_split && nibble_layout(L) ? x_split : NULL, xs, M, K, groups, L, codes, row_bytes, scales,
-                     w->y + n0, N, rows, tail);
+                     w->y + n0, N, rows, tail, NULL);
 #else
         const int nibbles = x_split && nibble_layout(L);
         for (int r = 0; r < rows; r += 4) {
@@ -904,9 +925,13 @@ VBMI static void codes_block(const int8_t *x, const int8_t *x_split, const float
 #endif
         return;
     }
+    uint8_t *tiles = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+#ifdef WREN_AVX2 /* the rows unpacked to signed levels in the tiles' room, then multiplied as the levels are */
+    direct_block(x, NULL, xs, M, K, groups, L, codes, row_bytes, scales, w->y + n0, N, rows, tail, (int8_t *)tiles);
+    return;
+#endif
     /* unpack: the 16 rows' 64 bytes of a chunk, as 16 x 16 dwords, transposed into 16 tiles (rows past N:
        zero weights) */
-    uint8_t *tiles = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     float *block_scales = (float *)(tiles + (size_t)16 * K);
     for (int r = 0; r < 16; r++)
         for (int g = 0; g < groups; g++) block_scales[(size_t)g * 16 + r] = r < rows ? _cvtsh_ss(scales[(size_t)r * groups + g]) : 0.0f;
