@@ -527,10 +527,20 @@ static inline __attribute__((always_inline)) __m256i nibble_levels(const codes_l
 }
 
 /* nx (1-4) input rows' products with one row of codes (out[i * N] for input i; its x at x + i * K, its scales
-   at xs + i * groups), the row's bytes in order, as row_dot8 reads the levels: each unpack of the row serves
+   at xs + i * groups), the row's bytes in order, as levels_row reads the levels: each unpack of the row serves
    the nx inputs. nibbles_row for a nibble_layout (x: split_input's), codes_row for any other (quarters: the
    layout's two tables of signed levels, avx2_table_quarters; tail as unpack_chunk's; or, unpacked not NULL,
-   the row's signed levels already unpacked there, K of them, by unpack_rows). */
+   the row's K signed levels, which direct_block unpacked there). */
+
+/* f[i] += a group's sums a[i] times its scale and input i's (xs[i * groups]), for the nx inputs. */
+static inline __attribute__((always_inline)) void scale_group(int nx, __m256 *f, const __m256i *a, float scale,
+                                                              const float *xs, int groups) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        if (i < nx)
+            f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(scale * xs[(size_t)i * groups]), f[i]);
+}
+
 static inline __attribute__((always_inline)) void nibbles_row(int nx, const uint8_t *w, const codes_layout *L,
                                                               const uint16_t *scales, int groups, const int8_t *x,
                                                               int K, const float *xs, float *out, int N) {
@@ -557,11 +567,7 @@ static inline __attribute__((always_inline)) void nibbles_row(int nx, const uint
                     }
             }
         }
-        const float s = _cvtsh_ss(scales[g]);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++)
-            if (i < nx)
-                f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(s * xs[(size_t)i * groups + g]), f[i]);
+        scale_group(nx, f, a, _cvtsh_ss(scales[g]), xs + g, groups);
     }
     for (int i = 0; i < nx; i++) out[(size_t)i * N] = avx2_sum8(f[i]) * L->step;
 }
@@ -595,11 +601,7 @@ static inline __attribute__((always_inline)) void codes_row(int nx, const uint8_
                     a[i] = avx2_signed_dot256(avx2_signed_dot256(a[i], lo, load32(xi)), hi, load32(xi + 32));
                 }
         }
-        const float s = _cvtsh_ss(scales[g]);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++)
-            if (i < nx)
-                f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(s * xs[(size_t)i * groups + g]), f[i]);
+        scale_group(nx, f, a, _cvtsh_ss(scales[g]), xs + g, groups);
     }
     for (int i = 0; i < nx; i++) out[(size_t)i * N] = avx2_sum8(f[i]) * L->step;
 }
